@@ -1,0 +1,105 @@
+"""Pruning methods: each turns a model and calibration batches into a PrunePlan.
+
+Every method is a dataclass config (fields with help text) that is also the method object:
+
+    method = hf_prune.methods.get("shortgpt", n_remove=6)
+    plan = method.plan(model, batches)      # never edits the model
+    hf_prune.apply(model, plan)             # surgery changes the shapes
+
+Methods register themselves by name with `@register("name")`; `get(name, **kwargs)` builds one and
+`available()` lists the names.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, field, fields
+from typing import Any, Iterable, Mapping
+
+import torch
+from torch import nn
+
+from ..plan import PrunePlan
+
+__all__ = ["PruningMethod", "available", "get", "register"]
+
+_REGISTRY: dict[str, type["PruningMethod"]] = {}
+
+# modules imported lazily by get()/available() so that registering a method is just writing its module
+_BUILTIN_MODULES = (
+    "shortgpt",
+    "iterabre",
+    "slicegpt",
+    "llm_surgeon",
+    "pip",
+)
+
+
+def register(name: str):
+    """Class decorator: make a PruningMethod subclass reachable as `get(name)`."""
+
+    def deco(cls: type["PruningMethod"]) -> type["PruningMethod"]:
+        if name in _REGISTRY and _REGISTRY[name] is not cls:
+            raise ValueError(f"method name {name!r} is already registered by {_REGISTRY[name].__name__}")
+        cls.name = name
+        _REGISTRY[name] = cls
+        return cls
+
+    return deco
+
+
+def _load_builtins() -> None:
+    for mod in _BUILTIN_MODULES:
+        try:
+            importlib.import_module(f"{__name__}.{mod}")
+        except ModuleNotFoundError as e:  # a method module not written yet
+            if e.name != f"{__name__}.{mod}":
+                raise
+
+
+def available() -> list[str]:
+    _load_builtins()
+    return sorted(_REGISTRY)
+
+
+def get(name: str, **kwargs: Any) -> "PruningMethod":
+    """Build the method registered as `name` with config fields `kwargs`."""
+    _load_builtins()
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown pruning method {name!r}; available: {', '.join(sorted(_REGISTRY))}")
+    cls = _REGISTRY[name]
+    valid = {f.name for f in fields(cls)}
+    bad = sorted(set(kwargs) - valid)
+    if bad:
+        raise ValueError(f"{name}: unknown option(s) {bad}; valid options: {sorted(valid)}")
+    return cls(**kwargs)
+
+
+Batch = Mapping[str, torch.Tensor]
+
+
+@dataclass
+class PruningMethod:
+    """Base of every method. Subclasses are dataclasses whose fields carry `metadata={"help": ...}`.
+
+    Contract:
+      - `plan(model, batches)` scores the model on calibration batches (dicts with `input_ids` and optionally
+        `attention_mask`) and returns a PrunePlan for one stage. It must not change the model's shapes; a method
+        whose algorithm updates weights (compensation, rotation) does it through `prepare`/`update` hooks that the
+        caller runs, documented by the method.
+      - `stages` is how many times a schedule should call `plan` to reach the method's target (1 for one-shot).
+    """
+
+    seed: int = field(default=0, metadata={"help": "Seed for anything random in scoring."})
+
+    name = "base"
+
+    @property
+    def stages(self) -> int:
+        return 1
+
+    def plan(self, model: nn.Module, batches: Iterable[Batch], stage: int = 0) -> PrunePlan:
+        raise NotImplementedError
+
+    def config_dict(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
