@@ -216,6 +216,13 @@ class ArchAdapter:
             "position_embeddings": self.rotary(hidden, position_ids, layer_idx),
         }
 
+    def run_layer(self, i: int, hidden: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                  layer_idx: int | None = None) -> torch.Tensor:
+        """Decoder layer i applied to a residual stream `hidden` (no cache). `layer_idx` picks the position
+        type (sliding/full attention, RoPE) when it differs from i; it defaults to i."""
+        out = self.layers[i](hidden, **self.layer_kwargs(hidden, attention_mask, i if layer_idx is None else layer_idx))
+        return out[0] if isinstance(out, tuple) else out
+
     def _sliding_window(self, layer_idx: int) -> int | None:
         return None
 

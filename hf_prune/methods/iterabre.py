@@ -1,0 +1,185 @@
+"""IteRABRe: iterative recovery-aided block reduction (Wibowo et al., arXiv 2503.06291).
+
+Each stage removes the one layer whose absence changes the model's output least, then recovery training (LoRA +
+distillation from the unpruned teacher, run by PruneCallback / recipes/iterabre.py) repairs the damage before the
+next selection. The paper publishes no code: the selection below is a reconstruction (METHODS.md section 1) whose
+choices are config fields.
+
+Selection score of layer j on calibration tokens t (padding masked):
+
+    s_j = mean_t cos( f(model without layer j)_t , f(reference)_t )       (similarity="cosine", default)
+    s_j = -mean_t KL( softmax(ref logits_t) || softmax(logits without j)_t )   (similarity="kl")
+
+where f is the final hidden state (after the final norm). The layer with the highest s_j is removed.
+
+Cost: the residual stream entering every layer is computed once (prefix cache); skipping layer j then only runs
+layers j+1..L-1 from the cached input of layer j, so scoring all L layers costs L(L-1)/2 layer forwards instead of
+L^2 (plus one full pass).
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from typing import Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..arch import ArchAdapter, get_adapter, unwrap_model
+from ..plan import PrunePlan
+from . import Batch, PruningMethod, register
+
+__all__ = ["IteRABRe", "layer_removal_scores"]
+
+
+def _masked_mean(values: torch.Tensor, mask: torch.Tensor) -> tuple[float, int]:
+    m = mask.bool()
+    return float(values[m].sum()), int(m.sum())
+
+
+def _similarity(out: torch.Tensor, ref: torch.Tensor, ad: ArchAdapter, kind: str) -> torch.Tensor:
+    """Per-token similarity (b, t) between final hidden states `out` and `ref` (higher = more similar)."""
+    if kind == "cosine":
+        return F.cosine_similarity(out.float(), ref.float(), dim=-1)
+    if kind == "kl":
+        lp = F.log_softmax(ad.lm_head(out).float(), dim=-1)
+        lq = F.log_softmax(ad.lm_head(ref).float(), dim=-1)
+        return -(lq.exp() * (lq - lp)).sum(-1)
+    raise ValueError(f"similarity={kind!r} is not valid; use 'cosine' or 'kl'")
+
+
+@torch.no_grad()
+def layer_removal_scores(
+    model: nn.Module,
+    batches: Iterable[Batch],
+    similarity: str = "cosine",
+    reference: nn.Module | None = None,
+    progress: bool = True,
+) -> list[float]:
+    """s_j for every current layer j (see module docstring), with the prefix cache.
+
+    `reference` is the model whose output the pruned candidates are compared with (default: `model` itself).
+    """
+    model = unwrap_model(model)
+    ad = get_adapter(model)
+    ref_ad = get_adapter(reference) if reference is not None else None
+    n = ad.num_layers
+    sums, count = [0.0] * n, 0
+    batches = list(batches)
+    bar = tqdm(total=len(batches) * n, desc="IteRABRe scoring", disable=not progress, leave=False)
+    for batch in batches:
+        dev = ad.embed_tokens.weight.device
+        ids = batch["input_ids"].to(dev)
+        mask = batch.get("attention_mask")
+        mask = torch.ones_like(ids) if mask is None else mask.to(dev)
+        inputs = [ad.embed(ids)]  # inputs[j] = residual stream entering layer j
+        for j in range(n):
+            inputs.append(ad.run_layer(j, inputs[j], mask))
+        if ref_ad is None:
+            ref = ad.final_hidden(inputs[n])
+        else:
+            ref = ref_ad.final_hidden(_run_all(ref_ad, ids.to(ref_ad.embed_tokens.weight.device), mask))
+            ref = ref.to(dev)
+        for j in range(n):
+            h = inputs[j]
+            for k in range(j + 1, n):
+                h = ad.run_layer(k, h, mask)
+            s, c = _masked_mean(_similarity(ad.final_hidden(h), ref, ad, similarity), mask)
+            sums[j] += s
+            bar.update(1)
+        count += int(mask.bool().sum())
+    bar.close()
+    return [s / count for s in sums]
+
+
+def _run_all(ad: ArchAdapter, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    h = ad.embed(ids)
+    for j in range(ad.num_layers):
+        h = ad.run_layer(j, h, mask.to(h.device))
+    return h
+
+
+@register("iterabre")
+@dataclass
+class IteRABRe(PruningMethod):
+    """Iterative block removal by output similarity; one layer per stage, recovery between stages."""
+
+    n_remove: int = field(default=6, metadata={"help": "Layers to remove in total (one per stage)."})
+    similarity: str = field(
+        default="cosine",
+        metadata={"help": "'cosine': mean cosine of final hidden states (default); 'kl': minus the mean KL of the "
+                  "output distributions. Reconstruction choice (paper: output similarity)."},
+    )
+    reference: str = field(
+        default="current",
+        metadata={"help": "'current': compare with the current (already pruned, recovered) model (default); "
+                  "'teacher': compare with the original model, kept as a frozen copy at the first stage."},
+    )
+    protect_first: int = field(default=0, metadata={"help": "Never remove the first k layers."})
+    protect_last: int = field(default=0, metadata={"help": "Never remove the last k layers."})
+    total_tokens: int = field(
+        default=2_500_000, metadata={"help": "Recovery tokens over all stages (paper: 2.5M); the recipe gives each "
+                                     "stage total_tokens / n_remove."}
+    )
+    lora_r: int = field(default=8, metadata={"help": "LoRA rank of the recovery adapter (merged after each stage)."})
+    lora_alpha: int = field(default=16, metadata={"help": "LoRA alpha."})
+    lora_target_modules: str = field(
+        default="all-linear", metadata={"help": "LoRA targets: 'all-linear' or comma-separated module names."}
+    )
+    kd_alpha: float = field(
+        default=1.0, metadata={"help": "Loss = kd_alpha * KL(teacher || student) + (1 - kd_alpha) * CE."}
+    )
+    kd_temperature: float = field(default=1.0, metadata={"help": "Distillation temperature."})
+
+    def __post_init__(self) -> None:
+        if self.n_remove < 1:
+            raise ValueError(f"n_remove={self.n_remove} must be at least 1")
+        if self.reference not in ("current", "teacher"):
+            raise ValueError(f"reference={self.reference!r} is not valid; use 'current' or 'teacher'")
+        if self.similarity not in ("cosine", "kl"):
+            raise ValueError(f"similarity={self.similarity!r} is not valid; use 'cosine' or 'kl'")
+        self._teacher: nn.Module | None = None
+        self._original_index: list[int] | None = None
+
+    @property
+    def stages(self) -> int:
+        return self.n_remove
+
+    @property
+    def tokens_per_stage(self) -> int:
+        return self.total_tokens // self.n_remove
+
+    def plan(self, model: nn.Module, batches: Iterable[Batch], stage: int = 0) -> PrunePlan:
+        model = unwrap_model(model)
+        n = get_adapter(model).num_layers
+        if stage == 0 or self._original_index is None or len(self._original_index) != n:
+            self._original_index = list(range(n)) if stage == 0 else [None] * n  # original numbering if known
+        reference = None
+        if self.reference == "teacher":
+            if self._teacher is None:
+                self._teacher = copy.deepcopy(model).eval().requires_grad_(False)
+            reference = self._teacher
+        scores = layer_removal_scores(model, batches, self.similarity, reference)
+        candidates = [j for j in range(self.protect_first, n - self.protect_last)]
+        if len(candidates) < 1 or n <= 1:
+            raise ValueError(
+                f"no layer can be removed: {n} layers, protect_first={self.protect_first}, "
+                f"protect_last={self.protect_last}"
+            )
+        best = max(candidates, key=lambda j: scores[j])
+        original = self._original_index[best]
+        self._original_index = [o for j, o in enumerate(self._original_index) if j != best]
+        return PrunePlan(
+            drop_layers=[best],
+            provenance={
+                "method": "iterabre",
+                "stage": stage,
+                "removed_original_layer": original,
+                "similarity": self.similarity,
+                "reference": self.reference,
+                "scores": [round(s, 6) for s in scores],
+            },
+        )
