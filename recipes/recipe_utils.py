@@ -44,7 +44,6 @@ class DataArguments:
     calibration_seq_len: int = field(default=256, metadata={"help": "Tokens per calibration sequence."})
     recovery_tokens: int = field(default=200_000, metadata={"help": "Total recovery-training tokens."})
     recovery_seq_len: int = field(default=256, metadata={"help": "Tokens per recovery sequence."})
-    seed: int = field(default=0, metadata={"help": "Seed for data sampling and scoring."})
 
 
 @dataclass
@@ -93,21 +92,39 @@ def load_texts(spec: str | None, split: str, text_field: str = "text") -> list[s
     return list(ds[text_field])
 
 
-def calibration_blocks(tok, data: DataArguments) -> torch.Tensor:
+def calibration_blocks(tok, data: DataArguments, seed: int) -> torch.Tensor:
     from hf_prune.data import token_blocks
 
     texts = load_texts(data.dataset_name, "calibration", data.dataset_text_field)
-    return token_blocks(tok, texts, data.calibration_samples, data.calibration_seq_len, seed=data.seed)
+    return token_blocks(tok, texts, data.calibration_samples, data.calibration_seq_len, seed=seed)
 
 
-def recovery_dataset(tok, data: DataArguments, tokens: int | None = None, seed_offset: int = 1):
-    """A `datasets.Dataset` of `tokens // recovery_seq_len` blocks (input_ids, attention_mask, labels)."""
+def recovery_dataset(tok, data: DataArguments, seed: int, tokens: int | None = None):
+    """A `datasets.Dataset` of `tokens // recovery_seq_len` blocks (input_ids, attention_mask, labels), drawn with
+    a different seed than the calibration blocks."""
     from hf_prune.data import blocks_dataset, token_blocks
 
     tokens = data.recovery_tokens if tokens is None else tokens
     n = max(1, tokens // data.recovery_seq_len)
     texts = load_texts(data.dataset_name, "calibration", data.dataset_text_field)
-    return blocks_dataset(token_blocks(tok, texts, n, data.recovery_seq_len, seed=data.seed + seed_offset))
+    return blocks_dataset(token_blocks(tok, texts, n, data.recovery_seq_len, seed=seed + 1))
+
+
+def method_arguments(method_cls: type, exclude: tuple[str, ...] = ()) -> type:
+    """A dataclass with the method config's fields (help text included) minus `seed`, which the Trainer's own
+    `--seed` provides, and minus `exclude` (fields another parsed dataclass owns), so that all parse side by side
+    in one TrlParser."""
+    import dataclasses
+    import typing
+
+    hints = typing.get_type_hints(method_cls)
+    specs = []
+    for f in dataclasses.fields(method_cls):
+        if f.name == "seed" or f.name in exclude:
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else None
+        specs.append((f.name, hints[f.name], field(default=default, metadata=dict(f.metadata))))
+    return dataclasses.make_dataclass(f"{method_cls.__name__}Arguments", specs)
 
 
 def evaluate_model(model, tok, data: DataArguments, ev: EvalArguments) -> dict[str, Any]:
@@ -163,3 +180,94 @@ def _jsonable(o: Any):
     if isinstance(o, (torch.dtype, Path)):
         return str(o)
     raise TypeError(f"not JSON-serialisable: {type(o).__name__}")
+
+
+@dataclass
+class RecoveryArguments:
+    """How each pruning stage is recovered."""
+
+    use_lora: bool = field(default=True, metadata={"help": "Recover with a LoRA adapter (merged after each stage); "
+                                                   "False = full fine-tuning."})
+    lora_r: int = field(default=8, metadata={"help": "LoRA rank."})
+    lora_alpha: int = field(default=16, metadata={"help": "LoRA alpha."})
+    lora_target_modules: str = field(default="all-linear", metadata={"help": "'all-linear' or comma-separated names."})
+    kd_alpha: float = field(default=1.0, metadata={"help": "Loss = kd_alpha * KD + (1 - kd_alpha) * CE; 0 = no teacher."})
+    kd_temperature: float = field(default=1.0, metadata={"help": "Distillation temperature."})
+
+
+def _lora_config(rec: RecoveryArguments):
+    from peft import LoraConfig
+
+    targets = rec.lora_target_modules
+    targets = targets if targets == "all-linear" else [t.strip() for t in targets.split(",") if t.strip()]
+    return LoraConfig(r=rec.lora_r, lora_alpha=rec.lora_alpha, target_modules=targets, task_type="CAUSAL_LM")
+
+
+def run_prune_recover(method, model, tok, data: DataArguments, rec: RecoveryArguments, targs,
+                      total_tokens: int) -> dict[str, Any]:
+    """Prune `model` with `method` inside a Trainer and recover on `total_tokens` tokens of fresh text.
+
+    The method's stages are spread evenly: one before the first step and one after every
+    `total_tokens / method.stages` tokens, so each stage is followed by an equal share of recovery. A one-stage
+    method (ShortGPT) therefore prunes once and recovers on all `total_tokens`: the fair one-shot baseline for an
+    iterative method with the same budget. Returns the merged pruned model, the plan in original layer indices, the
+    Trainer's log history, timings and the token counts.
+    """
+    import copy as _copy
+    import json as _json
+
+    from transformers import Trainer
+
+    from hf_prune import PrunePlan
+    from hf_prune.arch import get_adapter
+    from hf_prune.callbacks import PruneCallback, PruneSchedule, prune_and_train
+    from hf_prune.distill import DistillationLoss
+
+    calib = calibration_blocks(tok, data, targs.seed)
+    train = recovery_dataset(tok, data, targs.seed, total_tokens)
+    world = max(1, int(os.environ.get("WORLD_SIZE", "1")))
+    steps = max(1, len(train) // (targs.per_device_train_batch_size * targs.gradient_accumulation_steps * world))
+    targs.num_train_epochs, targs.max_steps = 1, -1
+    schedule = PruneSchedule(every_n_steps=max(1, steps // method.stages), at_start=True)
+    n_layers = get_adapter(model).num_layers
+    kd = None
+    if rec.kd_alpha > 0:
+        teacher = _copy.deepcopy(model).eval().requires_grad_(False)
+        kd = DistillationLoss(teacher, temperature=rec.kd_temperature, alpha=rec.kd_alpha)
+    student = model
+    if rec.use_lora:
+        from peft import get_peft_model
+
+        student = get_peft_model(model, _lora_config(rec))
+    cb = PruneCallback(method, calib, schedule, distillation=kd)
+    trainer = Trainer(model=student, args=targs, train_dataset=train, processing_class=tok, callbacks=[cb])
+    t0 = time.perf_counter()
+    prune_and_train(trainer)
+    seconds = time.perf_counter() - t0
+    final = trainer.model.merge_and_unload() if hasattr(trainer.model, "merge_and_unload") else trainer.model
+    if kd is not None:
+        kd.detach()
+    history = trainer.state.log_history
+    stages = [h for h in history if "prune/removed_original_layers" in h]
+    dropped = sorted(set(range(n_layers)) - set(cb.kept_original))
+    selection = sum(h.get("prune/scoring_seconds", 0.0) for h in stages)
+    tokens = len(train) * data.recovery_seq_len
+    plan = PrunePlan(drop_layers=dropped, provenance={
+        "method": method.name, "config": method.config_dict(), "stages": [
+            {"removed_original_layers": _json.loads(h["prune/removed_original_layers"]), "step": h.get("step")}
+            for h in stages],
+        "recovery_tokens": tokens, "calibration_tokens": int(calib.numel()),
+    })
+    return {"model": final, "plan": plan, "log_history": history, "selection_seconds": selection,
+            "recovery_seconds": seconds - selection, "recovery_tokens": tokens, "trainer": trainer}
+
+
+def save_outputs(out_dir: str | Path, result: dict[str, Any], tok, evaluation: dict[str, Any]) -> None:
+    """Pruned model (surgery's format) + tokenizer + plan, the training log and the evaluation JSON."""
+    out = Path(out_dir)
+    model_dir = out / "model"
+    result["model"].save_pretrained(model_dir)
+    tok.save_pretrained(model_dir)
+    result["plan"].save(model_dir)
+    write_json(out / "train_log.json", result["log_history"])
+    write_json(out / "eval.json", evaluation)

@@ -1,0 +1,101 @@
+"""PIP (or its baselines LLM-Pruner / magnitude): prune heads and channels in steps, LoRA recovery in between.
+
+    accelerate launch recipes/pip.py --config recipes/configs/pip_smollm2.yaml
+    python recipes/pip.py --config recipes/configs/pip_smollm2.yaml --method llm_pruner --output_dir runs/llmp
+
+`--method` picks pip, llm_pruner or magnitude; the other flags are that method's config fields (with its defaults),
+recipes/recipe_utils.py's DataArguments, EvalArguments, RecoveryArguments, and transformers.TrainingArguments
+(whose --gradient_checkpointing also turns on activation checkpointing for the scoring passes).
+The recovery tokens are split evenly between the method's steps (one prune before each share). Writes
+`<output_dir>/model` (merged, pruned model + tokenizer), `train_log.json` and `eval.json`; the plan of every step is
+in `<output_dir>/prune-stage-<k>/prune_plan.json`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import yaml  # noqa: E402
+from recipe_utils import (  # noqa: E402
+    DataArguments,
+    EvalArguments,
+    RecoveryArguments,
+    evaluate_model,
+    load_model_and_tokenizer,
+    method_arguments,
+    run_info,
+    run_prune_recover,
+    save_outputs,
+)
+from transformers import TrainingArguments  # noqa: E402
+from trl import TrlParser  # noqa: E402
+
+from hf_prune.methods import get  # noqa: E402
+from hf_prune.methods.pip import LLMPruner, MagnitudePruning, PIP  # noqa: E402
+from hf_prune.surgery import layer_widths  # noqa: E402
+
+METHODS = {"pip": PIP, "llm_pruner": LLMPruner, "magnitude": MagnitudePruning}
+# objects, tuples and display switches stay at their defaults; scoring checkpoints activations when training does
+# (TrainingArguments owns --gradient_checkpointing)
+NOT_FLAGS = ("tokenizer", "perturb_ops", "progress", "gradient_checkpointing")
+
+
+@dataclasses.dataclass
+class MethodChoice:
+    method: str = dataclasses.field(default="pip", metadata={"help": f"One of {sorted(METHODS)}."})
+
+
+def _method_name(argv: list[str]) -> str:
+    """`--method` from the command line, else from the --config YAML, else pip (needed before parsing: each method
+    has its own fields and defaults)."""
+    name = "pip"
+    if "--config" in argv:
+        cfg = yaml.safe_load(Path(argv[argv.index("--config") + 1]).read_text()) or {}
+        name = cfg.get("method", name)
+    if "--method" in argv:
+        name = argv[argv.index("--method") + 1]
+    if name not in METHODS:
+        raise ValueError(f"--method {name!r} is not valid; use one of {sorted(METHODS)}")
+    return name
+
+
+def main(argv: list[str] | None = None) -> dict:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    name = _method_name(argv)
+    recovery_fields = tuple(f.name for f in dataclasses.fields(RecoveryArguments))
+    margs_cls = method_arguments(METHODS[name], exclude=recovery_fields + NOT_FLAGS)
+    parser = TrlParser((MethodChoice, margs_cls, DataArguments, EvalArguments, RecoveryArguments, TrainingArguments))
+    *parsed, from_config, from_cli = parser.parse_args_and_config(
+        argv, return_remaining_strings=True, separate_remaining_strings=True
+    )
+    _, margs, data, ev, rec, targs = parsed
+    # a shared YAML may carry another method's fields (e.g. PIP's perturbation with --method llm_pruner): skip those
+    other = {f"--{f.name}" for cls in METHODS.values() for f in dataclasses.fields(cls)}
+    unknown = [a for a in from_config if a.startswith("--") and a not in other] + from_cli
+    if unknown:
+        raise ValueError(f"unknown arguments {unknown}; see `python recipes/pip.py --method {name} --help`")
+
+    model, tok = load_model_and_tokenizer(data.model_name_or_path)
+    extra = {"tokenizer": tok} if name == "pip" else {}
+    method = get(name, seed=targs.seed, progress=False, gradient_checkpointing=targs.gradient_checkpointing,
+                 **dataclasses.asdict(margs), **extra)
+    report: dict = {"info": run_info(argv), "method": method.config_dict()}
+    if ev.eval_dense:
+        report["dense"] = evaluate_model(model, tok, data, ev)
+    result = run_prune_recover(method, model, tok, data, rec, targs, data.recovery_tokens)
+    report["pruned_recovered"] = evaluate_model(result["model"].eval(), tok, data, ev)
+    report["layer_widths"] = layer_widths(result["model"])  # (query heads, kv heads, MLP channels) per layer
+    report.update({k: result[k] for k in ("selection_seconds", "recovery_seconds", "recovery_tokens")})
+    if result["trainer"].accelerator.is_main_process:
+        save_outputs(targs.output_dir, result, tok, report)
+        print(f"pruned model, train_log.json and eval.json written to {targs.output_dir}")
+    result["trainer"].accelerator.wait_for_everyone()
+    return report
+
+
+if __name__ == "__main__":
+    main()
