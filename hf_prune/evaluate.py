@@ -1,0 +1,266 @@
+"""Quality measurements: windowed perplexity and zero-shot multiple-choice accuracy (BIG-bench-style JSON tasks)."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import sys
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from .data import tokenize_stream
+
+__all__ = ["perplexity", "multiple_choice", "load_mc_task", "mc_requests"]
+
+PADDING_SIDES = ("right", "left")
+
+
+def _progress(iterable, total: int, desc: str):
+    from tqdm.auto import tqdm
+
+    disable = bool(os.environ.get("HF_PRUNE_NO_PROGRESS")) or not sys.stderr.isatty()
+    return tqdm(iterable, total=total, desc=desc, disable=disable, leave=False)
+
+
+def _device(model: torch.nn.Module) -> torch.device:
+    device = getattr(model, "device", None)
+    if isinstance(device, torch.device):
+        return device
+    return next(model.parameters()).device
+
+
+@contextlib.contextmanager
+def _eval_mode(model: torch.nn.Module) -> Iterator[None]:
+    """Put ``model`` in eval mode under ``torch.no_grad`` and restore its training flag afterwards."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        model.train(was_training)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Perplexity
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def perplexity(
+    model: torch.nn.Module,
+    tokenizer,
+    text: str | Sequence[str],
+    window: int = 512,
+    batch_size: int = 4,
+    max_tokens: int | None = None,
+) -> dict[str, float | int]:
+    """Perplexity over non-overlapping windows of the token stream.
+
+    Documents are joined with ``"\\n\\n"`` and tokenized once without special tokens (the first ``max_tokens``
+    tokens are kept if given), then cut into windows of ``window`` tokens; a final shorter window is scored, one
+    shorter than 2 tokens is dropped. Each window predicts its tokens 2..n, so the mean NLL is over
+    ``tokens = sum(len(w) - 1)`` predictions. Returns ``{"perplexity", "nll", "tokens", "window"}``.
+    """
+    if window < 2:
+        raise ValueError(f"window={window} is not valid; it must be >= 2.")
+    if batch_size < 1:
+        raise ValueError(f"batch_size={batch_size} is not valid; it must be >= 1.")
+    if max_tokens is not None and max_tokens < 2:
+        raise ValueError(f"max_tokens={max_tokens} is not valid; it must be >= 2 or None.")
+    stream = tokenize_stream(tokenizer, text)
+    if max_tokens is not None:
+        stream = stream[:max_tokens]
+    windows = [w for w in stream.split(window) if w.numel() >= 2]
+    if not windows:
+        raise ValueError(f"The text has {stream.numel()} tokens; at least 2 are needed to measure perplexity.")
+    # Full windows are batched together; the shorter tail (if any) goes alone in the last batch.
+    groups: list[list[torch.Tensor]] = []
+    full = [w for w in windows if w.numel() == window]
+    for i in range(0, len(full), batch_size):
+        groups.append(full[i : i + batch_size])
+    if windows[-1].numel() != window:
+        groups.append([windows[-1]])
+
+    device = _device(model)
+    total_nll = 0.0
+    total_tokens = 0
+    with _eval_mode(model):
+        for group in _progress(groups, len(groups), "perplexity"):
+            ids = torch.stack(group).to(device)
+            logits = model(input_ids=ids).logits[:, :-1].float()
+            nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="sum")
+            total_nll += nll.item()
+            total_tokens += ids[:, 1:].numel()
+    mean = total_nll / total_tokens
+    return {"perplexity": math.exp(mean), "nll": mean, "tokens": total_tokens, "window": window}
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Multiple choice
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def load_mc_task(task: str | Path | dict | Sequence[dict]) -> dict[str, Any]:
+    """A BIG-bench-style task as a dict with an ``examples`` list; accepts a JSON path, a task dict or a list of
+    examples (each ``{"input": str, "target_scores": {choice: score}}``)."""
+    if isinstance(task, (str, Path)):
+        with open(task, encoding="utf-8") as f:
+            task = json.load(f)
+    if isinstance(task, dict):
+        if "examples" not in task:
+            raise KeyError(f"The task has no 'examples' list; its keys are {sorted(task)}.")
+        data = dict(task)
+    else:
+        data = {"examples": list(task)}
+    for i, ex in enumerate(data["examples"]):
+        if not isinstance(ex, dict) or "target_scores" not in ex:
+            raise ValueError(f"Example {i} is not a dict with 'input' and 'target_scores': {ex!r:.120}")
+        if len(ex["target_scores"]) < 2:
+            raise ValueError(f"Example {i} has {len(ex['target_scores'])} choice(s); at least 2 are needed.")
+    return data
+
+
+def _context(task: dict[str, Any], example: dict[str, Any]) -> str:
+    """``task_prefix + example_input_prefix + input + example_output_prefix`` (the prefixes only where the task
+    defines them), with trailing spaces removed (they move to the continuation)."""
+    prefix = task.get("task_prefix", "") or ""
+    in_prefix = task.get("example_input_prefix", "") or ""
+    out_prefix = task.get("example_output_prefix", "") or ""
+    return (prefix + in_prefix + str(example.get("input", "")) + out_prefix).rstrip(" ")
+
+
+def _encode(tokenizer, text: str) -> list[int]:
+    return tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
+
+
+def mc_requests(tokenizer, context: str, choice: str) -> tuple[list[int], list[int]]:
+    """Token ids ``(context_ids, continuation_ids)`` for one choice.
+
+    The continuation is ``" " + choice`` (no space after a context ending in whitespace or an empty context). The
+    whole string is tokenized once and the continuation is what follows the context's own tokens, so the ids are
+    exactly the tokenization of ``context + continuation``. An empty context becomes the BOS (else EOS) token.
+    """
+    sep = "" if (not context or context[-1].isspace()) else " "
+    continuation = sep + choice
+    if not context:
+        prefix_id = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+        if prefix_id is None:
+            raise ValueError("An empty context needs a tokenizer with a bos or eos token to condition on.")
+        return [prefix_id], _encode(tokenizer, continuation)
+    whole = _encode(tokenizer, context + continuation)
+    ctx = _encode(tokenizer, context)
+    if whole[: len(ctx)] == ctx and len(whole) > len(ctx):
+        return ctx, whole[len(ctx) :]
+    return ctx, _encode(tokenizer, continuation)
+
+
+def _score(
+    model: torch.nn.Module,
+    requests: list[tuple[list[int], list[int]]],
+    batch_size: int,
+    pad_id: int,
+    padding_side: str,
+    max_length: int | None,
+) -> list[float]:
+    """Sum of continuation-token log-probs for each (context, continuation) request, batched longest first."""
+    device = _device(model)
+    seqs = []
+    for ctx, cont in requests:
+        seq = ctx + cont
+        if max_length is not None and len(seq) > max_length:
+            seq = seq[-max_length:]  # left-truncate the context; the continuation must fit
+            if len(cont) >= max_length:
+                raise ValueError(f"A choice has {len(cont)} tokens, more than the model's max length {max_length}.")
+        seqs.append((seq, len(cont)))
+    order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i][0]))
+    scores = [0.0] * len(seqs)
+    batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    for batch in _progress(batches, len(batches), "multiple choice"):
+        width = max(len(seqs[i][0]) for i in batch)
+        ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(batch), width), dtype=torch.long)
+        for row, i in enumerate(batch):
+            seq = torch.tensor(seqs[i][0], dtype=torch.long)
+            if padding_side == "right":
+                ids[row, : seq.numel()], mask[row, : seq.numel()] = seq, 1
+            else:
+                ids[row, width - seq.numel() :], mask[row, width - seq.numel() :] = seq, 1
+        inputs = {"input_ids": ids.to(device), "attention_mask": mask.to(device)}
+        if padding_side == "left":
+            inputs["position_ids"] = (mask.cumsum(-1) - 1).clamp(min=0).to(device)
+        logits = model(**inputs).logits
+        for row, i in enumerate(batch):
+            seq, n_cont = seqs[i]
+            end = len(seq) if padding_side == "right" else width  # one past the last real token
+            # Logits at positions end-n_cont-1 .. end-2 predict the continuation tokens.
+            logp = logits[row, end - n_cont - 1 : end - 1].float().log_softmax(-1)
+            target = ids[row, end - n_cont : end].to(logp.device)
+            scores[i] = logp.gather(-1, target[:, None]).sum().item()
+    return scores
+
+
+def multiple_choice(
+    model: torch.nn.Module,
+    tokenizer,
+    task_path: str | Path | dict | Sequence[dict],
+    limit: int | None = None,
+    batch_size: int = 8,
+    padding_side: str = "right",
+    return_loglikelihoods: bool = False,
+) -> dict[str, Any]:
+    """Zero-shot accuracy on a BIG-bench-style multiple-choice task by log-likelihood of each choice.
+
+    The context is the example's ``input`` (wrapped in ``task_prefix``/``example_input_prefix``/
+    ``example_output_prefix`` where the task defines them; ``append_choices_to_input`` is ignored); each choice is
+    scored as the summed log-prob of ``" " + choice`` given the context. A prediction is correct when the chosen
+    choice has the highest target score. ``acc_norm`` divides each log-likelihood by the choice's length in
+    characters (as lm-eval does). ``limit`` keeps the first ``limit`` examples. Returns ``{"acc", "acc_norm", "n"}``
+    plus ``"loglikelihoods"`` (per example, per choice, in the task's order) if ``return_loglikelihoods``.
+    """
+    if padding_side not in PADDING_SIDES:
+        raise ValueError(f"padding_side={padding_side!r} is not valid; use one of {PADDING_SIDES}.")
+    if batch_size < 1:
+        raise ValueError(f"batch_size={batch_size} is not valid; it must be >= 1.")
+    if limit is not None and limit < 1:
+        raise ValueError(f"limit={limit} is not valid; it must be >= 1 or None.")
+    task = load_mc_task(task_path)
+    examples = task["examples"][:limit] if limit is not None else task["examples"]
+    if not examples:
+        raise ValueError("The task has no examples to score.")
+
+    requests, spans = [], []
+    for ex in examples:
+        context = _context(task, ex)
+        start = len(requests)
+        requests.extend(mc_requests(tokenizer, context, str(choice)) for choice in ex["target_scores"])
+        spans.append((start, len(requests)))
+
+    pad_id = tokenizer.pad_token_id
+    if pad_id is None:
+        pad_id = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
+    max_length = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    with _eval_mode(model):
+        scores = _score(model, requests, batch_size, pad_id, padding_side, max_length)
+
+    correct = correct_norm = 0
+    lls = []
+    for ex, (start, stop) in zip(examples, spans):
+        choices = [str(c) for c in ex["target_scores"]]
+        targets = [float(v) for v in ex["target_scores"].values()]
+        ll = scores[start:stop]
+        norm = [s / max(len(c), 1) for s, c in zip(ll, choices)]
+        best = max(targets)
+        correct += targets[max(range(len(ll)), key=ll.__getitem__)] == best
+        correct_norm += targets[max(range(len(norm)), key=norm.__getitem__)] == best
+        lls.append(ll)
+    n = len(examples)
+    out: dict[str, Any] = {"acc": correct / n, "acc_norm": correct_norm / n, "n": n}
+    if return_loglikelihoods:
+        out["loglikelihoods"] = lls
+    return out
