@@ -1,0 +1,512 @@
+"""Prune between recovery stages of an existing `transformers.Trainer` or `trl.SFTTrainer`.
+
+    from hf_prune.callbacks import PruneCallback, PruneSchedule, prune_and_train
+    from hf_prune.methods.shortgpt import ShortGPT
+
+    cb = PruneCallback(ShortGPT(n_remove=6, per_stage=2), calibration=blocks, schedule=PruneSchedule(every_n_epochs=1))
+    trainer = Trainer(model=model, args=args, train_dataset=recovery_data, callbacks=[cb])
+    prune_and_train(trainer)            # prune -> recover -> prune -> recover -> prune -> recover
+    trainer.save_model("out")           # config.json describes the reduced architecture
+
+Design: one train() call per recovery stage.
+    Inside `Trainer._inner_training_loop` the wrapped model (DDP, compiled, accelerate-prepared) is a local variable
+    (../shared/HF_NOTES.md §1.2-1.4): a callback can mutate the module but cannot replace its wrapper, so a model
+    pruned inside the loop keeps training through a DDP reducer built for parameters that no longer exist (an error,
+    or silent rank divergence). The callback therefore never changes shapes inside the loop. At a stage boundary it
+    only asks the loop to stop (`control.should_training_stop`, and `should_save = False` so no checkpoint of the
+    unpruned model is written at that step). `prune_and_train` then, between two `train()` calls:
+
+    1. merges PEFT adapters into the weights (`merge_and_unload`),
+    2. scores the model on the main process and broadcasts the plan (`broadcast_object_list`); every rank applies the
+       same plan with `hf_prune.apply`, and the resulting architecture and a weight checksum are compared across ranks,
+    3. re-attaches a fresh adapter with the same LoraConfig (its `base_model_name_or_path` pointing at the saved,
+       merged and pruned base) and sets `trainer.model`,
+    4. rebuilds the optimizer with `trainer.create_optimizer()` (same class, fused/foreach flags, weight-decay groups),
+       carrying over the state of every parameter that survived unchanged and dropping every reference to removed
+       ones; clears accelerate's prepared-object lists (`accelerator.free_memory()`); resets `model_wrapped` to the
+       bare model and the LR scheduler to None, so the next `train()` wraps the new model in a new DDP reducer,
+    5. logs what was removed and the parameter count with `trainer.log` (console, reporters, `state.log_history`),
+    6. writes a stage checkpoint `<output_dir>/prune-stage-<k>` (pruned weights + trainer_state.json + the plan) and
+       calls `trainer.train(resume_from_checkpoint=...)` on it: the Trainer's own resume logic restores the global
+       step, epoch and log history and skips the data already seen; the callback fast-forwards the new LR scheduler
+       to the global step (same schedule position), and activation checkpointing is re-enabled by `train()` itself.
+    A stage due before any training (epoch 0 / step 0) is run before the first `train()` call.
+
+    The same code path serves `Trainer` and `SFTTrainer`, full fine-tuning and LoRA, one process and DDP; calling
+    `trainer.train()` directly with this callback raises and says to use `prune_and_train`.
+
+Resuming: a stage checkpoint and every regular checkpoint written after a stage hold the reduced architecture. Build
+the model with `load_for_resume(ckpt)` (a LoRA checkpoint is loaded onto the merged, pruned base it names), build
+the Trainer with the same PruneCallback, and call `prune_and_train(trainer, resume_from_checkpoint=ckpt)`: the
+number of stages already done is read from the checkpoint's log history.
+
+Knowledge distillation: pass `distillation=DistillationLoss(teacher, ...)`; the callback installs it as the
+Trainer's `compute_loss_func` and attaches its input hook to the student (see hf_prune.distill).
+
+Limits: FSDP, DeepSpeed and `load_best_model_at_end` are refused (their flat-parameter optimizers need the gather/reshard route of HF_NOTES
+§1.4C); the Trainer must create its own optimizer and scheduler (use `optim`/`optimizer_cls_and_kwargs`, not
+`optimizers=(...)`); multi-node runs need an `output_dir` that every node can read (stage checkpoints are written by
+the main process and read by all). While the main process scores, the other ranks wait in a collective, bounded by
+`TrainingArguments.ddp_timeout`.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import os
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import torch
+from torch import nn
+from transformers import AutoModelForCausalLM, Trainer, TrainerCallback
+from transformers.trainer_utils import get_last_checkpoint
+
+import hf_prune  # noqa: F401  (registers the pruned model classes with the Auto classes)
+from hf_prune.arch import get_adapter, unwrap_model
+from hf_prune.data import batches as make_batches
+from hf_prune.distill import DistillationLoss
+from hf_prune.methods import PruningMethod
+from hf_prune.plan import PrunePlan
+from hf_prune.surgery import apply, layer_widths
+
+__all__ = ["PruneCallback", "PruneSchedule", "load_for_resume", "prune_and_train", "STAGE_PREFIX"]
+
+logger = logging.getLogger(__name__)
+
+STAGE_PREFIX = "prune-stage-"
+BASE_MODEL_DIR = "base_model"
+STAGE_KEY = "prune/stage"
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# schedule
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class PruneSchedule:
+    """When the pruning stages happen. Give exactly one of `epochs`, `every_n_epochs`, `every_n_steps` (default:
+    every epoch). Stages run at the first boundaries until the method's `stages` are done."""
+
+    epochs: list[int] | None = field(
+        default=None,
+        metadata={"help": "Prune before each of these epochs (0 = before any training), e.g. [0, 2, 4]."},
+    )
+    every_n_epochs: int | None = field(
+        default=None, metadata={"help": "Prune before every N-th epoch (epochs 0, N, 2N, ... with at_start)."}
+    )
+    every_n_steps: int | None = field(
+        default=None,
+        metadata={"help": "Prune every N optimizer steps (steps 0, N, 2N, ... with at_start), mid-epoch if needed."},
+    )
+    at_start: bool = field(
+        default=True,
+        metadata={"help": "With every_n_epochs/every_n_steps: also prune before the first step, so that every "
+                          "stage is followed by recovery."},
+    )
+
+    def __post_init__(self) -> None:
+        given = [n for n in ("epochs", "every_n_epochs", "every_n_steps") if getattr(self, n) is not None]
+        if not given:
+            self.every_n_epochs = 1
+        elif len(given) > 1:
+            raise ValueError(f"PruneSchedule takes one of epochs, every_n_epochs, every_n_steps; got {given}")
+        if self.epochs is not None:
+            if not self.epochs or any((not isinstance(e, int)) or e < 0 for e in self.epochs):
+                raise ValueError(f"epochs={self.epochs!r} is not valid; give epoch indices >= 0, e.g. [0, 2]")
+            self.epochs = sorted(set(self.epochs))
+        for name in ("every_n_epochs", "every_n_steps"):
+            v = getattr(self, name)
+            if v is not None and (not isinstance(v, int) or v < 1):
+                raise ValueError(f"{name}={v!r} is not valid; use a positive integer")
+
+    @property
+    def prunes_at_start(self) -> bool:
+        if self.epochs is not None:
+            return 0 in self.epochs
+        return self.at_start
+
+    def before_epoch(self, epoch: int) -> bool:
+        """True if a stage is due before epoch `epoch` (> 0)."""
+        if self.epochs is not None:
+            return epoch in self.epochs
+        return self.every_n_epochs is not None and epoch % self.every_n_epochs == 0
+
+    def at_step(self, step: int) -> bool:
+        """True if a stage is due after optimizer step `step` (> 0)."""
+        return self.every_n_steps is not None and step % self.every_n_steps == 0
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# helpers
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def _is_peft(model: nn.Module) -> bool:
+    return hasattr(model, "peft_config") and hasattr(model, "merge_and_unload")
+
+
+def _raw_optimizer(opt: Any) -> torch.optim.Optimizer | None:
+    """The torch optimizer under accelerate's AcceleratedOptimizer (or the optimizer itself)."""
+    while opt is not None and hasattr(opt, "optimizer") and not isinstance(opt, torch.optim.Optimizer):
+        opt = opt.optimizer
+    return opt
+
+
+def _distributed() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized() and \
+        torch.distributed.get_world_size() > 1
+
+
+def _is_main() -> bool:
+    return not _distributed() or torch.distributed.get_rank() == 0
+
+
+def carry_optimizer_state(old_state: Mapping[nn.Parameter, dict], optimizer: torch.optim.Optimizer) -> int:
+    """Give `optimizer` the state of every parameter it holds that `old_state` knows with matching shapes.
+
+    Parameters are matched by identity (surgery keeps the objects of everything it does not cut), and a state is only
+    taken when each of its non-scalar tensors has the parameter's shape. Returns the number of parameters carried."""
+    carried = 0
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            st = old_state.get(p)
+            if not st:
+                continue
+            if all(not torch.is_tensor(v) or v.dim() == 0 or v.shape == p.shape for v in st.values()):
+                optimizer.state[p] = st
+                carried += 1
+    return carried
+
+
+def _fingerprint(model: nn.Module) -> dict[str, Any]:
+    params = list(model.parameters())
+    return {
+        "widths": layer_widths(model),
+        "num_parameters": sum(p.numel() for p in params),
+        "checksum": float(sum(p.detach().double().sum() for p in params)),
+    }
+
+
+def _read_records(checkpoint: str | os.PathLike) -> list[dict]:
+    path = Path(checkpoint) / "trainer_state.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist; resume from a Trainer checkpoint or a {STAGE_PREFIX}* dir")
+    history = json.loads(path.read_text()).get("log_history", [])
+    return [h for h in history if STAGE_KEY in h]
+
+
+def load_for_resume(checkpoint: str | os.PathLike, **from_pretrained_kwargs: Any) -> nn.Module:
+    """The model a checkpoint written during pruning was trained as, ready for `resume_from_checkpoint`.
+
+    Full fine-tuning: `AutoModelForCausalLM.from_pretrained(checkpoint)` (its config has the reduced architecture).
+    LoRA: the merged, pruned base named by the adapter's `base_model_name_or_path`, with the adapter loaded trainable.
+    """
+    ckpt = Path(checkpoint)
+    if (ckpt / "adapter_config.json").is_file():
+        from peft import PeftConfig, PeftModel
+
+        peft_cfg = PeftConfig.from_pretrained(str(ckpt))
+        base_path = peft_cfg.base_model_name_or_path
+        if not base_path or not Path(base_path).is_dir():
+            raise FileNotFoundError(
+                f"{ckpt} is a LoRA checkpoint whose base model {base_path!r} is not a local directory; the merged, "
+                f"pruned base is written to <output_dir>/{STAGE_PREFIX}<k>/{BASE_MODEL_DIR}"
+            )
+        base = AutoModelForCausalLM.from_pretrained(base_path, **from_pretrained_kwargs)
+        return PeftModel.from_pretrained(base, str(ckpt), is_trainable=True)
+    if not (ckpt / "config.json").is_file():
+        raise FileNotFoundError(f"{ckpt} holds neither config.json nor adapter_config.json")
+    return AutoModelForCausalLM.from_pretrained(str(ckpt), **from_pretrained_kwargs)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# the callback
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+class PruneCallback(TrainerCallback):
+    """Stops the Trainer at each stage boundary of `schedule`; `prune_and_train` prunes and resumes.
+
+    Args:
+        method: a hf_prune.methods PruningMethod; its `stages` stages are run, stage k at the k-th boundary.
+        calibration: token blocks, a (n_samples, seq_len) LongTensor, or a list of batch dicts with `input_ids` (and
+            optionally `attention_mask`), used to score the model at every stage.
+        schedule: when to prune (default: before every epoch, starting before the first).
+        calibration_batch_size: rows per scoring batch when `calibration` is a tensor.
+        distillation: a DistillationLoss to install as the Trainer's `compute_loss_func`.
+    """
+
+    def __init__(
+        self,
+        method: PruningMethod,
+        calibration: torch.Tensor | Sequence[Mapping[str, torch.Tensor]],
+        schedule: PruneSchedule | None = None,
+        *,
+        calibration_batch_size: int = 8,
+        distillation: DistillationLoss | None = None,
+    ):
+        if not isinstance(method, PruningMethod):
+            raise TypeError(f"method must be a hf_prune PruningMethod (e.g. ShortGPT(n_remove=2)), got {type(method)}")
+        if isinstance(calibration, torch.Tensor):
+            self.calibration = make_batches(calibration, calibration_batch_size)
+        else:
+            self.calibration = list(calibration)
+            if not self.calibration or not all(isinstance(b, Mapping) and "input_ids" in b for b in self.calibration):
+                raise ValueError("calibration must be a (n, seq_len) tensor or a non-empty list of dicts with input_ids")
+        self.method = method
+        self.schedule = schedule or PruneSchedule()
+        self.distillation = distillation
+        self.trainer: Trainer | None = None
+        self.stages_done = 0
+        self.kept_original: list[int] | None = None  # original index of every current decoder layer
+        self._driver_active = False
+        self._stop_requested = False
+        self._fast_forward_scheduler = False
+        self._pending_logs: list[dict] = []
+
+    # ----- state ---------------------------------------------------------------------------------------------------
+    @property
+    def stages_left(self) -> int:
+        return self.method.stages - self.stages_done
+
+    def bind(self, trainer: Trainer) -> None:
+        """Check that `trainer` can be pruned between stages, and install the distillation loss."""
+        if trainer.is_fsdp_enabled or trainer.is_deepspeed_enabled:
+            raise ValueError("PruneCallback does not support FSDP or DeepSpeed yet; use DDP or a single process")
+        if trainer.args.load_best_model_at_end:
+            raise ValueError(
+                "load_best_model_at_end=True cannot be used with PruneCallback: the best checkpoint may hold an "
+                "architecture from before a pruning stage; evaluate and select after training instead"
+            )
+        if self.trainer is not trainer and (trainer.optimizer is not None or trainer.lr_scheduler is not None):
+            raise ValueError(
+                "PruneCallback rebuilds the optimizer and LR scheduler after every stage with trainer.create_optimizer()"
+                "; pass the optimizer through TrainingArguments(optim=...) or optimizer_cls_and_kwargs instead of "
+                "optimizers=(optimizer, scheduler)"
+            )
+        self.trainer = trainer
+        if self.kept_original is None:
+            self.kept_original = list(range(get_adapter(trainer.model).num_layers))
+        if self.distillation is not None:
+            trainer.compute_loss_func = self.distillation
+            self.distillation.attach(trainer.model)
+
+    def restore(self, checkpoint: str | os.PathLike) -> None:
+        """Read how many stages a checkpoint's run had done (from its log history)."""
+        records = _read_records(checkpoint)
+        self.stages_done = len(records)
+        if records and "prune/kept_original_layers" in records[-1]:
+            self.kept_original = json.loads(records[-1]["prune/kept_original_layers"])
+        n = get_adapter(self.trainer.model).num_layers
+        if self.kept_original is not None and len(self.kept_original) != n:
+            raise ValueError(
+                f"checkpoint {checkpoint} was written with {len(self.kept_original)} decoder layers but the trainer's "
+                f"model has {n}; build the model with hf_prune.callbacks.load_for_resume({str(checkpoint)!r})"
+            )
+        if not (Path(checkpoint) / "scheduler.pt").is_file():
+            self._fast_forward_scheduler = True
+
+    # ----- Trainer events ------------------------------------------------------------------------------------------
+    def on_train_begin(self, args, state, control, lr_scheduler=None, **kwargs):
+        if not self._driver_active:
+            raise RuntimeError(
+                "PruneCallback prunes between train() calls; run training with "
+                "hf_prune.callbacks.prune_and_train(trainer) instead of trainer.train()"
+            )
+        self._stop_requested = False
+        plateau = isinstance(lr_scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau)  # steps on metrics only
+        if self._fast_forward_scheduler and lr_scheduler is not None and not plateau:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # "lr_scheduler.step() before optimizer.step()"
+                for _ in range(state.global_step):
+                    lr_scheduler.step()
+        self._fast_forward_scheduler = False
+        while self._pending_logs:
+            self.trainer.log(self._pending_logs.pop(0))
+
+    def _request_stage(self, state, control) -> None:
+        if self.stages_left <= 0 or state.global_step >= state.max_steps:
+            return
+        control.should_training_stop = True
+        control.should_save = False  # the stage checkpoint, written after pruning, replaces this one
+        self._stop_requested = True
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.schedule.at_step(state.global_step):
+            self._request_stage(state, control)
+
+    def on_epoch_end(self, args, state, control, **kwargs):
+        if self._stop_requested:
+            control.should_save = False
+            return
+        if state.epoch is not None and self.schedule.before_epoch(int(round(state.epoch))):
+            self._request_stage(state, control)
+
+    # ----- one stage -----------------------------------------------------------------------------------------------
+    def _plan(self, model: nn.Module) -> tuple[PrunePlan, float]:
+        """The plan for the current stage, computed on the main process and broadcast to every rank."""
+        t0 = time.perf_counter()
+        payload: list[Any] = [None]
+        if _is_main():
+            try:
+                payload = [self.method.plan(model, self.calibration, stage=self.stages_done).to_json()]
+            except Exception as e:  # tell the other ranks instead of leaving them in the collective
+                if not _distributed():
+                    raise
+                payload = [{"error": f"{type(e).__name__}: {e}"}]
+                torch.distributed.broadcast_object_list(payload, src=0)
+                raise
+        if _distributed():
+            torch.distributed.broadcast_object_list(payload, src=0)
+        if isinstance(payload[0], dict):
+            raise RuntimeError(f"scoring failed on the main process: {payload[0]['error']}")
+        return PrunePlan.from_json(payload[0]), time.perf_counter() - t0
+
+    def _verify_ranks(self, model: nn.Module) -> None:
+        if not _distributed():
+            return
+        mine = _fingerprint(model)
+        everyone: list[Any] = [None] * torch.distributed.get_world_size()
+        torch.distributed.all_gather_object(everyone, mine)
+        if any(f["widths"] != mine["widths"] or f["num_parameters"] != mine["num_parameters"] for f in everyone):
+            raise RuntimeError(f"ranks disagree on the pruned architecture: {everyone}")
+        if any(f["checksum"] != mine["checksum"] for f in everyone):
+            logger.warning("weights differ across ranks after pruning (checksums %s)", [f["checksum"] for f in everyone])
+
+    def run_stage(self, trainer: Trainer, initial: bool = False) -> str | None:
+        """Prune `trainer.model` by one stage and rebuild what the change invalidated (module docstring, steps 1-6).
+
+        Returns the stage checkpoint to resume from, or None for a stage before any training."""
+        model = trainer.model
+        peft_config = None
+        if _is_peft(model):
+            peft_config = copy.deepcopy(model.peft_config[model.active_adapter])
+            base = model.merge_and_unload()
+        else:
+            base = unwrap_model(model)
+        checkpointing = bool(getattr(base, "is_activation_checkpointing", False))
+        old_opt = _raw_optimizer(trainer.optimizer)
+        old_state = dict(old_opt.state) if old_opt is not None else {}
+
+        plan, seconds = self._plan(base)
+        before = sum(p.numel() for p in base.parameters())
+        apply(base, plan)
+        after = sum(p.numel() for p in base.parameters())
+        self._verify_ranks(base)
+        dropped = set(plan.drop_layers)
+        removed_original = [self.kept_original[i] for i in plan.drop_layers]
+        self.kept_original = [j for i, j in enumerate(self.kept_original) if i not in dropped]
+        self.stages_done += 1
+
+        stage_dir = os.path.join(trainer.args.output_dir, f"{STAGE_PREFIX}{self.stages_done}")
+        if trainer.args.should_save:
+            os.makedirs(stage_dir, exist_ok=True)
+            plan.save(stage_dir)
+        if peft_config is not None:
+            base_dir = os.path.abspath(os.path.join(stage_dir, BASE_MODEL_DIR))
+            if trainer.args.should_save:
+                base.save_pretrained(base_dir)
+            from peft import get_peft_model
+
+            base.name_or_path = peft_config.base_model_name_or_path = base_dir  # what the adapter is trained on
+            trainer.model = get_peft_model(base, peft_config)
+        if checkpointing and not getattr(base, "is_activation_checkpointing", True):
+            base.activation_checkpointing_enable()
+        trainer.model_wrapped = trainer.model
+
+        # optimizer and scheduler: rebuilt over the new parameters, state carried for the survivors
+        trainer.accelerator.free_memory()
+        trainer.optimizer, trainer.lr_scheduler = None, None
+        carried = 0
+        if old_opt is not None:
+            trainer.create_optimizer()
+            carried = carry_optimizer_state(old_state, _raw_optimizer(trainer.optimizer))
+        del old_opt, old_state
+        trainer.callback_handler.model = trainer.model
+        trainer.callback_handler.optimizer = trainer.optimizer
+        trainer.callback_handler.lr_scheduler = None
+        if self.distillation is not None:
+            self.distillation.attach(trainer.model)
+
+        record = {
+            STAGE_KEY: self.stages_done,
+            "prune/method": self.method.name,
+            "prune/removed_layers": json.dumps(plan.drop_layers),
+            "prune/removed_original_layers": json.dumps(removed_original),
+            "prune/kept_original_layers": json.dumps(self.kept_original),
+            "prune/num_layers": len(self.kept_original),
+            "prune/num_parameters": after,
+            "prune/removed_parameters": before - after,
+            "prune/optimizer_states_kept": carried,
+            "prune/scoring_seconds": round(seconds, 3),
+        }
+        if _is_main():
+            logger.info(
+                "prune stage %d/%d (%s): removed layers %s (original %s), %d -> %d parameters",
+                self.stages_done, self.method.stages, self.method.name, plan.drop_layers, removed_original,
+                before, after,
+            )
+        if initial:  # the first train() call creates a fresh TrainerState: log into that one
+            self._pending_logs.append(record)
+            trainer.accelerator.wait_for_everyone()
+            return None
+        trainer.log(record)
+        trainer.save_model(stage_dir, _internal_call=True)
+        if trainer.args.should_save:
+            trainer.state.save_to_json(os.path.join(stage_dir, "trainer_state.json"))
+        trainer.accelerator.wait_for_everyone()
+        self._fast_forward_scheduler = True
+        return stage_dir
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# the driver
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def _find_callback(trainer: Trainer) -> PruneCallback:
+    found = [cb for cb in trainer.callback_handler.callbacks if isinstance(cb, PruneCallback)]
+    if len(found) != 1:
+        raise ValueError(f"prune_and_train needs exactly one PruneCallback among the trainer's callbacks, found "
+                         f"{len(found)}; add it with Trainer(callbacks=[...]) or trainer.add_callback(...)")
+    return found[0]
+
+
+def prune_and_train(trainer: Trainer, resume_from_checkpoint: str | bool | None = None, **train_kwargs: Any):
+    """Train with the trainer's PruneCallback: one `trainer.train()` call per recovery stage, pruning in between.
+
+    `resume_from_checkpoint`: a checkpoint written during a pruning run (or True for the last one in output_dir);
+    the trainer's model must have been built from it with `load_for_resume`. Returns the last TrainOutput.
+    """
+    cb = _find_callback(trainer)
+    cb.bind(trainer)
+    resume = resume_from_checkpoint
+    if resume is True:
+        resume = get_last_checkpoint(trainer.args.output_dir)
+        if resume is None:
+            raise ValueError(f"resume_from_checkpoint=True but {trainer.args.output_dir} holds no checkpoint")
+    if resume:
+        cb.restore(resume)
+    elif cb.schedule.prunes_at_start and cb.stages_left > 0:
+        cb.run_stage(trainer, initial=True)
+    while True:
+        cb._driver_active = True
+        try:
+            output = trainer.train(resume_from_checkpoint=resume or None, **train_kwargs)
+        finally:
+            cb._driver_active = False
+        if not cb._stop_requested:
+            break
+        cb._stop_requested = False
+        resume = cb.run_stage(trainer)
+    if cb.stages_left > 0:
+        logger.warning("training ended after %d of %d pruning stages: the schedule has fewer boundaries than the "
+                       "method has stages", cb.stages_done, cb.method.stages)
+    return output

@@ -1,0 +1,370 @@
+"""PruneCallback + prune_and_train inside Trainer / SFTTrainer, the KD loss, resuming, and a 2-process DDP run."""
+
+from __future__ import annotations
+
+import copy
+import gc
+import importlib.util
+import json
+import os
+import socket
+import subprocess
+import sys
+import weakref
+from pathlib import Path
+
+import pytest
+import torch
+from tiny import tiny_model, tiny_tokenizer
+from transformers import AutoModelForCausalLM, Trainer, TrainerCallback, TrainingArguments, get_scheduler
+
+from hf_prune.callbacks import PruneCallback, PruneSchedule, load_for_resume, prune_and_train
+from hf_prune.callbacks.prune import _raw_optimizer
+from hf_prune.data import blocks_dataset
+from hf_prune.distill import DistillationLoss, kd_token_losses
+from hf_prune.methods.shortgpt import ShortGPT
+
+HERE = Path(__file__).parent
+VOCAB = 300
+
+
+def _blocks(n: int = 12, t: int = 16, seed: int = 0) -> torch.Tensor:
+    return torch.randint(4, VOCAB, (n, t), generator=torch.Generator().manual_seed(seed))
+
+
+def _args(out: Path, **kw) -> TrainingArguments:
+    base = dict(
+        output_dir=str(out), per_device_train_batch_size=4, num_train_epochs=2, learning_rate=1e-3,
+        logging_steps=1, save_strategy="no", report_to=[], use_cpu=True, disable_tqdm=True, seed=0,
+        optim="adamw_torch",
+    )
+    base.update(kw)
+    return TrainingArguments(**base)
+
+
+def _records(history: list[dict]) -> list[dict]:
+    return [h for h in history if "prune/stage" in h]
+
+
+class Probe(TrainerCallback):
+    """Watches every train() call: the optimizer it starts with and what the first step does to the weights."""
+
+    def __init__(self):
+        self.trainer = None
+        self.begins: list[dict] = []
+        self.refs: dict[str, weakref.ref] = {}
+        self._snapshot = None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        t = self.trainer
+        raw = _raw_optimizer(t.optimizer)
+        trainable = [p for p in t.model.parameters() if p.requires_grad]
+        if not self.refs:  # the model as it is before any pruning stage
+            self.refs = {n: weakref.ref(p) for n, p in t.model.named_parameters()}
+        self.begins.append({
+            "step": state.global_step,
+            "optimizer": (type(raw), {k: raw.defaults.get(k) for k in ("fused", "foreach", "lr", "weight_decay")}),
+            "in_optimizer": {id(p) for g in raw.param_groups for p in g["params"]},
+            "trainable": {id(p) for p in trainable},
+            "trainable_names": {n for n, p in t.model.named_parameters() if p.requires_grad},
+            "state_steps": [float(raw.state[p]["step"]) for p in trainable if p in raw.state],
+            "frozen": {n: p.detach().clone() for n, p in t.model.named_parameters() if not p.requires_grad},
+            "checkpointing": [bool(getattr(layer, "gradient_checkpointing", False))
+                              for layer in t.model.get_base_model().model.layers] if hasattr(t.model, "get_base_model")
+            else [bool(getattr(layer, "gradient_checkpointing", False)) for layer in t.model.model.layers],
+        })
+        self._snapshot = {n: p.detach().clone() for n, p in t.model.named_parameters() if p.requires_grad}
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self._snapshot is None:
+            return
+        t, info = self.trainer, self.begins[-1]
+        named = dict(t.model.named_parameters())
+        info["changed"] = {n for n, before in self._snapshot.items() if not torch.equal(before, named[n].detach())}
+        info["unchanged_frozen"] = all(torch.equal(v, named[n].detach()) for n, v in info["frozen"].items())
+        raw = _raw_optimizer(t.optimizer)
+        info["state_shapes_ok"] = all(
+            v.shape == p.shape for p, st in raw.state.items() for v in st.values() if torch.is_tensor(v) and v.dim() > 0
+        )
+        self._snapshot = None
+
+
+def _train_full(out: Path, optim: str):
+    model = tiny_model("llama", num_hidden_layers=5).train()
+    blocks = _blocks()
+    probe = Probe()
+    cb = PruneCallback(ShortGPT(n_remove=2, per_stage=1, progress=False), calibration=blocks[:4],
+                       schedule=PruneSchedule(every_n_steps=2, at_start=False))
+    # 12 blocks / batch 4 = 3 steps per epoch, 2 epochs: stages after steps 2 and 4 (both mid-epoch), checkpoint at 5
+    trainer = Trainer(model=model, args=_args(out, optim=optim, save_strategy="steps", save_steps=5),
+                      train_dataset=blocks_dataset(blocks), callbacks=[cb, probe])
+    probe.trainer = trainer
+    prune_and_train(trainer)
+    return trainer, probe
+
+
+@pytest.fixture(scope="module", params=["adamw_torch", "adamw_torch_fused"])
+def full_run(request, tmp_path_factory):
+    out = tmp_path_factory.mktemp(request.param)
+    trainer, probe = _train_full(out, request.param)
+    return out, trainer, probe
+
+
+def test_rebuilt_optimizer_trains_the_pruned_model(full_run):
+    out, trainer, probe = full_run
+    recs = _records(trainer.state.log_history)
+    assert [r["prune/stage"] for r in recs] == [1, 2] and [r["step"] for r in recs] == [2, 4]
+    assert trainer.model.config.num_hidden_layers == len(trainer.model.model.layers) == 3
+    assert len(probe.begins) == 3  # one train() call per recovery stage
+    first = probe.begins[0]
+    for info in probe.begins[1:]:
+        assert info["optimizer"] == first["optimizer"]  # same class, same fused / foreach choice
+        assert info["in_optimizer"] == info["trainable"]  # exactly the pruned model's parameters
+        # Adam state of every surviving parameter was carried over, not reset
+        assert len(info["state_steps"]) == len(info["trainable"])
+        assert all(s == info["step"] for s in info["state_steps"])
+        assert info["changed"] == info["trainable_names"]  # every weight moved at the next step
+        assert info["state_shapes_ok"]
+    assert [r["prune/optimizer_states_kept"] for r in recs] == [len(b["trainable"]) for b in probe.begins[1:]]
+    # no reference to a removed parameter survives anywhere (optimizer, scheduler, accelerate, DDP wrapper)
+    removed = [i for r in recs for i in json.loads(r["prune/removed_original_layers"])]
+    assert len(removed) == 2
+    gc.collect()
+    dead = [n for n, ref in probe.refs.items() if any(n.startswith(f"model.layers.{i}.") for i in removed)]
+    assert dead and all(probe.refs[n]() is None for n in dead)
+    alive = [n for n in probe.refs if n.startswith("model.layers.") and n not in dead]
+    assert alive and all(probe.refs[n]() is not None for n in alive)
+
+
+def test_training_continues_at_the_schedule_position(full_run):
+    out, trainer, probe = full_run
+    logs = [h for h in trainer.state.log_history if "loss" in h]
+    assert [h["step"] for h in logs] == [1, 2, 3, 4, 5, 6]  # loss logged before and after every stage
+    ref_opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=trainer.args.learning_rate)
+    sched = get_scheduler(trainer.args.lr_scheduler_type, ref_opt, num_warmup_steps=0, num_training_steps=6)
+    want = []
+    for _ in range(6):
+        want.append(sched.get_last_lr()[0])
+        ref_opt.step()
+        sched.step()
+    assert [h["learning_rate"] for h in logs] == pytest.approx(want, rel=1e-9)
+    assert [round(h["epoch"], 6) for h in logs] == [round(s / 3, 6) for s in range(1, 7)]
+
+
+def test_resume_from_a_checkpoint_written_after_pruning(full_run, tmp_path):
+    out, trainer, probe = full_run
+    ckpt = out / "checkpoint-5"
+    assert json.loads((ckpt / "config.json").read_text())["num_hidden_layers"] == 3
+    assert (out / "prune-stage-2" / "prune_plan.json").is_file()
+    model = load_for_resume(ckpt)
+    assert model.config.num_hidden_layers == 3
+    blocks = _blocks()
+    cb = PruneCallback(ShortGPT(n_remove=2, per_stage=1, progress=False), calibration=blocks[:4],
+                       schedule=PruneSchedule(every_n_steps=2, at_start=False))
+    resumed = Trainer(model=model, args=_args(out, optim=trainer.args.optim), train_dataset=blocks_dataset(blocks),
+                      callbacks=[cb])
+    prune_and_train(resumed, resume_from_checkpoint=str(ckpt))
+    assert cb.stages_done == 2 and resumed.state.global_step == 6
+    assert len(_records(resumed.state.log_history)) == 2  # no stage repeated
+    assert any(h.get("step") == 6 and "loss" in h for h in resumed.state.log_history)
+    # same data position, optimizer state and schedule: step 6 gives the uninterrupted run's weights
+    original = trainer.model.state_dict()
+    for name, value in resumed.model.state_dict().items():
+        torch.testing.assert_close(value, original[name], msg=name)
+    # the final save is the surgery's format: plain from_pretrained, same logits
+    resumed.save_model(str(tmp_path / "final"))
+    reloaded = AutoModelForCausalLM.from_pretrained(str(tmp_path / "final")).eval()
+    resumed.model.eval()
+    ids = blocks[:2]
+    with torch.no_grad():
+        diff = (reloaded(input_ids=ids).logits - resumed.model(input_ids=ids.to(resumed.model.device)).logits).abs()
+    assert reloaded.config.num_hidden_layers == 3 and float(diff.max()) <= 1e-5
+
+
+def test_plain_train_call_is_refused(tmp_path):
+    blocks = _blocks(4)
+    cb = PruneCallback(ShortGPT(n_remove=1, progress=False), calibration=blocks)
+    trainer = Trainer(model=tiny_model("llama"), args=_args(tmp_path), train_dataset=blocks_dataset(blocks),
+                      callbacks=[cb])
+    with pytest.raises(RuntimeError, match="prune_and_train"):
+        trainer.train()
+
+
+def test_lora_is_merged_pruned_and_reattached(tmp_path):
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    blocks = _blocks(8)
+    model = get_peft_model(tiny_model("llama", num_hidden_layers=4).train(),
+                           LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"))
+    probe = Probe()
+    cb = PruneCallback(ShortGPT(n_remove=2, per_stage=1, progress=False), calibration=blocks[:4],
+                       schedule=PruneSchedule(epochs=[0, 1]))
+    trainer = Trainer(model=model, args=_args(tmp_path, learning_rate=1e-2, activation_checkpointing=True),
+                      train_dataset=blocks_dataset(blocks), callbacks=[cb, probe])
+    probe.trainer = trainer
+    prune_and_train(trainer)
+    assert isinstance(trainer.model, PeftModel) and trainer.model is not model
+    assert trainer.model.get_base_model().config.num_hidden_layers == 2
+    recs = _records(trainer.state.log_history)
+    assert [r["step"] for r in recs] == [0, 2]
+    for info in probe.begins:
+        assert info["trainable_names"] and all("lora_" in n for n in info["trainable_names"])
+        assert info["in_optimizer"] == info["trainable"]
+        assert info["unchanged_frozen"]  # the merged base stays frozen
+        assert info["checkpointing"] and all(info["checkpointing"])  # re-enabled on the pruned, re-wrapped model
+        # the fresh adapter trains at the next step (lora_A gets no gradient while lora_B is still zero)
+        assert {n for n in info["trainable_names"] if "lora_B" in n} <= info["changed"]
+    stage2 = tmp_path / "prune-stage-2"
+    assert (stage2 / "base_model" / "config.json").is_file() and (stage2 / "adapter_config.json").is_file()
+    reloaded = load_for_resume(stage2).eval()
+    assert isinstance(reloaded, PeftModel)
+    # the stage checkpoint holds the fresh adapter (lora_B = 0) on the merged, pruned base it names
+    base_only = AutoModelForCausalLM.from_pretrained(str(stage2 / "base_model")).eval()
+    ids = blocks[:2]
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(input_ids=ids).logits, base_only(input_ids=ids).logits,
+                                   atol=1e-5, rtol=1e-5)
+
+
+def test_sft_trainer_with_distillation(tmp_path):
+    from trl import SFTConfig, SFTTrainer
+
+    tok = tiny_tokenizer()
+    blocks = _blocks(8)
+    student = tiny_model("llama", num_hidden_layers=4).train()
+    kd = DistillationLoss(copy.deepcopy(student), temperature=2.0, alpha=0.5)
+    cb = PruneCallback(ShortGPT(n_remove=2, per_stage=1, progress=False), calibration=blocks[:4],
+                       schedule=PruneSchedule(every_n_epochs=1), distillation=kd)
+    args = SFTConfig(output_dir=str(tmp_path), per_device_train_batch_size=4, num_train_epochs=2, learning_rate=1e-3,
+                     logging_steps=1, save_strategy="no", report_to=[], use_cpu=True, disable_tqdm=True,
+                     max_length=32, packing=False, optim="adamw_torch")
+    from datasets import Dataset
+
+    ds = Dataset.from_dict({"input_ids": blocks.tolist()})
+    trainer = SFTTrainer(model=student, args=args, train_dataset=ds, processing_class=tok, callbacks=[cb])
+    prune_and_train(trainer)
+    assert trainer.compute_loss_func is kd
+    assert trainer.model.config.num_hidden_layers == 2
+    hist = trainer.state.log_history
+    recs = _records(hist)
+    assert [r["step"] for r in recs] == [0, 2]
+    losses = [h for h in hist if "loss" in h]
+    assert [h["step"] for h in losses] == [1, 2, 3, 4]
+    assert all(torch.isfinite(torch.tensor(h["loss"])) and h["loss"] > 0 for h in losses)
+
+
+# ----- knowledge distillation -----------------------------------------------------------------------------------
+
+
+def test_kd_loss_equals_hand_computed_kl():
+    student, teacher = tiny_model("llama", seed=0), tiny_model("llama", seed=1)
+    ids = _blocks(2, 6)
+    mask = torch.ones_like(ids)
+    mask[1, 4:] = 0
+    labels = ids.clone()
+    labels[mask == 0] = -100
+    T, alpha = 2.0, 0.7
+    kd = DistillationLoss(teacher, temperature=T, alpha=alpha, student=student)
+    out = student(input_ids=ids, attention_mask=mask)
+    got = kd(out, labels)
+    with torch.no_grad():
+        zt = teacher(input_ids=ids, attention_mask=mask).logits
+    zs = out.logits.detach()
+    kl_sum, ce_sum, n = 0.0, 0.0, 0
+    for b in range(2):
+        for t in range(5):
+            if labels[b, t + 1] == -100:
+                continue
+            ps, pt = torch.softmax(zs[b, t].double() / T, -1), torch.softmax(zt[b, t].double() / T, -1)
+            kl_sum += float((pt * (pt.log() - ps.log())).sum()) * T * T
+            ce_sum += float(-torch.log_softmax(zs[b, t].double(), -1)[labels[b, t + 1]])
+            n += 1
+    assert n == 8
+    assert got.item() == pytest.approx((alpha * kl_sum + (1 - alpha) * ce_sum) / n, rel=1e-5)
+    # the Trainer's num_items_in_batch (tokens of the whole accumulated batch) is the divisor when given
+    student(input_ids=ids, attention_mask=mask)
+    assert kd(out, labels, num_items_in_batch=torch.tensor(20)).item() == pytest.approx(
+        (alpha * kl_sum + (1 - alpha) * ce_sum) / 20, rel=1e-5)
+    assert float(kd_token_losses(zs[0, :1], zs[0, :1], T).abs().max()) < 1e-6
+
+
+def test_kd_loss_needs_attached_inputs_and_valid_settings():
+    teacher = tiny_model("llama")
+    kd = DistillationLoss(teacher)
+    assert not any(p.requires_grad for p in teacher.parameters()) and not teacher.training
+    with pytest.raises(RuntimeError, match="attach"):
+        kd(type("O", (), {"logits": torch.zeros(1, 3, 5)})(), None)
+    with pytest.raises(ValueError, match="temperature=0"):
+        DistillationLoss(teacher, temperature=0)
+    with pytest.raises(ValueError, match="alpha=1.5"):
+        DistillationLoss(teacher, alpha=1.5)
+
+
+def test_kd_through_trainer_is_zero_against_an_identical_teacher(tmp_path):
+    student = tiny_model("llama").train()
+    kd = DistillationLoss(copy.deepcopy(student), temperature=2.0).attach(student)
+    blocks = _blocks(4)
+    trainer = Trainer(model=student, args=_args(tmp_path, num_train_epochs=1, learning_rate=1e-2),
+                      train_dataset=blocks_dataset(blocks), compute_loss_func=kd)
+    trainer.train()
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    assert len(losses) == 1 and abs(losses[0]) < 1e-6  # teacher ran on exactly the student's batch
+
+
+# ----- schedule ----------------------------------------------------------------------------------------------------
+
+
+def test_schedule_validation_and_boundaries():
+    assert PruneSchedule().every_n_epochs == 1 and PruneSchedule().prunes_at_start
+    s = PruneSchedule(epochs=[2, 0])
+    assert s.epochs == [0, 2] and s.prunes_at_start and s.before_epoch(2) and not s.before_epoch(1)
+    s = PruneSchedule(every_n_steps=5, at_start=False)
+    assert not s.prunes_at_start and s.at_step(10) and not s.at_step(7) and not s.before_epoch(1)
+    with pytest.raises(ValueError, match="one of"):
+        PruneSchedule(epochs=[1], every_n_steps=3)
+    with pytest.raises(ValueError, match="every_n_steps=0"):
+        PruneSchedule(every_n_steps=0)
+    with pytest.raises(ValueError, match="epochs="):
+        PruneSchedule(epochs=[-1])
+
+
+def test_callback_rejects_a_user_optimizer(tmp_path):
+    model = tiny_model("llama")
+    blocks = _blocks(4)
+    opt = torch.optim.AdamW(model.parameters())
+    cb = PruneCallback(ShortGPT(n_remove=1, progress=False), calibration=blocks)
+    trainer = Trainer(model=model, args=_args(tmp_path), train_dataset=blocks_dataset(blocks), callbacks=[cb],
+                      optimizers=(opt, None))
+    with pytest.raises(ValueError, match="optim"):
+        prune_and_train(trainer)
+
+
+# ----- DDP ---------------------------------------------------------------------------------------------------------
+
+
+def test_ddp_two_ranks_stay_identical(tmp_path):
+    if not torch.distributed.is_available() or not torch.distributed.is_gloo_available():
+        pytest.skip("torch.distributed with gloo is not available")
+    if importlib.util.find_spec("torch.distributed.run") is None:
+        pytest.skip("torchrun (torch.distributed.run) is not available")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": str(HERE)
+           + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    with socket.socket() as sock:  # a free port for the rendezvous
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", str(port),
+           str(HERE / "ddp_prune_script.py"), str(tmp_path)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    assert ranks[0]["world_size"] == ranks[1]["world_size"] == 2
+    assert ranks[0]["num_layers"] == ranks[1]["num_layers"] == 3
+    assert ranks[0]["widths"] == ranks[1]["widths"]
+    assert ranks[0]["weights_sha256"] == ranks[1]["weights_sha256"]  # bit-identical
+    for r in ranks:
+        recs = [h for h in r["log_history"] if "prune/stage" in h]
+        assert [h["prune/stage"] for h in recs] == [1, 2]
+        for rec in recs:  # training went on after every stage
+            assert any("loss" in h and h["step"] > rec["step"] for h in r["log_history"])
+        assert r["ddp_wrapped_trainings"] == 3
