@@ -1,0 +1,423 @@
+"""Model cards for pruned models, rendered from what was recorded: `hf_prune.json`, `prune_plan.json`, `config.json`.
+
+The card is a `huggingface_hub.ModelCard` built from the `hf_prune.model_cards` template:
+
+- metadata: `base_model`, `base_model_relation: finetune` only when recovery training happened (the Hub has no
+  "pruned" relation; a one-shot prune leaves it unset), `tags` (the method, "pruned", "hf-prune"), the base model's
+  licence, `datasets` (Hub ids of the calibration/recovery data), and the evaluation of the final stage as
+  `model-index`;
+- body: the removed layers and a per-layer widths table, a PNG of the widths (matplotlib, written next to the card),
+  parameter count and size before/after, calibration and recovery data with token counts, all recorded evaluations,
+  how to load the model (plain `from_pretrained`, or hf_prune / `trust_remote_code` for Pruned* model types), and
+  the recipe and command.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Any
+
+from .export import CARD_FILENAME, METADATA_FILENAME, EvalRecord, ExportMetadata, load_metadata, redact
+from .plan import PLAN_FILENAME, PrunePlan
+
+__all__ = [
+    "PICTURE_FILENAME",
+    "card_data",
+    "hub_license",
+    "layer_rows",
+    "load_instructions",
+    "needs_custom_code",
+    "plot_layers",
+    "render_card",
+    "write_card",
+]
+
+logger = logging.getLogger(__name__)
+
+PICTURE_FILENAME = "hf_prune_layers.png"
+
+# Licence ids the Hub knows that base models commonly carry; anything else is reported as "other".
+_KNOWN_LICENSES = {
+    "apache-2.0", "mit", "openrail", "bigscience-openrail-m", "creativeml-openrail-m", "bigcode-openrail-m",
+    "bsd-2-clause", "bsd-3-clause", "cc0-1.0", "cc-by-4.0", "cc-by-sa-4.0", "cc-by-nc-4.0", "cc-by-nc-sa-4.0",
+    "gpl-3.0", "lgpl-3.0", "agpl-3.0", "mpl-2.0", "unlicense", "llama2", "llama3", "llama3.1", "llama3.2",
+    "llama3.3", "llama4", "gemma", "other", "unknown",
+}
+
+
+def hub_license(text: str | None) -> str | None:
+    """The Hub licence id for a recorded licence string ('Apache-2.0 (...)' -> 'apache-2.0'); None if unknown."""
+    if not text or not text.strip():
+        return None
+    word = text.strip().split()[0].strip("(),;").lower()
+    return word if word in _KNOWN_LICENSES else "other"
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Per-layer widths
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def _layer_map(meta: ExportMetadata, plan: PrunePlan | None) -> tuple[int, list[int]] | None:
+    """(number of original layers, original index of each saved layer), or None when the record is inconsistent."""
+    after = meta.after
+    if after is None or after.layer_widths is None:
+        return None
+    drop = set(plan.drop_layers) if plan is not None else set()
+    n_orig = meta.before.num_layers if meta.before and meta.before.num_layers else len(after.layer_widths) + len(drop)
+    kept = [i for i in range(n_orig) if i not in drop]
+    if len(kept) != len(after.layer_widths):
+        return None
+    return n_orig, kept
+
+
+def _change(before: int | None, after: int | None) -> str:
+    if after is None:
+        return "removed"
+    if before is None or before == after:
+        return str(after)
+    return f"{before} → {after}"
+
+
+def layer_rows(meta: ExportMetadata, plan: PrunePlan | None) -> list[dict[str, Any]]:
+    """One row per original layer: index, status ('kept', 'narrowed', 'removed') and widths before → after."""
+    mapping = _layer_map(meta, plan)
+    after = meta.after.layer_widths if meta.after else None
+    if after is None:
+        return []
+    if mapping is None:  # the plan does not describe the whole history: report the saved layers as they are
+        return [{"index": f"{i} (saved)", "status": "kept", "heads": w[0], "kv_heads": w[1], "mlp": w[2]}
+                for i, w in enumerate(after)]
+    n_orig, kept = mapping
+    before = meta.before.layer_widths if meta.before and meta.before.layer_widths else None
+    if before is not None and len(before) != n_orig:
+        before = None
+    by_orig = dict(zip(kept, after))
+    rows = []
+    for i in range(n_orig):
+        b = before[i] if before else [None, None, None]
+        a = by_orig.get(i)
+        if a is None:
+            rows.append({"index": i, "status": "**removed**", "heads": _change(b[0], None),
+                         "kv_heads": _change(b[1], None), "mlp": _change(b[2], None)})
+            continue
+        narrowed = before is not None and list(a) != list(b)
+        rows.append({"index": i, "status": "narrowed" if narrowed else "kept", "heads": _change(b[0], a[0]),
+                     "kv_heads": _change(b[1], a[1]), "mlp": _change(b[2], a[2])})
+    return rows
+
+
+def plot_layers(meta: ExportMetadata, plan: PrunePlan | None, path: str | os.PathLike) -> Path | None:
+    """Draw query heads, kv heads and MLP channels per original layer (before as outline, after filled, removed
+    layers marked) into the PNG `path`. Returns None, with a warning, when matplotlib is missing or nothing is
+    known about the layers."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg", force=False)
+        import matplotlib.pyplot as plt
+    except ImportError:
+        warnings.warn("matplotlib is not installed: the model card will have no per-layer picture "
+                      "(pip install matplotlib)", stacklevel=2)
+        return None
+    mapping = _layer_map(meta, plan)
+    if mapping is None:
+        logger.warning("the per-layer widths do not match the plan; the card gets no per-layer picture")
+        return None
+    n_orig, kept = mapping
+    after = dict(zip(kept, meta.after.layer_widths))
+    before = meta.before.layer_widths if meta.before and meta.before.layer_widths else None
+    if before is not None and len(before) != n_orig:
+        before = None
+    removed = [i for i in range(n_orig) if i not in after]
+    titles = ("query heads", "kv heads", "MLP channels")
+    fig, axes = plt.subplots(3, 1, figsize=(max(6.0, 0.28 * n_orig + 2), 5.8), sharex=True)
+    xs = list(range(n_orig))
+    for k, (ax, title) in enumerate(zip(axes, titles)):
+        ax.bar(kept, [after[i][k] for i in kept], color="#3b75af", width=0.8, zorder=2)
+        if before is not None:  # outline on top, so a narrowed layer shows what it lost
+            ax.bar(xs, [w[k] for w in before], color="none", edgecolor="0.35", linewidth=0.8, width=0.8, zorder=3)
+        top = max([w[k] for w in (before or [])] + [after[i][k] for i in kept] + [1])
+        for i in removed:
+            ax.axvspan(i - 0.45, i + 0.45, color="#d9534f", alpha=0.3, linewidth=0, zorder=1)
+        ax.set_ylabel(title)
+        ax.set_ylim(0, top * 1.05)
+        ax.spines[["top", "right"]].set_visible(False)
+    axes[-1].set_xlabel("decoder layer (original index)")
+    axes[-1].set_xticks(xs[:: max(1, n_orig // 30)])
+    from matplotlib.patches import Patch
+
+    handles = [Patch(facecolor="#3b75af", label="after")]
+    if before is not None:
+        handles.append(Patch(facecolor="none", edgecolor="0.35", label="before"))
+    if removed:
+        handles.append(Patch(facecolor="#d9534f", alpha=0.3, label="removed layer"))
+    title = meta.model_name or "pruned model"
+    if meta.before and meta.after:
+        title += f": {_short(meta.before.num_parameters)} → {_short(meta.after.num_parameters)} parameters"
+    fig.suptitle(title, fontsize=10, x=0.02, ha="left")
+    fig.legend(handles=handles, loc="upper right", ncol=len(handles), fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0, 1, 0.95))
+    path = Path(path)
+    fig.savefig(path, dpi=110, format="png")
+    plt.close(fig)
+    return path
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Card pieces
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def _short(n: int) -> str:
+    for unit, div in (("B", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(n) >= div:
+            return f"{n / div:.1f}{unit}"
+    return str(n)
+
+
+def _bytes(n: int | None) -> str:
+    if n is None:
+        return "—"
+    for unit, div in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= div:
+            return f"{n / div:.1f} {unit}"
+    return f"{n} B"
+
+
+def _pct(before: int | None, after: int | None) -> str:
+    if not before or after is None:
+        return "—"
+    return f"{100.0 * (after - before) / before:+.1f}%"
+
+
+def _size_rows(meta: ExportMetadata) -> list[dict[str, str]]:
+    b, a = meta.before, meta.after
+    rows = []
+
+    def cell(stats, attr, fmt):
+        v = getattr(stats, attr) if stats is not None else None
+        return fmt(v) if v is not None else "—"
+
+    for name, attr, fmt in (("parameters", "num_parameters", lambda v: f"{v:,} ({_short(v)})"),
+                            ("size in memory", "size_bytes", _bytes),
+                            ("decoder layers", "num_layers", str)):
+        rows.append({"name": name, "before": cell(b, attr, fmt), "after": cell(a, attr, fmt),
+                     "change": _pct(getattr(b, attr, None) if b else None, getattr(a, attr, None) if a else None)})
+    dtype = (a.dtype if a else None) or (b.dtype if b else None)
+    if dtype:
+        rows[1]["name"] = f"size in memory ({dtype})"
+    return rows
+
+
+def _data_line(rec, none_text: str) -> str:
+    if rec is None:
+        return none_text
+    parts = [f"`{rec.hub_id}`" if rec.hub_id else rec.name]
+    if rec.hub_id and rec.name and rec.name != rec.hub_id:
+        parts[0] += f" ({rec.name})"
+    counts = []
+    if rec.tokens is not None:
+        counts.append(f"{rec.tokens:,} tokens")
+    if rec.samples is not None:
+        counts.append(f"{rec.samples:,} sequences" + (f" of {rec.seq_len} tokens" if rec.seq_len else ""))
+    if rec.steps is not None:
+        counts.append(f"{rec.steps:,} optimizer steps")
+    line = parts[0] + (f": {', '.join(counts)}" if counts else "")
+    if rec.description:
+        line += f". {rec.description}"
+    return line
+
+
+def _fmt_value(v: float) -> str:
+    return f"{v:.4f}" if abs(v) < 10 else f"{v:.2f}"
+
+
+def _final_stage(evals: list[EvalRecord]) -> str | None:
+    stages = [e.stage for e in evals if e.stage != "base"]
+    return stages[-1] if stages else None
+
+
+def _eval_rows(evals: list[EvalRecord]) -> list[dict[str, str]]:
+    rows = []
+    for e in evals:
+        size = f"{e.examples:,} examples" if e.examples is not None else (f"{e.tokens:,} tokens" if e.tokens else "—")
+        if e.dataset_split:
+            size += f" ({e.dataset_split})"
+        rows.append({"stage": e.stage, "task": e.dataset_name or e.task, "metric": e.metric,
+                     "value": _fmt_value(float(e.value)), "size": size, "source": e.source or "—"})
+    return rows
+
+
+def card_data(meta: ExportMetadata, plan: PrunePlan | None = None):
+    """The card's YAML metadata as a `huggingface_hub.ModelCardData`."""
+    from huggingface_hub import EvalResult, ModelCardData
+
+    tags = [t for t in (meta.method, "pruned", "structured-pruning", "hf-prune") if t]
+    if plan is not None and plan.drop_layers:
+        tags.append("layer-pruning")
+    datasets = [r.hub_id for r in (meta.calibration, meta.recovery) if r is not None and r.hub_id]
+    recovered = meta.recovery is not None and bool(meta.recovery.tokens or meta.recovery.steps)
+    final = _final_stage(meta.evaluations)
+    latest: dict[tuple[str, str], EvalRecord] = {}
+    for e in meta.evaluations:
+        if e.stage == final:
+            latest[(e.task, e.metric)] = e  # the last measurement of a (task, metric) in the final stage wins
+    eval_results = [
+        EvalResult(task_type=e.task_type, dataset_type=e.dataset_type or e.task, dataset_name=e.dataset_name or e.task,
+                   dataset_split=e.dataset_split, metric_type=e.metric, metric_value=round(float(e.value), 6),
+                   metric_name=f"{e.metric} (lm-eval)" if (e.source or "").startswith("lm-eval") else e.metric)
+        for e in latest.values()
+    ]
+    kwargs: dict[str, Any] = {}
+    if meta.base_model and recovered:
+        kwargs["base_model_relation"] = "finetune"
+    return ModelCardData(
+        base_model=meta.base_model,
+        license=hub_license(meta.base_model_license),
+        library_name="transformers",
+        pipeline_tag="text-generation",
+        tags=tags,
+        datasets=datasets or None,
+        model_name=meta.model_name or "pruned-model",
+        eval_results=eval_results or None,
+        **kwargs,
+    )
+
+
+def needs_custom_code(config: dict[str, Any]) -> bool:
+    """True when config.json names a model type transformers does not ship (hf_prune's Pruned* classes)."""
+    return str(config.get("model_type", "")).startswith("pruned_") or bool(config.get("auto_map"))
+
+
+def load_instructions(config: dict[str, Any], repo_id: str | None = None) -> str:
+    """Markdown that says how to load the model: plain `from_pretrained` for standard configs, hf_prune or
+    `trust_remote_code=True` for Pruned* model types."""
+    where = repo_id or "path/to/this/folder"
+    if not needs_custom_code(config):
+        return (
+            f"The saved config is the standard `{config.get('model_type', 'transformers')}` config with the new "
+            "sizes, so the model loads with plain transformers (no hf_prune needed) and works wherever the base "
+            "architecture does:\n\n"
+            "```python\nfrom transformers import AutoModelForCausalLM, AutoTokenizer\n\n"
+            f'model = AutoModelForCausalLM.from_pretrained("{where}")\n'
+            f'tokenizer = AutoTokenizer.from_pretrained("{where}")\n```'
+        )
+    return (
+        f"The layers have different widths, which no standard config can describe: the model type is "
+        f"`{config.get('model_type')}`. Load it with hf_prune installed (importing it registers the classes with "
+        "transformers):\n\n"
+        "```python\nimport hf_prune  # pip install hf-prune\nfrom transformers import AutoModelForCausalLM\n\n"
+        f'model = AutoModelForCausalLM.from_pretrained("{where}")\n```\n\n'
+        "or without hf_prune, using the configuration and modeling files stored next to the weights (`auto_map`):\n\n"
+        "```python\nfrom transformers import AutoModelForCausalLM\n\n"
+        f'model = AutoModelForCausalLM.from_pretrained("{where}", trust_remote_code=True)\n```\n\n'
+        "Engines that only know the standard architectures (vLLM, llama.cpp) cannot load this layout."
+    )
+
+
+def _summary(meta: ExportMetadata, plan: PrunePlan | None) -> str:
+    base = f"[{meta.base_model}](https://huggingface.co/{meta.base_model})" if meta.base_model else "a model"
+    what = []
+    if plan is not None and plan.drop_layers:
+        n = meta.before.num_layers if meta.before and meta.before.num_layers else None
+        what.append(f"{len(plan.drop_layers)}{f' of {n}' if n else ''} decoder layers removed")
+    if plan is not None and (plan.heads or plan.kv_heads or plan.mlp_channels):
+        what.append("attention heads or MLP channels removed")
+    text = f"This model is {base} with {' and '.join(what) if what else 'its structure pruned'}"
+    if meta.method:
+        text += f" by the `{meta.method}` method"
+    text += " of hf-prune"
+    if meta.recovery is not None and (meta.recovery.tokens or meta.recovery.steps):
+        text += ", followed by recovery training"
+    text += "."
+    if meta.before and meta.after:
+        text += (f" It has {meta.after.num_parameters:,} parameters instead of {meta.before.num_parameters:,} "
+                 f"({_pct(meta.before.num_parameters, meta.after.num_parameters)}).")
+    return text
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+
+
+def render_card(folder: str | os.PathLike, repo_id: str | None = None, picture: str | None = PICTURE_FILENAME):
+    """The `ModelCard` for an export folder, from its hf_prune.json, prune_plan.json and config.json.
+    `picture` is the file name of the per-layer PNG to embed (None: no picture)."""
+    from huggingface_hub import ModelCard
+
+    from .model_cards import template
+
+    folder = Path(folder)
+    meta = load_metadata(folder)
+    plan = PrunePlan.load(folder / PLAN_FILENAME) if (folder / PLAN_FILENAME).is_file() else None
+    config = _read_json(folder / "config.json")
+    rows = layer_rows(meta, plan)
+    r = {
+        "title": meta.model_name or folder.resolve().name,
+        "summary": _summary(meta, plan),
+        "removed_layers": sorted(plan.drop_layers) if plan else [],
+        "width_changes": sum(1 for row in rows if row["status"] == "narrowed"),
+        "picture": picture,
+        "layer_rows": rows,
+        "size_rows": _size_rows(meta),
+        "disk": (f"{_bytes(meta.after.disk_bytes)}" if meta.after and meta.after.disk_bytes else None),
+        "method": meta.method,
+        "method_config": json.dumps(meta.method_config, indent=2, default=str) if meta.method_config else None,
+        "calibration": _data_line(meta.calibration, "not recorded (or none used)."),
+        "recovery": _data_line(meta.recovery, "none: this is a one-shot prune without training."),
+        "eval_rows": _eval_rows(meta.evaluations),
+        "final_stage": _final_stage(meta.evaluations),
+        "load": load_instructions(config, repo_id),
+        "command": redact(meta.command),
+        "recipe": redact(meta.recipe.strip()) if meta.recipe else None,
+        "notes": meta.notes,
+        "licence": (f"The base model's licence applies: {meta.base_model_license}."
+                    if meta.base_model_license else "The base model's licence was not recorded; check it before use."),
+        "versions": ", ".join(f"{k} {v}" for k, v in sorted(meta.versions.items())) or "not recorded",
+    }
+    return ModelCard.from_template(card_data(meta, plan), template_str=template(), r=r)
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def write_card(folder: str | os.PathLike, repo_id: str | None = None) -> Path:
+    """Render the card of an export folder into README.md (and the per-layer PNG next to it). Returns the README
+    path. Both files are replaced atomically."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"export folder {str(folder)!r} does not exist")
+    meta = load_metadata(folder)
+    if not (folder / METADATA_FILENAME).is_file():
+        logger.warning("%s has no %s: the card will only describe the saved config", folder, METADATA_FILENAME)
+    plan = PrunePlan.load(folder / PLAN_FILENAME) if (folder / PLAN_FILENAME).is_file() else None
+    picture = None
+    fd, tmp_png = tempfile.mkstemp(prefix=f".{PICTURE_FILENAME}.", suffix=".tmp", dir=folder)
+    os.close(fd)
+    try:
+        if plot_layers(meta, plan, tmp_png) is not None:
+            os.chmod(tmp_png, 0o644)
+            os.replace(tmp_png, folder / PICTURE_FILENAME)
+            picture = PICTURE_FILENAME
+    finally:
+        if os.path.exists(tmp_png):
+            os.unlink(tmp_png)
+    card = render_card(folder, repo_id=repo_id, picture=picture)
+    path = folder / CARD_FILENAME
+    _write_atomic(path, str(card).encode("utf-8"))
+    return path

