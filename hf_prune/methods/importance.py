@@ -1,0 +1,514 @@
+"""Importance of coupled structures (attention head groups, MLP channels) for structured pruning.
+
+A *group* is everything that goes away together, read through the arch adapter:
+
+* attention, ``head_grouping="kv"``: one kv head with its query heads: the q rows of its query heads, its k and v
+  rows (and their biases), the o columns of its query heads. Removing it keeps grouped-query attention valid.
+* attention, ``head_grouping="query"``: one query head *per kv group* (q rows + o columns), so every kv group keeps
+  the same number of query heads; kv heads are never removed. Within a layer the unit of rank r takes the r-th least
+  important query head of every kv group; a layer down to one query head per kv head has nothing left to remove
+  in this mode (multi-head attention models should use "kv", where each kv head has one query head).
+* MLP: one intermediate channel: its gate and up rows (and biases) and its down column.
+
+Scores (summed over every weight w of the group):
+
+* ``"pip"``    I = sum |w * (dL/dw(x) - dL/dw(x~))|, x~ the perturbed view (PIP, Cao et al., arXiv 2501.15278;
+  a reconstruction: no public code);
+* ``"taylor"`` I = sum |w * dL/dw(x)|, first-order Taylor (LLM-Pruner, Ma et al., NeurIPS 2023, "param_first");
+* ``"magnitude"`` I = ||w||_2 over the group (data-free).
+
+L is the mean next-token cross-entropy over all calibration tokens. Gradients are accumulated in the parameters'
+``.grad`` across batches and micro-batches (for "pip" the perturbed loss is back-propagated with a minus sign, so
+``.grad`` holds the difference directly and no second buffer is needed). Gradients accumulate in the parameters'
+dtype: score bf16/fp16 models in fp32 where the difference of two nearly equal gradients matters. Before any backward
+pass the memory it needs is estimated, logged (INFO) and checked against a budget (:func:`estimate_gradient_memory`,
+:func:`check_memory`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import sys
+from dataclasses import dataclass
+from typing import Iterable, Iterator, Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..arch import ArchAdapter, get_adapter, unwrap_model
+from ..perturb import EmbeddingNoise
+
+__all__ = [
+    "CRITERIA",
+    "HEAD_GROUPINGS",
+    "Group",
+    "InsufficientMemoryError",
+    "LayerImportance",
+    "MemoryEstimate",
+    "available_memory",
+    "build_groups",
+    "check_memory",
+    "compute_importance",
+    "estimate_gradient_memory",
+    "gradient_pass",
+    "scored_parameters",
+]
+
+logger = logging.getLogger(__name__)
+
+CRITERIA: tuple[str, ...] = ("pip", "taylor", "magnitude")
+HEAD_GROUPINGS: tuple[str, ...] = ("kv", "query")
+
+Batch = Mapping[str, torch.Tensor]
+
+
+class InsufficientMemoryError(MemoryError):
+    """A gradient pass would not fit in the memory budget."""
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Per-structure scores
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class LayerImportance:
+    """Scores of the prunable structures of one decoder layer (indices of the model as it is now).
+
+    ``query_heads[h]``: q rows + o columns of query head h; ``kv_heads[j]``: k and v rows of kv head j;
+    ``mlp_channels[c]``: gate/up rows + down column of channel c. For "magnitude" these are sums of squares, and a
+    group's score is the square root of their sum (its L2 norm); for the gradient criteria they are sums of
+    |w * g| and a group's score is their sum.
+    """
+
+    layer: int
+    criterion: str
+    query_heads: torch.Tensor
+    kv_heads: torch.Tensor
+    mlp_channels: torch.Tensor
+
+
+def _check_linear(lin: nn.Module, what: str) -> nn.Linear:
+    if not isinstance(lin, nn.Linear):
+        raise TypeError(
+            f"{what} is a {type(lin).__name__}, not an nn.Linear; merge adapters (e.g. PEFT's merge_and_unload()) "
+            "before scoring"
+        )
+    return lin
+
+
+def scored_parameters(adapter: ArchAdapter, layers: Sequence[int]) -> list[nn.Parameter]:
+    """The weights (and per-structure biases) whose gradients the scores need, for decoder layers ``layers``."""
+    params: list[nn.Parameter] = []
+    for i in layers:
+        a, m = adapter.attention(i), adapter.mlp(i)
+        for name, lin in (("q_proj", a.q_proj), ("k_proj", a.k_proj), ("v_proj", a.v_proj)):
+            lin = _check_linear(lin, f"layer {i} {name}")
+            params.append(lin.weight)
+            if lin.bias is not None:
+                params.append(lin.bias)
+        params.append(_check_linear(a.o_proj, f"layer {i} o_proj").weight)
+        for name, lin in (("gate_proj", m.gate_proj), ("up_proj", m.up_proj)):
+            if lin is None:
+                continue
+            lin = _check_linear(lin, f"layer {i} {name}")
+            params.append(lin.weight)
+            if lin.bias is not None:
+                params.append(lin.bias)
+        params.append(_check_linear(m.down_proj, f"layer {i} down_proj").weight)
+    return params
+
+
+def _element_scores(p: torch.Tensor, grad: torch.Tensor | None, criterion: str) -> torch.Tensor:
+    w = p.detach().float()
+    if criterion == "magnitude":
+        return w * w
+    if grad is None:  # a parameter the loss does not reach (e.g. a zero-sized slice): no first-order change
+        return torch.zeros_like(w)
+    return (w * grad.float()).abs()
+
+
+def _row_scores(lin: nn.Linear, grads: dict[int, torch.Tensor], criterion: str) -> torch.Tensor:
+    s = _element_scores(lin.weight, grads.get(id(lin.weight)), criterion).sum(1)
+    if lin.bias is not None:
+        s = s + _element_scores(lin.bias, grads.get(id(lin.bias)), criterion)
+    return s
+
+
+def _col_scores(lin: nn.Linear, grads: dict[int, torch.Tensor], criterion: str) -> torch.Tensor:
+    return _element_scores(lin.weight, grads.get(id(lin.weight)), criterion).sum(0)
+
+
+def layer_importance(
+    adapter: ArchAdapter, layer: int, criterion: str, grads: dict[int, torch.Tensor]
+) -> LayerImportance:
+    """Per-head and per-channel scores of one layer from accumulated gradients (keyed by ``id(param)``)."""
+    a, m = adapter.attention(layer), adapter.mlp(layer)
+    hd = a.head_dim
+    q = _row_scores(a.q_proj, grads, criterion).view(a.num_heads, hd).sum(1)
+    o = _col_scores(a.o_proj, grads, criterion).view(a.num_heads, hd).sum(1)
+    k = _row_scores(a.k_proj, grads, criterion).view(a.num_kv_heads, hd).sum(1)
+    v = _row_scores(a.v_proj, grads, criterion).view(a.num_kv_heads, hd).sum(1)
+    ch = _row_scores(m.up_proj, grads, criterion) + _col_scores(m.down_proj, grads, criterion)
+    if m.gate_proj is not None:
+        ch = ch + _row_scores(m.gate_proj, grads, criterion)
+    return LayerImportance(layer, criterion, (q + o).cpu(), (k + v).cpu(), ch.cpu())
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Groups
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Group:
+    """A set of structures removed together, with its score and the parameters its removal frees.
+
+    ``kind`` is "attention" or "mlp". ``rank`` orders the query-grouping units of a layer (unit r can only go after
+    unit r - 1); it is -1 where removal order is free.
+    """
+
+    kind: str
+    layer: int
+    score: float
+    num_params: int
+    query_heads: tuple[int, ...] = ()
+    kv_heads: tuple[int, ...] = ()
+    channels: tuple[int, ...] = ()
+    rank: int = -1
+
+
+def _rows_params(lin: nn.Linear) -> int:
+    """Parameters freed by removing one output row of `lin` (its weight row and bias entry)."""
+    return lin.in_features + (lin.bias is not None)
+
+
+def build_groups(adapter: ArchAdapter, imp: LayerImportance, head_grouping: str = "kv",
+                 attention: bool = True, mlp: bool = True) -> list[Group]:
+    """The removable groups of one layer with their scores (see the module docstring for the groupings)."""
+    if head_grouping not in HEAD_GROUPINGS:
+        raise ValueError(f"head_grouping={head_grouping!r} is not valid; use one of {HEAD_GROUPINGS}")
+    i = imp.layer
+    a, m = adapter.attention(i), adapter.mlp(i)
+    hd, nq, nkv, g = a.head_dim, a.num_heads, a.num_kv_heads, a.group_size
+    magnitude = imp.criterion == "magnitude"
+
+    def finish(total: float) -> float:
+        return float(total) ** 0.5 if magnitude else float(total)
+
+    groups: list[Group] = []
+    if attention:
+        q_params = hd * (_rows_params(a.q_proj) + a.o_proj.out_features)
+        kv_params = hd * (_rows_params(a.k_proj) + _rows_params(a.v_proj))
+        if head_grouping == "query":
+            def by_score(h: int) -> tuple[float, int]:
+                return float(imp.query_heads[h]), h
+
+            order = [sorted(range(j * g, (j + 1) * g), key=by_score) for j in range(nkv)]
+            for r in range(g if g > 1 else 0):
+                heads = tuple(sorted(order[j][r] for j in range(nkv)))
+                total = sum(float(imp.query_heads[h]) for h in heads)
+                groups.append(Group("attention", i, finish(total), nkv * q_params, query_heads=heads, rank=r))
+        else:
+            for j in range(nkv):
+                heads = tuple(range(j * g, (j + 1) * g))
+                total = float(imp.query_heads[list(heads)].sum()) + float(imp.kv_heads[j])
+                groups.append(Group("attention", i, finish(total), g * q_params + kv_params, heads, (j,)))
+    if mlp:
+        per = _rows_params(m.up_proj) + m.down_proj.out_features
+        if m.gate_proj is not None:
+            per += _rows_params(m.gate_proj)
+        scores = imp.mlp_channels.tolist()
+        groups.extend(Group("mlp", i, finish(s), per, channels=(c,)) for c, s in enumerate(scores))
+    return groups
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Memory
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class MemoryEstimate:
+    """Bytes a gradient pass needs at its peak (an estimate; benchmarks/pip.py compares it with measurements).
+
+    activations: per decoder layer and token, about 5 D + 4 D_q + 3 D_kv + 4 I + H * T values are kept for the
+    backward pass (norm inputs/outputs, q/k/v before and after RoPE, attention output, the four MLP
+    intermediates, attention probabilities when materialised); with gradient checkpointing only each layer's input
+    (D) plus one layer's full set. logits: the logits, their log-softmax and its gradient, T * V values each, fp32.
+    """
+
+    weights: int
+    gradients: int
+    activations: int
+    logits: int
+    tokens_per_micro_batch: int
+    device: str = "cpu"
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.gradients + self.activations + self.logits
+
+    @property
+    def beyond_weights(self) -> int:
+        """What the pass adds on top of the weights already in memory."""
+        return self.total - self.weights
+
+    def __str__(self) -> str:
+        gb = 1024**3
+        return (
+            f"weights {self.weights / gb:.2f} GB + gradients {self.gradients / gb:.2f} GB + activations "
+            f"{self.activations / gb:.2f} GB + logits {self.logits / gb:.2f} GB = {self.total / gb:.2f} GB "
+            f"({self.tokens_per_micro_batch} tokens per micro-batch)"
+        )
+
+
+def estimate_gradient_memory(
+    model: nn.Module,
+    micro_batch_size: int,
+    seq_len: int,
+    scored: Iterable[nn.Parameter] | None = None,
+    gradient_checkpointing: bool = False,
+) -> MemoryEstimate:
+    """Estimate the peak memory of one forward+backward over ``micro_batch_size`` x ``seq_len`` tokens.
+
+    ``scored`` are the parameters that get gradients (default: all). Gradients are held in the parameters' dtype.
+    """
+    model = unwrap_model(model)
+    ad = get_adapter(model)
+    params = list(model.parameters())
+    elem = params[0].element_size() if params else 4
+    weights = sum(p.numel() * p.element_size() for p in params)
+    scored = params if scored is None else list(scored)
+    gradients = sum(p.numel() * p.element_size() for p in scored)
+    t = micro_batch_size * seq_len
+    d = ad.hidden_size
+    per_layer = []
+    for i in range(ad.num_layers):
+        a, m = ad.attention(i), ad.mlp(i)
+        dq, dkv = a.num_heads * a.head_dim, a.num_kv_heads * a.head_dim
+        per_layer.append(5 * d + 4 * dq + 3 * dkv + 4 * m.intermediate_size + a.num_heads * seq_len)
+    if gradient_checkpointing:
+        values = ad.num_layers * d + max(per_layer)
+    else:
+        values = sum(per_layer)
+    activations = t * values * elem
+    vocab = ad.lm_head.out_features
+    logits = 3 * t * vocab * 4
+    device = str(params[0].device) if params else "cpu"
+    return MemoryEstimate(weights, gradients, activations, logits, t, device)
+
+
+def available_memory(device: torch.device | str) -> int:
+    """Free bytes on ``device``: CUDA's free memory, or the host's available memory for the CPU."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free)
+    try:
+        import psutil
+
+        return int(psutil.virtual_memory().available)
+    except ImportError:  # pragma: no cover - psutil comes with accelerate
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    raise RuntimeError("cannot determine available memory; pass an explicit memory budget")
+
+
+def check_memory(estimate: MemoryEstimate, budget_gb: float | None = None, what: str = "gradient pass") -> None:
+    """Raise InsufficientMemoryError before any work when ``estimate`` does not fit.
+
+    With ``budget_gb`` the whole estimate (weights included) must fit in it; without, what the pass adds beyond the
+    weights (already resident) must fit in the device's free memory.
+    """
+    gb = 1024**3
+    if budget_gb is not None:
+        need, have, where = estimate.total, budget_gb * gb, f"the budget memory_budget_gb={budget_gb}"
+    else:
+        need, have = estimate.beyond_weights, available_memory(estimate.device)
+        where = f"the {have / gb:.2f} GB free on {estimate.device} (besides the weights)"
+    if need > have:
+        raise InsufficientMemoryError(
+            f"The {what} needs about {need / gb:.2f} GB ({estimate}), more than {where}. "
+            "Lower micro_batch_size, set gradient_checkpointing=True, use shorter calibration sequences, "
+            "or raise memory_budget_gb."
+        )
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Gradient passes
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def _progress(iterable, total: int, desc: str, enabled: bool):
+    from tqdm.auto import tqdm
+
+    disable = (not enabled) or bool(os.environ.get("HF_PRUNE_NO_PROGRESS")) or not sys.stderr.isatty()
+    return tqdm(iterable, total=total, desc=desc, disable=disable, leave=False)
+
+
+@contextlib.contextmanager
+def _gradients_only_for(model: nn.Module, params: Sequence[nn.Parameter]) -> Iterator[None]:
+    """Gradients for ``params`` only, starting from zero; restores requires_grad and any existing .grad after."""
+    saved_flags = [(p, p.requires_grad) for p in model.parameters()]
+    saved_grads = [(p, p.grad) for p in model.parameters()]
+    try:
+        for p in model.parameters():
+            p.requires_grad_(False)
+            p.grad = None
+        for p in params:
+            p.requires_grad_(True)
+        yield
+    finally:
+        for p, flag in saved_flags:
+            p.requires_grad_(flag)
+        for p, g in saved_grads:
+            p.grad = g
+
+
+@contextlib.contextmanager
+def _checkpointing(model: nn.Module, enable: bool) -> Iterator[None]:
+    """Activation checkpointing (non-reentrant) for the pass; the model's own setting and mode are restored after.
+
+    Without checkpointing the pass runs in eval mode (no dropout); checkpointing only acts in training mode.
+    """
+    already = bool(getattr(model, "is_activation_checkpointing", False))
+    was_training = model.training
+    if not enable or already:
+        try:
+            model.train(already)
+            yield
+        finally:
+            model.train(was_training)
+        return
+    had_hooks = bool(getattr(model, "_require_grads_hooks", None)) or hasattr(model, "_require_grads_hook")
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    try:
+        yield
+    finally:
+        model.activation_checkpointing_disable()
+        if not had_hooks and hasattr(model, "disable_input_require_grads"):
+            model.disable_input_require_grads()
+        model.train(was_training)
+
+
+def _predicted_tokens(mask: torch.Tensor) -> int:
+    return int((mask[:, 1:].bool() & mask[:, :-1].bool()).sum())
+
+
+def _nll_sum(model: nn.Module, labels: torch.Tensor, mask: torch.Tensor, **inputs) -> torch.Tensor:
+    """Summed next-token NLL over positions where both the token and its predecessor are real."""
+    logits = model(attention_mask=mask, use_cache=False, **inputs).logits[:, :-1]
+    valid = mask[:, 1:].bool() & mask[:, :-1].bool()
+    target = labels[:, 1:].masked_fill(~valid, -100)
+    return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=-100,
+                           reduction="sum")
+
+
+def _views(batch: Batch, perturbed: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    key = "perturbed_input_ids" if perturbed else "input_ids"
+    ids = batch[key]
+    mask = batch.get("perturbed_attention_mask" if perturbed else "attention_mask")
+    return ids, (torch.ones_like(ids) if mask is None else mask)
+
+
+def gradient_pass(
+    model: nn.Module,
+    batches: Sequence[Batch],
+    params: Sequence[nn.Parameter],
+    difference: bool = False,
+    embedding_noise: EmbeddingNoise | None = None,
+    micro_batch_size: int | None = None,
+    gradient_checkpointing: bool = False,
+    progress: bool = True,
+) -> dict[int, torch.Tensor]:
+    """Gradients of the mean calibration loss w.r.t. ``params``, keyed by ``id(param)`` (fp32, on their device).
+
+    With ``difference`` the result is grad L(x) - grad L(x~): batches must carry ``perturbed_input_ids`` (and
+    ``perturbed_attention_mask``) unless ``embedding_noise`` is given, in which case x~ is the clean ids' embeddings
+    plus noise, scored against the clean next tokens. Each view's loss is the mean over its own predicted tokens.
+    """
+    model = unwrap_model(model)
+    ad = get_adapter(model)
+    device = next(model.parameters()).device
+    if not batches:
+        raise ValueError("no calibration batches were given; gradient criteria need at least one batch")
+    need_perturbed = difference and embedding_noise is None
+    if need_perturbed and any("perturbed_input_ids" not in b for b in batches):
+        raise ValueError(
+            "criterion 'pip' needs a perturbed view: batches with 'perturbed_input_ids' "
+            "(hf_prune.perturb.add_perturbed_views) or an EmbeddingNoise"
+        )
+    n_clean = sum(_predicted_tokens(_views(b, False)[1]) for b in batches)
+    n_pert = sum(_predicted_tokens(_views(b, True)[1]) for b in batches) if need_perturbed else n_clean
+    if n_clean == 0 or n_pert == 0:
+        raise ValueError("the calibration batches hold no predictable token (sequences need at least 2 real tokens)")
+
+    noise_calls = 0
+    with _gradients_only_for(model, params), _checkpointing(model, gradient_checkpointing), torch.enable_grad():
+        for batch in _progress(batches, len(batches), "gradients", progress):
+            rows = batch["input_ids"].shape[0]
+            step = micro_batch_size or rows
+            for s in range(0, rows, step):
+                ids, mask = (t[s : s + step].to(device) for t in _views(batch, False))
+                (_nll_sum(model, ids, mask, input_ids=ids) / n_clean).backward()
+                if not difference:
+                    continue
+                if embedding_noise is not None:
+                    with torch.no_grad():
+                        embeds = embedding_noise(ad.embed(ids), offset=noise_calls)
+                    noise_calls += 1
+                    loss = _nll_sum(model, ids, mask, inputs_embeds=embeds)
+                else:
+                    pids, pmask = (t[s : s + step].to(device) for t in _views(batch, True))
+                    loss = _nll_sum(model, pids, pmask, input_ids=pids)
+                (-loss / n_pert).backward()
+        return {id(p): (p.grad.detach().float() if p.grad is not None else torch.zeros_like(p, dtype=torch.float32))
+                for p in params}
+
+
+def compute_importance(
+    model: nn.Module,
+    batches: Sequence[Batch],
+    layers: Sequence[int],
+    criterion: str,
+    embedding_noise: EmbeddingNoise | None = None,
+    micro_batch_size: int | None = None,
+    gradient_checkpointing: bool = False,
+    memory_budget_gb: float | None = None,
+    progress: bool = True,
+) -> list[LayerImportance]:
+    """Scores of every head and channel of decoder layers ``layers`` under ``criterion`` (see module docstring).
+
+    For the gradient criteria the memory of the pass is estimated first and checked against ``memory_budget_gb``
+    (None: the device's free memory); InsufficientMemoryError is raised before any forward pass if it won't fit.
+    """
+    if criterion not in CRITERIA:
+        raise ValueError(f"criterion={criterion!r} is not valid; use one of {CRITERIA}")
+    if micro_batch_size is not None and micro_batch_size < 1:
+        raise ValueError(f"micro_batch_size={micro_batch_size} is not valid; use a positive integer or None")
+    model = unwrap_model(model)
+    ad = get_adapter(model)
+    params = scored_parameters(ad, layers)
+    grads: dict[int, torch.Tensor] = {}
+    if criterion != "magnitude":
+        batches = list(batches)
+        if not batches:
+            raise ValueError(f"criterion={criterion!r} needs calibration batches; none were given")
+        rows = max(b["input_ids"].shape[0] for b in batches)
+        seq_len = max(b["input_ids"].shape[1] for b in batches)
+        est = estimate_gradient_memory(model, min(micro_batch_size or rows, rows), seq_len, params,
+                                       gradient_checkpointing)
+        logger.info("%r gradient pass over %d batches needs about %s", criterion, len(batches), est)
+        check_memory(est, memory_budget_gb, what=f"{criterion!r} gradient pass")
+        grads = gradient_pass(model, batches, params, difference=criterion == "pip", embedding_noise=embedding_noise,
+                              micro_batch_size=micro_batch_size, gradient_checkpointing=gradient_checkpointing,
+                              progress=progress)
+    with torch.no_grad():
+        return [layer_importance(ad, i, criterion, grads) for i in layers]
