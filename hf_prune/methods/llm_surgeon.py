@@ -1,0 +1,722 @@
+"""LLM Surgeon (van der Ouderaa et al., "The LLM Surgeon", ICLR 2024, arXiv 2312.17244).
+
+Every nn.Linear of the decoder layers is pruned with a K-FAC approximation of the Fisher, F = G (x) A
+(hf_prune.kfac), on the augmented matrix W = [W | b] (R x C). Optimal-brain-surgeon costs of removing
+
+    element (i, j):  1/2 W_ij^2 / ([G^-1]_ii [A^-1]_jj)
+    row i:           1/2 (W A W^T)_ii / [G^-1]_ii
+    column j:        1/2 (W^T G W)_jj / [A^-1]_jj
+    2:4 block:       sum of its two cheapest element costs
+
+are pooled over all matrices of all layers and one global threshold removes the cheapest structures until the
+shot's parameter target is met (r rows and c columns of an R x C matrix remove rC + cR - rc parameters, so widths end
+up different per layer and matrix). The remaining weights get the correlated OBS update
+dw = -F^-1 E_Q ([F^-1]_QQ)^-1 w_Q. For rows R and columns K removed together this has the closed form
+
+    W'[keep_r, keep_c] = (G_rr)^-1 [G W A]_{keep_r, keep_c} (A_cc)^-1
+    (rows only, this is the paper's dW = -G^-1 E_R ([G^-1]_RR)^-1 W_R)
+
+(the exact joint solution: the gradient of 1/2 tr(dW^T G dW A) vanishes on the kept block); element and 2:4 sets solve
+the joint system with [G^-1] (x) [A^-1] restricted to the set, in chunks of `chunk_size` weights. Multi-shot: the
+target after shot t (1-based) is t * target / shots, with the curvature recomputed on the updated model every shot.
+
+Counting (structured, `compact=True`): a selected structure can kill coupled ones (a gate row silences its channel's
+up row and down column; the o_proj columns of a head its q/k rows), which surgery then removes too. The shot's count is
+therefore "removed by surgery or zero", and the cheapest-first prefix is the longest whose count stays within the
+target (bisection). With `compact=False` it is the paper's rC + cR - rc count.
+
+Baselines in the same code (`criterion`): "kobd" (K-OBD: the uncompensated cost 1/2 w_Q^T F_QQ w_Q, no update) and
+"magnitude" (1/2 ||w_Q||^2, no update, no data).
+
+A method never edits modules. `prune_step` returns a `SurgeonStep` (a PrunePlan plus new values for the changed
+parameters); `apply_updates(model, step)` writes the weights, then `hf_prune.surgery.apply(model, step.plan)` removes
+what can be removed physically: MLP channels whose gate row (act(0) = 0), up row or down column is zero, and attention
+heads whose o_proj columns or v_proj rows are zero, in whole grouped-query groups (equal query heads per kept kv
+head). Everything else stays as zeros in place, and `plan.provenance["zeros_per_matrix"]` counts them per matrix.
+
+    method = LLMSurgeon(target=0.2, shots=5, mode="structured")
+    for stage in range(method.stages):
+        plan = method.plan(model, batches, stage)   # scores and remembers the weight update
+        method.update(model)                        # writes the update (before surgery)
+        apply(model, plan)                          # physically smaller model
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Iterable
+
+import torch
+from torch import nn
+
+from ..arch import get_adapter, unwrap_model
+from ..kfac import collect_lm_kfac, damped, decoder_linears, factor_bytes
+from ..plan import PrunePlan
+from . import Batch, PruningMethod, register
+
+__all__ = [
+    "CRITERIA",
+    "MODES",
+    "LLMSurgeon",
+    "SurgeonStep",
+    "apply_updates",
+    "augmented_weight",
+    "block24_selection",
+    "element_costs",
+    "element_update",
+    "select_elements",
+    "select_structures",
+    "structured_costs",
+    "structured_update",
+]
+
+CRITERIA = ("surgeon", "kobd", "magnitude")
+MODES = ("structured", "2:4", "unstructured")
+DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Costs of one matrix (W is the augmented R x C' matrix; G, A damped; Ginv, Ainv their inverses)
+# ------------------------------------------------------------------------------------------------------------------
+
+
+def augmented_weight(lin: nn.Linear, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """[W | b] as one R x (C + has_bias) matrix in `dtype`."""
+    W = lin.weight.detach().to(dtype)
+    if lin.bias is not None:
+        W = torch.cat([W, lin.bias.detach().to(dtype)[:, None]], dim=1)
+    return W
+
+
+def structured_costs(W: torch.Tensor, criterion: str, G: torch.Tensor | None = None, A: torch.Tensor | None = None,
+                     Ginv: torch.Tensor | None = None, Ainv: torch.Tensor | None = None
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(row costs, column costs) of W.
+
+    surgeon (OBS):  row 1/2 (W A W^T)_ii / [G^-1]_ii,   column 1/2 (W^T G W)_jj / [A^-1]_jj
+    kobd (no update): row 1/2 (W A W^T)_ii G_ii,         column 1/2 (W^T G W)_jj A_jj
+    magnitude:       row 1/2 ||W_i.||^2,                 column 1/2 ||W_.j||^2
+    """
+    if criterion == "magnitude":
+        sq = W * W
+        return 0.5 * sq.sum(1), 0.5 * sq.sum(0)
+    wa = ((W @ A) * W).sum(1)
+    gw = ((G @ W) * W).sum(0)
+    if criterion == "surgeon":
+        return 0.5 * wa / Ginv.diagonal(), 0.5 * gw / Ainv.diagonal()
+    if criterion == "kobd":
+        return 0.5 * wa * G.diagonal(), 0.5 * gw * A.diagonal()
+    raise ValueError(f"criterion={criterion!r}; valid: {CRITERIA}")
+
+
+def element_costs(W: torch.Tensor, criterion: str, G: torch.Tensor | None = None, A: torch.Tensor | None = None,
+                  Ginv: torch.Tensor | None = None, Ainv: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-weight costs: surgeon 1/2 W_ij^2 / ([G^-1]_ii [A^-1]_jj); kobd 1/2 W_ij^2 G_ii A_jj; magnitude 1/2 W_ij^2."""
+    sq = 0.5 * W * W
+    if criterion == "magnitude":
+        return sq
+    if criterion == "surgeon":
+        return sq / torch.outer(Ginv.diagonal(), Ainv.diagonal())
+    if criterion == "kobd":
+        return sq * torch.outer(G.diagonal(), A.diagonal())
+    raise ValueError(f"criterion={criterion!r}; valid: {CRITERIA}")
+
+
+def block24_selection(costs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """For an R x C cost matrix (C divisible by 4): (block costs R x C/4 = sum of the two cheapest of each group of
+    four consecutive inputs, R x C bool mask of those two cheapest)."""
+    R, C = costs.shape
+    blocks = costs.reshape(R, C // 4, 4)
+    order = torch.argsort(blocks, dim=-1, stable=True)[..., :2]
+    cheapest = torch.zeros_like(blocks, dtype=torch.bool).scatter_(-1, order, True)
+    return torch.gather(blocks, -1, order).sum(-1), cheapest.reshape(R, C)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Global selection
+# ------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class StructurePool:
+    """Row and column costs of all matrices pooled and sorted; `total[k-1]` is the parameter count removed by the
+    k cheapest structures (a matrix of R rows and C columns with r rows and c columns removed loses rC + cR - rc)."""
+
+    costs: torch.Tensor
+    order: torch.Tensor
+    total: torch.Tensor
+    n_rows: list[int]
+    n_cols: list[int]
+
+    def prefix_for(self, target: int) -> int:
+        """The largest k whose removed count stays <= target."""
+        return int(torch.searchsorted(self.total, torch.tensor([int(target)]), right=True).item())
+
+    def masks(self, k: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """(row masks, column masks) of the k cheapest structures."""
+        sel = torch.zeros(self.costs.numel(), dtype=torch.bool)
+        sel[self.order[:k]] = True
+        rows, cols, pos = [], [], 0
+        for R, C in zip(self.n_rows, self.n_cols):
+            rows.append(sel[pos:pos + R])
+            cols.append(sel[pos + R:pos + R + C])
+            pos += R + C
+        return rows, cols
+
+    def threshold(self, k: int) -> float:
+        return float(self.costs[self.order[k - 1]]) if k else float("-inf")
+
+
+def structure_pool(row_costs: list[torch.Tensor], col_costs: list[torch.Tensor]) -> StructurePool:
+    """Pool row and column costs of all matrices (one global order; ties broken by position)."""
+    costs, mat, is_row, n_rows, n_cols = [], [], [], [], []
+    for m, (rc, cc) in enumerate(zip(row_costs, col_costs)):
+        R, C = rc.numel(), cc.numel()
+        n_rows.append(R)
+        n_cols.append(C)
+        costs += [rc.float().cpu(), cc.float().cpu()]
+        mat.append(torch.full((R + C,), m, dtype=torch.long))
+        is_row.append(torch.cat([torch.ones(R, dtype=torch.bool), torch.zeros(C, dtype=torch.bool)]))
+    costs, mat, is_row = torch.cat(costs), torch.cat(mat), torch.cat(is_row)
+    order = torch.argsort(costs, stable=True)
+    mid, isr = mat[order], is_row[order]
+    # rows / columns of the same matrix earlier in the order: group by matrix, keeping the order inside groups
+    grp = torch.argsort(mid, stable=True)
+    g_mid, g_isr = mid[grp], isr[grp].long()
+    _, counts = torch.unique_consecutive(g_mid, return_counts=True)
+    starts = torch.cumsum(counts, 0) - counts
+    excl_r = torch.cumsum(g_isr, 0) - g_isr
+    excl_c = torch.cumsum(1 - g_isr, 0) - (1 - g_isr)
+    r_before, c_before = torch.empty_like(excl_r), torch.empty_like(excl_c)
+    r_before[grp] = excl_r - excl_r[starts].repeat_interleave(counts)
+    c_before[grp] = excl_c - excl_c[starts].repeat_interleave(counts)
+    gain = torch.where(isr, torch.tensor(n_cols)[mid] - c_before, torch.tensor(n_rows)[mid] - r_before)
+    return StructurePool(costs, order, torch.cumsum(gain, 0), n_rows, n_cols)
+
+
+def select_structures(row_costs: list[torch.Tensor], col_costs: list[torch.Tensor], target: int
+                      ) -> tuple[list[torch.Tensor], list[torch.Tensor], int, float]:
+    """Remove the cheapest rows and columns pooled over all matrices, in order, while the removed parameter count
+    (overlap counted once) stays <= `target`. Returns (row masks, column masks, parameters removed, threshold)."""
+    pool = structure_pool(row_costs, col_costs)
+    k = pool.prefix_for(target)
+    rows, cols = pool.masks(k)
+    return rows, cols, int(pool.total[k - 1]) if k else 0, pool.threshold(k)
+
+
+def select_elements(costs: list[torch.Tensor], target: int) -> tuple[list[torch.Tensor], float]:
+    """Masks of the `target` cheapest entries pooled over all tensors (ties broken by position). Returns (masks,
+    threshold)."""
+    flat = torch.cat([c.reshape(-1).float().cpu() for c in costs])
+    n = flat.numel()
+    target = max(0, min(int(target), n))
+    if target == 0:
+        return [torch.zeros_like(c, dtype=torch.bool) for c in costs], float("-inf")
+    thr = float(torch.kthvalue(flat, target).values)
+    sel = flat < thr
+    need = target - int(sel.sum())
+    if need > 0:
+        ties = torch.nonzero(flat == thr).flatten()[:need]
+        sel[ties] = True
+    masks, pos = [], 0
+    for c in costs:
+        masks.append(sel[pos:pos + c.numel()].reshape(c.shape).to(c.device))
+        pos += c.numel()
+    return masks, thr
+
+
+def _largest_prefix(count, target: int, hi: int) -> int:
+    """Largest k in [0, hi] with count(k) <= target, for a nondecreasing count (binary search)."""
+    lo = 0
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if count(mid) <= target:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Correlated OBS updates
+# ------------------------------------------------------------------------------------------------------------------
+
+
+def _chol(M: torch.Tensor) -> torch.Tensor:
+    """Cholesky factor of a damped curvature block; a float32 failure is retried in float64."""
+    L, info = torch.linalg.cholesky_ex(M)
+    if int(info) != 0 and M.dtype != torch.float64:
+        L, info = torch.linalg.cholesky_ex(M.double())
+        L = L.to(M.dtype)
+    if int(info) != 0:
+        raise ValueError(f"curvature block of size {M.shape[0]} is not positive definite; use a larger damping")
+    return L
+
+
+def structured_update(W: torch.Tensor, G: torch.Tensor, A: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor
+                      ) -> torch.Tensor:
+    """Exact OBS removal of rows `rows` and columns `cols` (bool masks) of W under F = G (x) A:
+    W'[kr, kc] = G[kr, kr]^-1 (G W A)[kr, kc] A[kc, kc]^-1, zero on the removed rows and columns."""
+    kr, kc = ~rows, ~cols
+    out = torch.zeros_like(W)
+    if not bool(kr.any()) or not bool(kc.any()):
+        return out
+    M = (G[kr] @ W) @ A[:, kc]
+    X = torch.cholesky_solve(M, _chol(G[kr][:, kr]))
+    X = torch.cholesky_solve(X.T, _chol(A[kc][:, kc])).T
+    out[torch.nonzero(kr).flatten()[:, None], torch.nonzero(kc).flatten()[None, :]] = X
+    return out
+
+
+def element_update(W: torch.Tensor, Ginv: torch.Tensor, Ainv: torch.Tensor, mask: torch.Tensor,
+                   chunk_size: int = 2000) -> torch.Tensor:
+    """OBS removal of the weights in `mask`: chunk by chunk (row-major order, `chunk_size` weights each),
+    dW = -Ginv E_Q ([Ginv]_rr * [Ainv]_cc)^-1 w_Q  (the Kronecker inverse restricted to the chunk), applied to the
+    running W; every masked weight is zero at the end. One chunk holding the whole mask is the exact joint solution."""
+    W = W.clone()
+    idx = torch.nonzero(mask)
+    for s in range(0, idx.shape[0], chunk_size):
+        r, c = idx[s:s + chunk_size].unbind(1)
+        K = Ginv[r][:, r] * Ainv[c][:, c]
+        lam = torch.cholesky_solve(W[r, c][:, None], _chol(K)).squeeze(1)
+        rows, local = torch.unique(r, return_inverse=True)
+        Mat = torch.zeros(rows.numel(), W.shape[1], dtype=W.dtype, device=W.device)
+        Mat.index_put_((local, c), lam, accumulate=True)
+        W -= Ginv[:, rows] @ (Mat @ Ainv)
+        W[r, c] = 0
+    W[mask] = 0
+    return W
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# From zeros to a plan
+# ------------------------------------------------------------------------------------------------------------------
+
+
+def _zero_rows(W: torch.Tensor) -> torch.Tensor:
+    return ~W.bool().any(1)
+
+
+def _zero_cols(W: torch.Tensor) -> torch.Tensor:
+    return ~W.bool().any(0)
+
+
+def _act_zero_at_zero(mlp_module: nn.Module) -> bool:
+    act = getattr(mlp_module, "act_fn", None)
+    if act is None:
+        return False
+    try:
+        return float(act(torch.zeros(1))) == 0.0
+    except Exception:
+        return False
+
+
+@dataclass
+class _Compaction:
+    """Structures surgery can remove (kept indices, only for layers that lose something) and per-matrix counts."""
+
+    heads: dict[int, list[int]]
+    kv_heads: dict[int, list[int]]
+    mlp_channels: dict[int, list[int]]
+    counts: dict[str, dict[str, int]]
+
+    @property
+    def removed_or_zero(self) -> int:
+        return sum(c["removed"] + c["zeros_left"] for c in self.counts.values())
+
+
+def compaction(model: nn.Module, names: dict[int, dict[str, str]], zero_rows: dict[str, torch.Tensor],
+               zero_cols: dict[str, torch.Tensor], weights: dict[str, torch.Tensor] | None = None,
+               compact: bool = True) -> _Compaction:
+    """Dead structures of every layer given the zero rows / columns of each augmented matrix (by module name).
+
+    An MLP channel is dead when its down_proj column, its up_proj row, or (act(0) = 0) its gate_proj row is zero; a
+    query head when its o_proj columns or the v_proj rows of its kv head are zero. A kv head goes when all its query
+    heads are dead; kept kv groups keep equally many query heads (dead ones fill up groups with more live heads).
+    Counts per matrix: "removed" (parameters surgery removes), "zeros_left" (zeros in what it keeps; exact from
+    `weights` when given, else rows x columns arithmetic) and "zeros" (before surgery).
+    """
+    ad = get_adapter(model)
+    heads, kv_heads, channels, counts = {}, {}, {}, {}
+    for i in range(ad.num_layers):
+        a, m = ad.attention(i), ad.mlp(i)
+        n = names[i]
+        zr = {k: zero_rows[v] for k, v in n.items()}
+        zc = {k: zero_cols[v] for k, v in n.items()}
+        for k in n:  # a matrix with every column removed has every row zero, and the other way round
+            if bool(zc[k].all()) or bool(zr[k].all()):
+                zr[k], zc[k] = torch.ones_like(zr[k]), torch.ones_like(zc[k])
+        keep_rows = {k: torch.ones_like(v) for k, v in zr.items()}
+        keep_cols = {k: torch.ones_like(v) for k, v in zc.items()}
+        if compact:
+            # ----- MLP channels: the channel's output is zero if any of its three pieces is zero
+            I = m.intermediate_size
+            dead = zc["down_proj"][:I] | zr["up_proj"]
+            if "gate_proj" in zr and _act_zero_at_zero(m.module):
+                dead = dead | zr["gate_proj"]
+            if bool(dead.all()):
+                dead = dead.clone()
+                dead[0] = False  # a layer keeps at least one channel (validate); it stays zero
+            if bool(dead.any()):
+                channels[i] = torch.nonzero(~dead).flatten().tolist()
+                for k in ("gate_proj", "up_proj"):
+                    if k in zr:
+                        keep_rows[k] = ~dead
+                keep_cols["down_proj"] = keep_cols["down_proj"].clone()
+                keep_cols["down_proj"][:I] = ~dead
+            # ----- attention heads: zero o_proj columns of a head, or zero v_proj rows of its kv head
+            hd, nq, nkv, g = a.head_dim, a.num_heads, a.num_kv_heads, a.group_size
+            v_dead = zr["v_proj"].reshape(nkv, hd).all(1)
+            o_dead = zc["o_proj"][: nq * hd].reshape(nq, hd).all(1)
+            live = (~(o_dead | v_dead.repeat_interleave(g))).reshape(nkv, g).cpu()
+            kv_keep = [k for k in range(nkv) if bool(live[k].any())] or [0]
+            per_group = max(1, max(int(live[k].sum()) for k in kv_keep))
+            q_keep = []
+            for k in kv_keep:
+                order = sorted(range(g), key=lambda j: (not bool(live[k, j]), j))  # live heads first, then dead
+                q_keep += sorted(k * g + j for j in order[:per_group])
+            if len(q_keep) < nq:
+                heads[i], kv_heads[i] = q_keep, kv_keep
+                qmask = torch.zeros(nq, dtype=torch.bool)
+                qmask[q_keep] = True
+                kvmask = torch.zeros(nkv, dtype=torch.bool)
+                kvmask[kv_keep] = True
+                qrows, kvrows = qmask.repeat_interleave(hd), kvmask.repeat_interleave(hd)
+                dev = zr["q_proj"].device
+                keep_rows["q_proj"], keep_rows["k_proj"], keep_rows["v_proj"] = qrows.to(dev), kvrows.to(dev), \
+                    kvrows.to(dev)
+                keep_cols["o_proj"] = keep_cols["o_proj"].clone()
+                keep_cols["o_proj"][: nq * hd] = qrows.to(dev)
+        for k, v in n.items():
+            R, C = zr[k].numel(), zc[k].numel()
+            kr, kc = keep_rows[k], keep_cols[k]
+            nr, nc = int(kr.sum()), int(kc.sum())
+            if weights is not None:
+                w = weights[v]
+                zeros = int((w == 0).sum())
+                left = int((w[kr][:, kc] == 0).sum())
+            else:
+                zeros = int(zr[k].sum()) * C + int(zc[k].sum()) * R - int(zr[k].sum()) * int(zc[k].sum())
+                a_, b_ = int((zr[k] & kr).sum()), int((zc[k] & kc).sum())
+                left = a_ * nc + b_ * nr - a_ * b_
+            counts[f"layers.{i}.{k}"] = {"zeros": zeros, "removed": R * C - nr * nc, "zeros_left": left}
+    return _Compaction(heads, kv_heads, channels, counts)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# The weight update object and its application
+# ------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class SurgeonStep:
+    """One shot of LLM Surgeon: what to remove (`plan`) and the new values of the parameters it changed
+    (`updates`: parameter name in the unwrapped model -> tensor of the parameter's current shape). Apply with
+    `apply_updates(model, step)` and then `hf_prune.surgery.apply(model, step.plan)`."""
+
+    plan: PrunePlan
+    updates: dict[str, torch.Tensor]
+    stats: dict[str, Any] = field(default_factory=dict)
+
+
+def apply_updates(model: nn.Module, step: SurgeonStep | dict[str, torch.Tensor]) -> None:
+    """Copy the new parameter values of `step` into `model` (in place, no shape change). Raises naming the parameter
+    when a name is missing or a shape differs (e.g. the model was already compacted by another plan)."""
+    updates = step.updates if isinstance(step, SurgeonStep) else step
+    params = dict(unwrap_model(model).named_parameters())
+    for name, new in updates.items():
+        if name not in params:
+            raise KeyError(f"update names parameter {name!r}, which the model does not have")
+        if params[name].shape != new.shape:
+            raise ValueError(
+                f"update for {name} has shape {tuple(new.shape)} but the parameter has {tuple(params[name].shape)}; "
+                "apply the update before the plan's surgery, on the model it was computed for"
+            )
+    with torch.no_grad():
+        for name, new in updates.items():
+            params[name].copy_(new.to(device=params[name].device, dtype=params[name].dtype))
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# The method
+# ------------------------------------------------------------------------------------------------------------------
+
+
+@register("llm_surgeon")
+@dataclass
+class LLMSurgeon(PruningMethod):
+    """LLM Surgeon: K-FAC OBS pruning of every decoder nn.Linear with a global threshold and multi-shot schedule
+    (van der Ouderaa et al., ICLR 2024). Each shot is one stage: `plan(model, batches, stage)`, then `update(model)`,
+    then `surgery.apply(model, plan)`."""
+
+    target: float = field(default=0.2, metadata={"help": "Fraction of the decoder's linear-layer parameters "
+                                                           "(weights and biases) removed after the last shot."})
+    shots: int = field(default=5, metadata={"help": "Number of shots T; the target after shot t is t * target / T, "
+                                                     "with the curvature recomputed every shot (paper: 40)."})
+    mode: str = field(default="structured", metadata={"help": f"What is removed: one of {MODES}."})
+    criterion: str = field(default="surgeon", metadata={
+        "help": "surgeon (OBS costs + correlated updates), kobd (K-OBD: uncompensated cost, no update) or "
+                "magnitude (1/2 ||w||^2, no update, no calibration data)."})
+    damping_g: float | None = field(default=None, metadata={
+        "help": "Damping of G relative to its mean diagonal; None: 0.01 structured, 0.1 for 2:4 and unstructured."})
+    damping_a: float = field(default=0.01, metadata={"help": "Damping of A relative to its mean diagonal."})
+    fisher: str = field(default="empirical", metadata={
+        "help": "empirical (dataset labels) or sampled (labels drawn from the model: the true Fisher)."})
+    chunk_size: int = field(default=2000, metadata={
+        "help": "Weights solved jointly per chunk in the element / 2:4 update (cost ~ chunk_size^2 per weight)."})
+    compute_dtype: str = field(default="float64", metadata={"help": "dtype of the curvature algebra: float64 or "
+                                                                    "float32."})
+    factor_device: str = field(default="auto", metadata={
+        "help": "Where K-FAC factors live: auto (the model's device when they fit, else cpu), cpu, or a device."})
+    compact: bool = field(default=True, metadata={
+        "help": "Put dead MLP channels and attention head groups into the plan (physically removed by surgery). "
+                "Never done in 2:4 mode, where removing a column would break the pattern."})
+    reference_numel: int | None = field(default=None, metadata={
+        "help": "Prunable parameters of the dense model the target refers to; None: counted at stage 0. Set it "
+                "when resuming a multi-shot run at a later stage."})
+    verbose: bool = field(default=True, metadata={"help": "Print progress and memory estimates."})
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"mode={self.mode!r}; valid: {MODES}")
+        if self.criterion not in CRITERIA:
+            raise ValueError(f"criterion={self.criterion!r}; valid: {CRITERIA}")
+        hi = 0.5 if self.mode == "2:4" else 1.0
+        if not 0.0 < self.target <= hi:
+            raise ValueError(f"target={self.target} for mode {self.mode!r}; valid: 0 < target <= {hi}")
+        if self.shots < 1:
+            raise ValueError(f"shots={self.shots}; need at least 1")
+        if self.compute_dtype not in DTYPES:
+            raise ValueError(f"compute_dtype={self.compute_dtype!r}; valid: {sorted(DTYPES)}")
+        if self.chunk_size < 1:
+            raise ValueError(f"chunk_size={self.chunk_size}; need at least 1")
+        self.pending: SurgeonStep | None = None
+
+    @property
+    def stages(self) -> int:
+        return self.shots
+
+    @property
+    def damping(self) -> tuple[float, float]:
+        g = self.damping_g if self.damping_g is not None else (0.01 if self.mode == "structured" else 0.1)
+        return g, self.damping_a
+
+    def _log(self, msg: str) -> None:
+        if self.verbose:
+            print(f"[llm_surgeon] {msg}", flush=True)
+
+    # ----- PruningMethod interface --------------------------------------------------------------
+    def plan(self, model: nn.Module, batches: Iterable[Batch], stage: int = 0) -> PrunePlan:
+        """Score the model for shot `stage` and return its PrunePlan; the weight update is kept in `self.pending`
+        for `update(model)`, which must run before the plan's surgery."""
+        self.pending = self.prune_step(model, batches, stage)
+        return self.pending.plan
+
+    def update(self, model: nn.Module) -> None:
+        """Write the weight update of the last `plan()` into `model` (call before `surgery.apply`)."""
+        if self.pending is None:
+            raise RuntimeError("LLMSurgeon.update() needs a pending step: call plan(model, batches, stage) first")
+        apply_updates(model, self.pending)
+        self.pending = None
+
+    # ----- one shot --------------------------------------------------------------------------------
+    def prunable_numel(self, linears: dict[str, nn.Linear]) -> int:
+        """Parameters the target refers to: weights and biases (weights only in 2:4 mode)."""
+        bias = self.mode != "2:4"
+        return sum(l.weight.numel() + (l.bias.numel() if bias and l.bias is not None else 0) for l in linears.values())
+
+    def prune_step(self, model: nn.Module, batches: Iterable[Batch], stage: int = 0) -> SurgeonStep:
+        """Shot `stage` (0-based): curvature, costs, global threshold, updates, compaction. Does not touch the model's
+        weights or shapes."""
+        if not 0 <= stage < self.shots:
+            raise ValueError(f"stage={stage}; valid stages are 0..{self.shots - 1} (shots={self.shots})")
+        t0 = time.perf_counter()
+        model = unwrap_model(model)
+        ad = get_adapter(model)
+        dtype = DTYPES[self.compute_dtype]
+        linears = decoder_linears(model)
+        param_names = {id(lin): name for name, lin in linears.items()}
+        current = self.prunable_numel(linears)
+        if stage == 0 and self.reference_numel is None:
+            self.reference_numel = current
+            self._auto_reference = True
+        elif stage == 0 and getattr(self, "_auto_reference", False):
+            self.reference_numel = current
+        if self.reference_numel is None:
+            raise ValueError(
+                f"stage={stage} > 0 but reference_numel is unknown; run stage 0 first on the dense model or set "
+                "reference_numel to the dense model's prunable parameter count"
+            )
+        fraction = (stage + 1) * self.target / self.shots
+        goal = round(fraction * self.reference_numel)
+        already = self.reference_numel - current  # removed physically by earlier shots
+        want = max(0, goal - already)
+        self._log(f"shot {stage + 1}/{self.shots}: {self.mode} {self.criterion}, target {fraction:.4f} of "
+                  f"{self.reference_numel:,} -> remove {want:,} of the current {current:,}")
+
+        factors = None
+        if self.criterion != "magnitude":
+            batches = list(batches)
+            factors = collect_lm_kfac(model, batches, fisher=self.fisher, factor_device=self.factor_device,
+                                      seed=self.seed + stage, linears=linears, progress=self.verbose, log=self._log)
+        n_tokens = next(iter(factors.values())).n_tokens if factors else 0
+        t_curv = time.perf_counter()
+        dev = next(model.parameters()).device
+        lam_g, lam_a = self.damping
+
+        def curvature(name: str):
+            f = factors[name]
+            G = damped(f.G.to(dev, dtype), lam_g)
+            A = damped(f.A.to(dev, dtype), lam_a)
+            return G, A
+
+        def inverses(G, A):
+            return torch.cholesky_inverse(_chol(G)), torch.cholesky_inverse(_chol(A))
+
+        # ----- costs of every matrix
+        names = list(linears)
+        row_c, col_c, elem_c, block_sel = [], [], [], []
+        cached_inverses: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # element updates reuse them
+        keep_inverses = self.mode != "structured" and self.criterion == "surgeon"
+        if keep_inverses:
+            self._log(f"element updates keep the damped inverses in place of the factors: "
+                      f"{factor_bytes(linears, dtype) / 2**30:.2f} GiB ({self.compute_dtype})")
+        for name in self._progress(names, "costs"):
+            W = augmented_weight(linears[name], dtype).to(dev)
+            G = A = Ginv = Ainv = None
+            if factors is not None:
+                G, A = curvature(name)
+                if self.criterion == "surgeon":
+                    Ginv, Ainv = inverses(G, A)
+                    if keep_inverses:  # the inverses replace the factors until the update pass
+                        place = factors.pop(name).G.device
+                        cached_inverses[name] = (Ginv.to(place), Ainv.to(place))
+            if self.mode == "structured":
+                r, c = structured_costs(W, self.criterion, G, A, Ginv, Ainv)
+                row_c.append(r.float())
+                col_c.append(c.float())
+            else:
+                e = element_costs(W, self.criterion, G, A, Ginv, Ainv).float()
+                if self.mode == "2:4":
+                    C = linears[name].in_features
+                    if C % 4:
+                        raise ValueError(f"{name} has {C} inputs, not a multiple of 4: 2:4 sparsity is impossible")
+                    bc, cheapest = block24_selection(e[:, :C])
+                    elem_c.append(bc)
+                    block_sel.append(cheapest)
+                else:
+                    elem_c.append(e)
+
+        # ----- global threshold
+        layer_names = {i: {short: param_names[id(lin)] for short, lin in ad.linears(i)}
+                       for i in range(ad.num_layers)}
+        compact = self.compact and self.mode != "2:4"
+        if self.mode == "structured":
+            pool = structure_pool(row_c, col_c)
+            k = pool.prefix_for(want)
+            if compact:  # count what surgery removes with the selected structures (coupled pieces die with them)
+                k = _largest_prefix(lambda j: self._removed_or_zero(model, pool, j, names, layer_names), want, k)
+            rows, cols = pool.masks(k)
+            removed, thr = int(pool.total[k - 1]) if k else 0, pool.threshold(k)
+            masks = None
+        elif self.mode == "2:4":
+            sel, thr = select_elements(elem_c, want // 2)
+            masks = []
+            for name, s, cheapest in zip(names, sel, block_sel):
+                mk = cheapest & s.repeat_interleave(4, dim=1)
+                if linears[name].bias is not None:
+                    mk = torch.cat([mk, torch.zeros_like(mk[:, :1])], dim=1)
+                masks.append(mk)
+            removed = 2 * sum(int(s.sum()) for s in sel)
+        else:
+            masks, thr = select_elements(elem_c, want)
+            removed = sum(int(m.sum()) for m in masks)
+        del row_c, col_c, elem_c, block_sel
+        self._log(f"threshold {thr:.4g}: {removed:,} parameters selected "
+                  f"({(removed + already) / self.reference_numel:.4f} of the reference)")
+
+        # ----- updates
+        weights: dict[str, torch.Tensor] = {}
+        for k, name in enumerate(self._progress(names, "updates")):
+            lin = linears[name]
+            W = augmented_weight(lin, dtype).to(dev)
+            if self.mode == "structured":
+                r, c = rows[k].to(dev), cols[k].to(dev)
+                if not (bool(r.any()) or bool(c.any())):
+                    weights[name] = W
+                    continue
+                if self.criterion == "surgeon":
+                    G, A = curvature(name)
+                    W = structured_update(W, G, A, r, c)
+                else:
+                    W[r] = 0
+                    W[:, c] = 0
+            else:
+                mk = masks[k].to(dev)
+                if not bool(mk.any()):
+                    weights[name] = W
+                    continue
+                if self.criterion == "surgeon":
+                    Ginv, Ainv = (x.to(dev) for x in cached_inverses.pop(name))
+                    W = element_update(W, Ginv, Ainv, mk, self.chunk_size)
+                else:
+                    W = torch.where(mk, torch.zeros_like(W), W)
+            weights[name] = W
+        t_upd = time.perf_counter()
+
+        # ----- plan: what surgery can remove physically
+        comp = compaction(model, layer_names, {n: _zero_rows(w) for n, w in weights.items()},
+                          {n: _zero_cols(w) for n, w in weights.items()}, weights=weights, compact=compact)
+        heads, kv_heads, channels, counts = comp.heads, comp.kv_heads, comp.mlp_channels, comp.counts
+        updates: dict[str, torch.Tensor] = {}
+        store = torch.device("cpu") if self.factor_device == "cpu" else dev
+        for name, W in weights.items():
+            lin = linears[name]
+            C = lin.in_features
+            updates[f"{name}.weight"] = W[:, :C].to(store, lin.weight.dtype)
+            if lin.bias is not None:
+                updates[f"{name}.bias"] = W[:, C].to(store, lin.bias.dtype).contiguous()
+        zeros = sum(c["zeros"] for c in counts.values())
+        effective = comp.removed_or_zero
+        compacted = sum(c["removed"] for c in counts.values())
+        left = sum(c["zeros_left"] for c in counts.values())
+        t_end = time.perf_counter()
+        stats = {
+            "stage": stage,
+            "target_fraction": fraction,
+            "threshold": thr,
+            "selected": removed,
+            "removed_before": already,
+            "removed_fraction": (effective + already) / self.reference_numel,
+            "zeros": zeros,
+            "compacted": compacted,
+            "zeros_left": left,
+            "calibration_tokens": n_tokens,
+            "seconds_curvature": t_curv - t0,
+            "seconds_update": t_upd - t_curv,
+            "seconds_total": t_end - t0,
+        }
+        plan = PrunePlan(heads=heads, kv_heads=kv_heads, mlp_channels=channels, provenance={
+            "method": "llm_surgeon",
+            "config": self.config_dict(),
+            "reference_numel": self.reference_numel,
+            **{k: v for k, v in stats.items() if not k.startswith("seconds")},
+            "note": "zeros_left: zeroed parameters that surgery cannot remove (rows/columns of the residual stream, "
+                    "q/k rows, partial heads, 2:4 and unstructured zeros); they stay as zeros in the weights",
+            "zeros_per_matrix": counts,
+        })
+        self._log(f"shot {stage + 1} done in {t_end - t0:.1f}s (curvature {t_curv - t0:.1f}s): removed or zero "
+                  f"{stats['removed_fraction']:.4f} of the reference, compacted now {compacted:,}, zeros left {left:,}")
+        return SurgeonStep(plan=plan, updates=updates, stats=stats)
+
+    def _removed_or_zero(self, model, pool: StructurePool, k: int, names: list[str],
+                         layer_names: dict[int, dict[str, str]]) -> int:
+        rows, cols = pool.masks(k)
+        comp = compaction(model, layer_names, dict(zip(names, rows)), dict(zip(names, cols)))
+        return comp.removed_or_zero
+
+    def _progress(self, items, desc: str):
+        from tqdm.auto import tqdm
+
+        return tqdm(items, desc=desc, disable=not self.verbose, leave=False)
