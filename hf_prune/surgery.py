@@ -212,3 +212,99 @@ def predicted_num_parameters(model: nn.Module, plan: PrunePlan) -> int:
                 per += m.gate_proj.in_features + (m.gate_proj.bias is not None)
             removed += dc * per
     return total - removed
+
+
+# ======================================================================================================================
+# Residual-stream slicing (SliceGPT, Dynamic Slicing). Additive section: the functions above are untouched.
+# ======================================================================================================================
+
+
+def _keep_leading_cols(lin: nn.Linear, d: int) -> nn.Linear:
+    return lin if lin.in_features == d else _select_cols(lin, torch.arange(d))
+
+
+def _keep_leading_rows(lin: nn.Linear, d: int) -> nn.Linear:
+    return lin if lin.out_features == d else _select_rows(lin, torch.arange(d))
+
+
+def _slicing_dims(model: nn.Module, widths) -> list[int]:
+    if isinstance(widths, PrunePlan):
+        rw = widths.residual_widths or {}
+        if "residual_dims" not in rw:
+            raise ValueError(
+                "the plan has no residual_widths['residual_dims']; it was not made by a slicing method "
+                f"(residual_widths={rw!r})"
+            )
+        widths = rw["residual_dims"]
+    return [int(d) for d in widths]
+
+
+def apply_slicing(model: nn.Module, widths) -> nn.Module:
+    """Slice the residual stream of a rotation-invariant model (hf_prune.rotation) to per-slot widths, in place.
+
+    `widths` is a PrunePlan from a slicing method (its `residual_widths["residual_dims"]`) or the list of 2L + 1
+    slot widths itself. Every slot keeps its LEADING dims (after a PCA rotation: the principal ones): readers keep
+    their first d_s input columns, writers their first d_s output rows, the embedding its first d_0 columns, each
+    shortcut matrix its leading d_src x d_dst block. Widths can only shrink. Returns the (unwrapped) model, whose
+    config records the widths; save_pretrained writes the Sliced* config and code files.
+    """
+    from .rotation import _attn_writer, _mlp_writer, _require_invariant, num_slots, slot_widths
+
+    model = _require_invariant(model)
+    dims = _slicing_dims(model, widths)
+    n = num_slots(model)
+    if len(dims) != n:
+        raise ValueError(f"{len(dims)} widths given; this model has {n} residual slots (2 * num_layers + 1)")
+    current = slot_widths(model)
+    bad = {s: (d, c) for s, (d, c) in enumerate(zip(dims, current)) if not 1 <= d <= c}
+    if bad:
+        raise ValueError(f"widths must be between 1 and the current width; slot: (asked, current) = {bad}")
+    backbone = model.model
+    emb = backbone.embed_tokens
+    if emb.weight.shape[1] != dims[0]:
+        with torch.no_grad():
+            emb.weight = nn.Parameter(emb.weight[:, : dims[0]].clone(), requires_grad=emb.weight.requires_grad)
+        emb.embedding_dim = dims[0]
+    for i, layer in enumerate(backbone.layers):
+        d_in, d_mid, d_out = dims[2 * i], dims[2 * i + 1], dims[2 * i + 2]
+        attn, mlp = layer.self_attn, layer.mlp
+        attn.q_proj = _keep_leading_cols(attn.q_proj, d_in)
+        attn.k_proj = _keep_leading_cols(attn.k_proj, d_in)
+        attn.v_proj = _keep_leading_cols(attn.v_proj, d_in)
+        if getattr(mlp, "gate_proj", None) is not None:
+            mlp.gate_proj = _keep_leading_cols(mlp.gate_proj, d_mid)
+        mlp.up_proj = _keep_leading_cols(mlp.up_proj, d_mid)
+        if layer.sandwich_norms:
+            layer.post_attention_layernorm.proj = _keep_leading_rows(_attn_writer(layer), d_mid)
+            layer.post_feedforward_layernorm.proj = _keep_leading_rows(_mlp_writer(layer), d_out)
+        else:
+            attn.o_proj = _keep_leading_rows(attn.o_proj, d_mid)
+            mlp.down_proj = _keep_leading_rows(mlp.down_proj, d_out)
+        for attr, (a, b) in (("attn_shortcut", (d_in, d_mid)), ("mlp_shortcut", (d_mid, d_out))):
+            sc = getattr(layer, attr)
+            if sc is not None:
+                setattr(layer, attr, _keep_leading_rows(_keep_leading_cols(sc, a), b))
+    head_in = dims[-1]
+    if model.config.head_projection:
+        backbone.norm.proj = _keep_leading_rows(_keep_leading_cols(backbone.norm.proj, head_in), dims[0])
+        model.lm_head.weight = emb.weight  # tied: the head is the sliced embedding
+        model.lm_head.in_features = dims[0]
+    else:
+        model.lm_head = _keep_leading_cols(model.lm_head, head_in)
+    model.config.residual_dims = dims
+    return model
+
+
+def sliced_num_parameters(model: nn.Module) -> dict[str, int]:
+    """Parameter count of a (sliced) model split into parts: total (tied tensors once), shortcuts (residual
+    shortcut matrices), projections (tied-head and Gemma post-norm projections), head (an untied lm_head)."""
+    model = unwrap_model(model)
+    total = sum(p.numel() for p in model.parameters())
+    shortcut = projections = 0
+    for name, p in model.named_parameters():
+        if "_shortcut." in name:
+            shortcut += p.numel()
+        elif name.endswith("norm.proj.weight"):
+            projections += p.numel()
+    head = 0 if getattr(model.config, "tie_word_embeddings", False) else model.lm_head.weight.numel()
+    return {"total": total, "shortcuts": shortcut, "projections": projections, "untied_head": head}

@@ -15,3 +15,13 @@ for _family, _cfg in PRUNED_CONFIGS.items():
     AutoModelForCausalLM.register(_cfg, PRUNED_MODELS[_family], exist_ok=True)
 
 __all__ = ["PRUNED_CONFIGS", "PRUNED_MODELS", "apply_layer_widths"]
+
+# ----- residual-stream-sliced models (SliceGPT, Dynamic Slicing) -----
+from .configuration_hf_prune_sliced import SLICED_CONFIGS  # noqa: E402
+from .modeling_hf_prune_sliced import SLICED_MODELS  # noqa: E402
+
+for _family, _cfg in SLICED_CONFIGS.items():
+    AutoConfig.register(_cfg.model_type, _cfg, exist_ok=True)
+    AutoModelForCausalLM.register(_cfg, SLICED_MODELS[_family], exist_ok=True)
+
+__all__ += ["SLICED_CONFIGS", "SLICED_MODELS"]

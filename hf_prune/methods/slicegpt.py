@@ -1,0 +1,398 @@
+"""SliceGPT (constant width) and Dynamic Slicing (a width per layer): delete rows and columns of a rotated model.
+
+SliceGPT (Ashkboos et al., ICLR 2024): put the model in rotation-invariant form (hf_prune.rotation), then, slot by
+slot on calibration signals computed through the ALREADY-SLICED prefix, take the PCA of the residual-stream signal
+X (covariance C = sum_tokens x^T x in float64, padding masked, damped by 1% of its mean diagonal), rotate the slot by
+the eigenvectors Q (descending eigenvalues) and keep its first d dims. Dynamic Slicing (Dumitru et al., Findings of
+EMNLP 2024) picks d per layer from the layer redundancy LR_i = mean_t cos(h_i, h_{i+1}) of the dense model:
+
+    LRn_i = (LR_i - min LR) / (max LR - min LR)              1 = most redundant
+    FS_i  = SB + (SP - SB) * LRn_i / mean(LRn)               slice fraction of layer i; mean(FS) = SP
+    d_i   = floor(D * (1 - FS_i) / round_to) * round_to      (FS_i capped at max_slicing; the factor is re-solved so
+                                                              the mean stays SP when a cap binds)
+
+`plan()` rotates the model in place (weights change, the function computed does not) and returns a PrunePlan whose
+`residual_widths["residual_dims"]` lists the 2L + 1 slot widths; `hf_prune.surgery.apply_slicing(model, plan)` then
+cuts the shapes. Run `plan` on every rank with the same batches in multi-process jobs: the rotation is part of it.
+
+Where this implementation differs from the reference code (knobs, defaults say which):
+- `basis="sublayer"`: SliceGPT's two PCAs per layer (attention input, MLP input) and two shortcut matrices per layer.
+  `"layer"`: one PCA per layer (of its attention and MLP inputs together): the attention residual add stays a plain
+  add, one shortcut matrix per layer. `"global"`: one PCA of all slots for the whole model: no shortcut matrices at
+  all, so a sliced model is a strictly smaller dense computation (faster; quality is the trade-off).
+- `token_weighting="norm"`: the covariance is taken over unit-normalised token vectors, sum_t x_t^T x_t / ||x_t||^2.
+  Attention-sink tokens carry residual norms ~100x the median (SmolLM2: 25,000 vs 150 from layer 15 on), so the
+  raw covariance (SliceGPT, "none") is >99% one token per sequence and its basis serves those tokens only; the
+  normalised one minimises the relative error that the scale-free norms pass on to every reader.
+- `head="auto"` keeps a tied head tied: the final norm's scale becomes a d_L x d_0 projection into the embedding's
+  basis instead of an untied V x D head (SliceGPT unties: +V*D parameters, which on a small model with a large
+  vocabulary such as SmolLM2 makes a "25% sliced" model larger than the dense one). `embedding_basis="joint"` then
+  takes the embedding's PCA over the embeddings AND the head's input (the tied matrix serves both); "embedding" =
+  SliceGPT.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Iterable
+
+import torch
+from torch import nn
+
+from ..arch import unwrap_model
+from ..calibration import LayerwiseRunner, covariance, mean_cosine
+from ..modeling.modeling_hf_prune_sliced import carry
+from ..plan import PrunePlan
+from ..rotation import make_rotation_invariant, num_slots, rotate, slot_widths
+from . import Batch, PruningMethod, register
+
+__all__ = ["DynamicSlicing", "SliceGPT", "dynamic_slice_fractions", "pca", "widths_from_fractions"]
+
+BASES = ("sublayer", "layer", "global")
+HEADS = ("auto", "tied", "untied")
+EMBEDDING_BASES = ("joint", "embedding")
+TOKEN_WEIGHTINGS = ("norm", "none")
+
+
+def pca(C: torch.Tensor, damping: float = 0.01) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eigen-decomposition of C + damping * mean(diag C) * I, eigenvalues descending: (eigenvalues, Q)."""
+    C = C.to(torch.float64).clone()
+    C.diagonal().add_(damping * C.diagonal().mean())
+    evals, evecs = torch.linalg.eigh(C)
+    order = torch.argsort(evals, descending=True)
+    return evals[order], evecs[:, order]
+
+
+def widths_from_fractions(fractions: list[float], hidden: int, round_to: int) -> list[int]:
+    """d_i = floor(D (1 - FS_i) / round_to) * round_to, at least round_to (at least 1)."""
+    step = max(1, int(round_to))
+    out = []
+    for f in fractions:
+        d = int(math.floor(hidden * (1.0 - f) / step + 1e-9)) * step
+        out.append(min(hidden, max(step, d, 1)))
+    return out
+
+
+def dynamic_slice_fractions(
+    redundancy: list[float], target: float, base: float, max_fraction: float = 0.9
+) -> list[float]:
+    """Per-layer slice fractions from layer redundancies (Dynamic Slicing).
+
+    FS_i = min(max_fraction, SB + k * LRn_i) with LRn the redundancies min-max normalised to [0, 1]; k is
+    (SP - SB) / mean(LRn) (the paper's formula) unless a cap binds, in which case k is re-solved (bisection) so the
+    mean stays SP. Equal redundancies give the constant schedule.
+    """
+    if not 0.0 <= base <= target < 1.0:
+        raise ValueError(f"need 0 <= base_slicing ({base}) <= slicing ({target}) < 1")
+    if not target <= max_fraction < 1.0:
+        raise ValueError(f"max_slicing={max_fraction} must lie in [slicing={target}, 1)")
+    lr = torch.tensor(redundancy, dtype=torch.float64)
+    span = (lr.max() - lr.min()).item()
+    if lr.numel() == 0:
+        return []
+    if span <= 1e-12 or target == base:
+        return [float(target)] * lr.numel()
+    lrn = (lr - lr.min()) / span
+
+    def fs(k: float) -> torch.Tensor:
+        return (base + k * lrn).clamp(max=max_fraction)
+
+    k = (target - base) / lrn.mean().item()
+    if fs(k).mean().item() < target - 1e-9:  # a cap binds: find k with mean(fs(k)) = target
+        reachable = torch.where(lrn > 0, torch.full_like(lrn, max_fraction), torch.full_like(lrn, base)).mean().item()
+        if reachable < target - 1e-9:
+            raise ValueError(
+                f"mean slicing {target} is out of reach: with base_slicing={base} on the least redundant layers and "
+                f"max_slicing={max_fraction} the mean is at most {reachable:.4f}; raise max_slicing or base_slicing"
+            )
+        lo, hi = k, k
+        while fs(hi).mean().item() < target - 1e-9:
+            hi *= 2.0
+        for _ in range(200):
+            mid = 0.5 * (lo + hi)
+            lo, hi = (mid, hi) if fs(mid).mean().item() < target else (lo, mid)
+        k = hi
+    return [float(x) for x in fs(k)]
+
+
+def _rotate_signals(xs: list[torch.Tensor], Q: torch.Tensor) -> list[torch.Tensor]:
+    return [x @ Q.to(device=x.device, dtype=x.dtype) for x in xs]
+
+
+def _keep_leading(xs: list[torch.Tensor], d: int) -> list[torch.Tensor]:
+    """Simulate slicing on a full-width signal: zero every dim from d on (in place)."""
+    for x in xs:
+        x[..., d:] = 0
+    return xs
+
+
+def _normalised(C: torch.Tensor) -> torch.Tensor:
+    return C / C.trace().clamp_min(1e-300)
+
+
+@register("slicegpt")
+@dataclass
+class SliceGPT(PruningMethod):
+    """SliceGPT: rotate by per-slot PCA and delete the trailing rows/columns; one width for every layer."""
+
+    #: `plan()` rotates the model in place: a caller must run it on every rank (not broadcast the plan alone) and
+    #: apply the plan with `hf_prune.surgery.apply_slicing`.
+    updates_weights_in_plan = True
+
+    slicing: float = field(
+        default=0.25, metadata={"help": "Fraction of the residual-stream width D to delete (SP), in [0, 1)."}
+    )
+    round_to: int = field(
+        default=8, metadata={"help": "Round every width DOWN to a multiple of this (1 = no rounding)."}
+    )
+    basis: str = field(
+        default="sublayer",
+        metadata={
+            "help": "PCA granularity: 'sublayer' (SliceGPT: attention and MLP inputs, 2 shortcut matrices per "
+            "layer), 'layer' (one per layer, 1 shortcut), 'global' (one for the model, no shortcut matrices)."
+        },
+    )
+    head: str = field(
+        default="auto",
+        metadata={
+            "help": "'auto' keeps the model's tying; 'tied' keeps a tied head tied (final-norm scale as a small "
+            "projection); 'untied' unties it as SliceGPT does (+vocab x hidden parameters)."
+        },
+    )
+    embedding_basis: str = field(
+        default="joint",
+        metadata={
+            "help": "Tied head only: PCA for the shared embedding/head basis over the embeddings and the head "
+            "input ('joint') or the embeddings alone ('embedding', SliceGPT)."
+        },
+    )
+    token_weighting: str = field(
+        default="norm",
+        metadata={
+            "help": "'norm': every token's signal is divided by its norm before the covariance, so each token "
+            "counts once (the relative error the scale-free norms see; keeps attention-sink tokens with 100x "
+            "norms from choosing the basis); 'none': raw signals (SliceGPT)."
+        },
+    )
+    damping: float = field(
+        default=0.01, metadata={"help": "Covariance damping as a fraction of its mean diagonal (SliceGPT: 0.01)."}
+    )
+    device: str | None = field(
+        default=None, metadata={"help": "Device for the layer being processed (default: the model's device)."}
+    )
+    progress: bool = field(default=True, metadata={"help": "Show progress bars."})
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.slicing < 1.0:
+            raise ValueError(f"slicing={self.slicing} must be in [0, 1)")
+        if self.round_to < 1:
+            raise ValueError(f"round_to={self.round_to} must be >= 1")
+        for name, value, valid in (
+            ("basis", self.basis, BASES),
+            ("head", self.head, HEADS),
+            ("embedding_basis", self.embedding_basis, EMBEDDING_BASES),
+            ("token_weighting", self.token_weighting, TOKEN_WEIGHTINGS),
+        ):
+            if value not in valid:
+                raise ValueError(f"{name}={value!r} is not valid; choose one of {valid}")
+        if self.damping < 0:
+            raise ValueError(f"damping={self.damping} must be >= 0")
+
+    # ----- schedule -------------------------------------------------------------------------------------------------
+    @property
+    def needs_redundancy(self) -> bool:
+        return False
+
+    def slice_fractions(self, redundancy: list[float] | None, num_layers: int) -> list[float]:
+        """Slice fraction of every layer; constant for SliceGPT."""
+        return [float(self.slicing)] * num_layers
+
+    def residual_dims(self, fractions: list[float], hidden: int) -> list[int]:
+        """2L + 1 slot widths: layer i's attention and MLP inputs get d_i; the embedding (slot 0, also layer 0's
+        attention input) and the head input (slot 2L) get the target width (1 - slicing) * D, so the vocabulary
+        matrices cost the same whatever the per-layer schedule."""
+        d = widths_from_fractions(fractions, hidden, self.round_to)
+        target = widths_from_fractions([self.slicing], hidden, self.round_to)[0]
+        dims = []
+        for w in d:
+            dims += [w, w]
+        dims[0] = target
+        return dims + [target]
+
+    # ----- the method -------------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def plan(self, model: nn.Module, batches: Iterable[Batch], stage: int = 0) -> PrunePlan:
+        """Rotate `model` in place (rotation-invariant form, then per-slot PCA) and return the slicing plan."""
+        start = time.perf_counter()
+        tie = {"auto": None, "tied": True, "untied": False}[self.head]
+        model = make_rotation_invariant(unwrap_model(model), tie_head=tie)
+        was_training = model.training
+        model.eval()
+        hidden = model.config.hidden_size
+        if any(w != hidden for w in slot_widths(model)):
+            raise ValueError(
+                f"the model is already sliced (slot widths {sorted(set(slot_widths(model)))}, hidden_size={hidden}); "
+                "slice the dense model once to the final target instead"
+            )
+        runner = LayerwiseRunner(model, batches, device=self.device, progress=self.progress)
+        n_layers = runner.num_layers
+        tied = bool(model.config.head_projection)
+        joint = tied and self.embedding_basis == "joint"
+        stats = {}
+        if self.needs_redundancy or self.basis == "global" or joint:
+            stats = self._dense_statistics(model, runner, need_slots=self.basis == "global", need_head=joint)
+        fractions = self.slice_fractions(stats.get("redundancy"), n_layers)
+        dims = self.residual_dims(fractions, hidden)
+        if self.basis == "global":
+            C = stats["slots"] + (stats["head"] if joint else 0)
+            evals, Q = pca(C, self.damping)
+            rotate(model, Q, device=runner.device)
+            kept = [self._kept(evals, d, C) for d in dims]
+        else:
+            kept = self._sequential(model, runner, dims, stats.get("head"))
+        model.train(was_training)
+        seconds = time.perf_counter() - start
+        return PrunePlan(
+            residual_widths={
+                "residual_dims": dims,
+                "layer_slicing": fractions,
+                "basis": self.basis,
+                "hidden_size": hidden,
+            },
+            provenance={
+                "method": self.name,
+                "config": self.config_dict(),
+                "average_slicing": 1.0 - sum(dims[1:-1:2]) / (n_layers * hidden),
+                "layer_redundancy": stats.get("redundancy"),
+                "kept_variance": kept,
+                "head": "tied" if tied else "untied",
+                "calibration_tokens": int(sum(int(m.sum()) if m is not None else h.shape[0] * h.shape[1]
+                                              for h, m in zip(runner.hidden, runner.masks))),
+                "seconds": seconds,
+            },
+        )
+
+    def _cov(self, signals: list[torch.Tensor], masks: list) -> torch.Tensor:
+        return covariance(signals, masks, normalize_tokens=self.token_weighting == "norm")
+
+    @staticmethod
+    def _kept(evals: torch.Tensor, d: int, C: torch.Tensor) -> float:
+        """Fraction of the (undamped) signal energy in the first d principal directions."""
+        total = C.trace().item()
+        shift = (evals.sum().item() - total) / evals.numel()
+        return float(((evals[:d] - shift).sum() / max(total, 1e-300)).item())
+
+    def _dense_statistics(self, model, runner: LayerwiseRunner, need_slots: bool, need_head: bool) -> dict:
+        """One pass through the dense (rotation-invariant, unrotated) model: layer redundancies LR_i, the summed
+        trace-normalised covariances of all slots (global basis) and the covariance of the head's input."""
+        masks = runner.masks
+        h = list(runner.hidden)
+        redundancy, slots = [], None
+
+        def add(C):
+            nonlocal slots
+            slots = _normalised(C) if slots is None else slots + _normalised(C)
+
+        for i in runner.layer_indices("dense statistics"):
+            with runner.on_device(i) as layer:
+                hm, ho = [], []
+                for b, x in enumerate(h):
+                    u = layer.attention_update(x, **runner.layer_kwargs(b, i, x))
+                    m = carry(x, layer.attn_shortcut, u.shape[-1]) + u
+                    v = layer.mlp_update(m)
+                    hm.append(m)
+                    ho.append(carry(m, layer.mlp_shortcut, v.shape[-1]) + v)
+            redundancy.append(mean_cosine(h, ho, masks))
+            if need_slots:
+                add(self._cov(h, masks))
+                add(self._cov(hm, masks))
+            h = ho
+        out: dict = {"redundancy": redundancy}
+        if need_slots:
+            add(self._cov(h, masks))
+            out["slots"] = slots
+        if need_head:
+            norm = model.model.norm
+            with runner._moved(norm):
+                out["head"] = _normalised(self._cov([norm(x) for x in h], masks))
+        return out
+
+    def _sequential(self, model, runner: LayerwiseRunner, dims: list[int], head_cov: torch.Tensor | None) -> list:
+        """Rotate slot by slot; every signal is computed through the already-rotated-and-sliced prefix (slicing is
+        simulated at full width by zeroing the dropped dims, which the sliced model computes exactly)."""
+        masks, dev, damp = runner.masks, runner.device, self.damping
+        n_layers = runner.num_layers
+        kept: list = [None] * num_slots(model)
+
+        def pca_rotate(C: torch.Tensor, slots: list[int]) -> torch.Tensor:
+            evals, Q = pca(C, damp)
+            rotate(model, Q, slots, device=dev)
+            for s in slots:
+                kept[s] = self._kept(evals, dims[s], C)
+            return Q
+
+        h = list(runner.hidden)  # slot 0 signal, original basis
+        if self.basis == "sublayer":
+            C = self._cov(h, masks)
+            Q = pca_rotate(C if head_cov is None else _normalised(C) + head_cov, [0])
+            h = _keep_leading(_rotate_signals(h, Q), dims[0])
+        for i in runner.layer_indices("rotate + slice"):
+            with runner.on_device(i) as layer:
+                kw = [runner.layer_kwargs(b, i, x) for b, x in enumerate(h)]
+                if self.basis == "layer":  # one basis for slots 2i and 2i + 1, from both signals (input unsliced)
+                    hm = [x + layer.attention_update(x, **k) for x, k in zip(h, kw)]
+                    C = _normalised(self._cov(h, masks)) + _normalised(self._cov(hm, masks))
+                    if i == 0 and head_cov is not None:
+                        C = C + head_cov
+                    Q = pca_rotate(C, [2 * i, 2 * i + 1])
+                    h = _keep_leading(_rotate_signals(h, Q), dims[2 * i])
+                hm = []
+                for x, k in zip(h, kw):
+                    u = layer.attention_update(x, **k)
+                    hm.append(carry(x, layer.attn_shortcut, u.shape[-1]) + u)
+                if self.basis == "sublayer":
+                    Q = pca_rotate(self._cov(hm, masks), [2 * i + 1])
+                    hm = _rotate_signals(hm, Q)
+                hm = _keep_leading(hm, dims[2 * i + 1])
+                ho = []
+                for x in hm:
+                    v = layer.mlp_update(x)
+                    ho.append(carry(x, layer.mlp_shortcut, v.shape[-1]) + v)
+            last = i == n_layers - 1
+            if self.basis == "sublayer" or last:
+                Q = pca_rotate(self._cov(ho, masks), [2 * i + 2])
+                ho = _keep_leading(_rotate_signals(ho, Q), dims[2 * i + 2])
+            h = ho
+        return kept
+
+
+@register("dynamic_slicing")
+@dataclass
+class DynamicSlicing(SliceGPT):
+    """Dynamic Slicing: SliceGPT with a slice fraction per layer from its redundancy (more redundant: sliced more)."""
+
+    base_slicing: float = field(
+        default=0.1,
+        metadata={"help": "Base slice fraction SB given to the least redundant layer; SB = slicing is constant."},
+    )
+    max_slicing: float = field(
+        default=0.9, metadata={"help": "Cap on any layer's slice fraction (the mean is kept at `slicing`)."}
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not 0.0 <= self.base_slicing <= self.slicing:
+            raise ValueError(f"base_slicing={self.base_slicing} must lie in [0, slicing={self.slicing}]")
+        if not self.slicing <= self.max_slicing < 1.0:
+            raise ValueError(f"max_slicing={self.max_slicing} must lie in [slicing={self.slicing}, 1)")
+
+    @property
+    def needs_redundancy(self) -> bool:
+        return True
+
+    def slice_fractions(self, redundancy: list[float] | None, num_layers: int) -> list[float]:
+        if redundancy is None or len(redundancy) != num_layers:
+            raise ValueError(f"dynamic slicing needs {num_layers} layer redundancies, got {redundancy!r}")
+        return dynamic_slice_fractions(redundancy, self.slicing, self.base_slicing, self.max_slicing)

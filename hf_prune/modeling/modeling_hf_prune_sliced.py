@@ -1,0 +1,318 @@
+"""Model classes for residual-stream-sliced models (SliceGPT, Dynamic Slicing).
+
+Self-contained on purpose (see configuration_hf_prune_sliced.py): copied next to saved weights for
+`trust_remote_code`. Each class is its family's causal LM whose decoder layers are replaced by `SlicedDecoderLayer`:
+
+    h_mid = carry(h, attn_shortcut) + attn(norm(h))          carry: shortcut matrix, or identity cut/padded to width
+    h_out = carry(h_mid, mlp_shortcut) + mlp(norm(h_mid))
+
+with scale-free RMS norms (x / sqrt(sum(x^2) / D + eps), D = the original hidden size) and q/k/v, o, gate/up, down
+reading and writing the residual widths the config lists. Gemma 3's sandwich norms on the sublayer outputs become
+a scale-free norm followed by a projection (`NormThenProject`), because their (1 + w) scale sits between a
+normalisation and the residual add, where no linear can absorb it. The state-dict keys are the family's own plus
+`attn_shortcut`, `mlp_shortcut`, `norm.proj` (tied head) and `*_layernorm.proj` (Gemma 3).
+"""
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+from transformers import Gemma3ForCausalLM, LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.models.gemma3.modeling_gemma3 import Gemma3Attention, Gemma3MLP, Gemma3TextModel
+from transformers.models.llama.modeling_llama import LlamaAttention, LlamaMLP, LlamaModel
+from transformers.models.mistral.modeling_mistral import MistralAttention, MistralMLP, MistralModel
+from transformers.models.qwen2.modeling_qwen2 import Qwen2Attention, Qwen2MLP, Qwen2Model
+from transformers.models.qwen3.modeling_qwen3 import Qwen3Attention, Qwen3MLP, Qwen3Model
+
+from .configuration_hf_prune_sliced import (
+    SlicedGemma3TextConfig,
+    SlicedLlamaConfig,
+    SlicedMistralConfig,
+    SlicedQwen2Config,
+    SlicedQwen3Config,
+)
+
+
+class ScaleFreeNorm(nn.Module):
+    """RMS normalisation without a scale, averaged over a fixed width: x / sqrt(sum(x^2) / norm_dim + eps).
+
+    With norm_dim = the original hidden size this equals the family's RMSNorm (scale folded elsewhere) on the full
+    stream, commutes with any orthogonal rotation of it, and keeps its scale when trailing dims are sliced away.
+    """
+
+    def __init__(self, norm_dim: int, eps: float):
+        super().__init__()
+        self.norm_dim = int(norm_dim)
+        self.eps = float(eps)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        variance = xf.pow(2).sum(-1, keepdim=True) / self.norm_dim
+        return (xf * torch.rsqrt(variance + self.eps)).to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"norm_dim={self.norm_dim}, eps={self.eps}"
+
+
+class NormThenProject(nn.Module):
+    """A scale-free norm followed by a linear map (no bias): the rotation-invariant form of a norm whose scale cannot
+    be folded forward (Gemma's post-sublayer norms) or of a final norm feeding a tied head."""
+
+    def __init__(self, norm_dim: int, eps: float, in_features: int, out_features: int, projection: bool = True):
+        super().__init__()
+        self.norm = ScaleFreeNorm(norm_dim, eps)
+        self.proj = nn.Linear(in_features, out_features, bias=False) if projection else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.norm(x)
+        return x if self.proj is None else self.proj(x)
+
+
+def carry(x: torch.Tensor, shortcut: nn.Module | None, width: int) -> torch.Tensor:
+    """The residual stream moved to the next slot: through the shortcut matrix if there is one, else the identity
+    cut to (or zero-padded up to) `width`."""
+    if shortcut is not None:
+        return shortcut(x)
+    d = x.shape[-1]
+    if d == width:
+        return x
+    if d > width:
+        return x[..., :width]
+    return F.pad(x, (0, width - d))
+
+
+def _linear(in_features: int, out_features: int, bias: bool) -> nn.Linear:
+    return nn.Linear(in_features, out_features, bias=bias)
+
+
+def _resize_linear(old: nn.Linear, in_features: int, out_features: int) -> nn.Linear:
+    if old.in_features == in_features and old.out_features == out_features:
+        return old
+    return nn.Linear(
+        in_features, out_features, bias=old.bias is not None, device=old.weight.device, dtype=old.weight.dtype
+    )
+
+
+def _slot_dims(config) -> list[int]:
+    n = config.num_hidden_layers
+    return list(config.residual_dims) if config.residual_dims is not None else [config.hidden_size] * (2 * n + 1)
+
+
+class SlicedDecoderLayer(GradientCheckpointingLayer):
+    """A decoder layer in rotation-invariant form with its own residual widths (see the module docstring)."""
+
+    def __init__(self, config, layer_idx: int, attention_class, mlp_class, sandwich_norms: bool = False):
+        super().__init__()
+        dims = _slot_dims(config)
+        d_in, d_mid, d_out = dims[2 * layer_idx], dims[2 * layer_idx + 1], dims[2 * layer_idx + 2]
+        hidden = config.hidden_size
+        attn, mlp = attention_class(config=config, layer_idx=layer_idx), mlp_class(config)
+        attn.q_proj = _resize_linear(attn.q_proj, d_in, attn.q_proj.out_features)
+        attn.k_proj = _resize_linear(attn.k_proj, d_in, attn.k_proj.out_features)
+        attn.v_proj = _resize_linear(attn.v_proj, d_in, attn.v_proj.out_features)
+        attn.o_proj = _resize_linear(attn.o_proj, attn.o_proj.in_features, hidden if sandwich_norms else d_mid)
+        if getattr(mlp, "gate_proj", None) is not None:
+            mlp.gate_proj = _resize_linear(mlp.gate_proj, d_mid, mlp.gate_proj.out_features)
+        mlp.up_proj = _resize_linear(mlp.up_proj, d_mid, mlp.up_proj.out_features)
+        mlp.down_proj = _resize_linear(mlp.down_proj, mlp.down_proj.in_features, hidden if sandwich_norms else d_out)
+        self._assemble(config, layer_idx, attn, mlp, sandwich_norms, (d_in, d_mid, d_out))
+
+    @classmethod
+    def from_modules(cls, config, layer_idx: int, self_attn: nn.Module, mlp: nn.Module, sandwich_norms: bool):
+        """Wrap existing attention and MLP modules (used when converting a dense model, no weights re-created)."""
+        layer = cls.__new__(cls)
+        GradientCheckpointingLayer.__init__(layer)
+        dims = _slot_dims(config)
+        layer._assemble(
+            config, layer_idx, self_attn, mlp, sandwich_norms, tuple(dims[2 * layer_idx : 2 * layer_idx + 3])
+        )
+        return layer
+
+    def _assemble(self, config, layer_idx, attn, mlp, sandwich_norms, widths) -> None:
+        d_in, d_mid, d_out = widths
+        hidden, eps = config.hidden_size, config.rms_norm_eps
+        self.layer_idx = layer_idx
+        self.sandwich_norms = bool(sandwich_norms)
+        self.self_attn = attn
+        self.mlp = mlp
+        self.input_layernorm = ScaleFreeNorm(hidden, eps)
+        if self.sandwich_norms:
+            self.post_attention_layernorm = NormThenProject(hidden, eps, hidden, d_mid)
+            self.pre_feedforward_layernorm = ScaleFreeNorm(hidden, eps)
+            self.post_feedforward_layernorm = NormThenProject(hidden, eps, hidden, d_out)
+        else:
+            self.post_attention_layernorm = ScaleFreeNorm(hidden, eps)
+        attn_flags = config.attn_shortcuts or [False] * config.num_hidden_layers
+        mlp_flags = config.mlp_shortcuts or [False] * config.num_hidden_layers
+        self.attn_shortcut = _linear(d_in, d_mid, False) if attn_flags[layer_idx] else None
+        self.mlp_shortcut = _linear(d_mid, d_out, False) if mlp_flags[layer_idx] else None
+
+    # the two halves, usable on their own by layer-wise calibration
+    def attention_update(self, hidden_states: torch.Tensor, **kwargs) -> torch.Tensor:
+        """What the attention half adds to the residual stream."""
+        h, _ = self.self_attn(hidden_states=self.input_layernorm(hidden_states), **kwargs)
+        return self.post_attention_layernorm(h) if self.sandwich_norms else h
+
+    def mlp_norm(self) -> nn.Module:
+        return self.pre_feedforward_layernorm if self.sandwich_norms else self.post_attention_layernorm
+
+    def mlp_update(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """What the MLP half adds to the residual stream."""
+        h = self.mlp(self.mlp_norm()(hidden_states))
+        return self.post_feedforward_layernorm(h) if self.sandwich_norms else h
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values=None,
+        use_cache: bool | None = False,
+        position_embeddings=None,
+        **kwargs,
+    ) -> torch.Tensor:
+        update = self.attention_update(
+            hidden_states,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            use_cache=use_cache,
+            position_embeddings=position_embeddings,
+            **kwargs,
+        )
+        hidden_states = carry(hidden_states, self.attn_shortcut, update.shape[-1]) + update
+        update = self.mlp_update(hidden_states)
+        return carry(hidden_states, self.mlp_shortcut, update.shape[-1]) + update
+
+
+def build_sliced_modules(model: nn.Module) -> None:
+    """Replace the decoder layers, final norm, embedding width and head of a freshly built family model by their
+    sliced forms at the widths `model.config` lists (weights are re-created; loading fills them)."""
+    cfg = model.config
+    backbone = model.model
+    dims = _slot_dims(cfg)
+    backbone.layers = nn.ModuleList(
+        [
+            SlicedDecoderLayer(cfg, i, model.attention_class, model.mlp_class, model.sandwich_norms)
+            for i in range(cfg.num_hidden_layers)
+        ]
+    )
+    backbone.norm = NormThenProject(cfg.hidden_size, cfg.rms_norm_eps, dims[-1], dims[0], bool(cfg.head_projection))
+    emb = backbone.embed_tokens
+    if emb.weight.shape[1] != dims[0]:
+        emb.weight = nn.Parameter(torch.empty(emb.weight.shape[0], dims[0], device=emb.weight.device,
+                                              dtype=emb.weight.dtype))
+        emb.embedding_dim = dims[0]
+    head_in = dims[0] if cfg.head_projection else dims[-1]
+    model.lm_head = _resize_linear(model.lm_head, head_in, model.lm_head.out_features)
+    if cfg.tie_word_embeddings:
+        model.lm_head.weight = emb.weight
+
+
+class _SlicedMixin:
+    """Shared class attributes of the sliced causal LMs."""
+
+    _no_split_modules = ["SlicedDecoderLayer"]
+    sandwich_norms = False
+
+    def _finish_init(self) -> None:
+        build_sliced_modules(self)
+        self.post_init()
+
+
+# ----- Llama ---------------------------------------------------------------------------------------------------------
+class SlicedLlamaModel(LlamaModel):
+    config_class = SlicedLlamaConfig
+    _can_record_outputs = {"hidden_states": SlicedDecoderLayer, "attentions": LlamaAttention}
+
+
+class SlicedLlamaForCausalLM(_SlicedMixin, LlamaForCausalLM):
+    config_class = SlicedLlamaConfig
+    backbone_class = SlicedLlamaModel
+    attention_class, mlp_class = LlamaAttention, LlamaMLP
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.model.__class__ = SlicedLlamaModel
+        self._finish_init()
+
+
+# ----- Mistral -------------------------------------------------------------------------------------------------------
+class SlicedMistralModel(MistralModel):
+    config_class = SlicedMistralConfig
+    _can_record_outputs = {"hidden_states": SlicedDecoderLayer, "attentions": MistralAttention}
+
+
+class SlicedMistralForCausalLM(_SlicedMixin, MistralForCausalLM):
+    config_class = SlicedMistralConfig
+    backbone_class = SlicedMistralModel
+    attention_class, mlp_class = MistralAttention, MistralMLP
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.model.__class__ = SlicedMistralModel
+        self._finish_init()
+
+
+# ----- Qwen2 ---------------------------------------------------------------------------------------------------------
+class SlicedQwen2Model(Qwen2Model):
+    config_class = SlicedQwen2Config
+    _can_record_outputs = {"hidden_states": SlicedDecoderLayer, "attentions": Qwen2Attention}
+
+
+class SlicedQwen2ForCausalLM(_SlicedMixin, Qwen2ForCausalLM):
+    config_class = SlicedQwen2Config
+    backbone_class = SlicedQwen2Model
+    attention_class, mlp_class = Qwen2Attention, Qwen2MLP
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.model.__class__ = SlicedQwen2Model
+        self._finish_init()
+
+
+# ----- Qwen3 ---------------------------------------------------------------------------------------------------------
+class SlicedQwen3Model(Qwen3Model):
+    config_class = SlicedQwen3Config
+    _can_record_outputs = {"hidden_states": SlicedDecoderLayer, "attentions": Qwen3Attention}
+
+
+class SlicedQwen3ForCausalLM(_SlicedMixin, Qwen3ForCausalLM):
+    config_class = SlicedQwen3Config
+    backbone_class = SlicedQwen3Model
+    attention_class, mlp_class = Qwen3Attention, Qwen3MLP
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.model.__class__ = SlicedQwen3Model
+        self._finish_init()
+
+
+# ----- Gemma 3 (text) -------------------------------------------------------------------------------------------------
+class SlicedGemma3TextModel(Gemma3TextModel):
+    config_class = SlicedGemma3TextConfig
+    _can_record_outputs = {"hidden_states": SlicedDecoderLayer, "attentions": Gemma3Attention}
+
+
+class SlicedGemma3ForCausalLM(_SlicedMixin, Gemma3ForCausalLM):
+    config_class = SlicedGemma3TextConfig
+    backbone_class = SlicedGemma3TextModel
+    attention_class, mlp_class = Gemma3Attention, Gemma3MLP
+    sandwich_norms = True
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.model.__class__ = SlicedGemma3TextModel
+        self._finish_init()
+
+
+SLICED_MODELS = {
+    "llama": SlicedLlamaForCausalLM,
+    "mistral": SlicedMistralForCausalLM,
+    "qwen2": SlicedQwen2ForCausalLM,
+    "qwen3": SlicedQwen3ForCausalLM,
+    "gemma3_text": SlicedGemma3ForCausalLM,
+}
+
+for _cls in SLICED_MODELS.values():
+    _cls.register_for_auto_class("AutoModelForCausalLM")
