@@ -121,6 +121,8 @@ def plot_layers(meta: ExportMetadata, plan: PrunePlan | None, path: str | os.Pat
 
         matplotlib.use("Agg", force=False)
         import matplotlib.pyplot as plt
+        from matplotlib.patches import Patch
+        from matplotlib.ticker import MaxNLocator
     except ImportError:
         warnings.warn("matplotlib is not installed: the model card will have no per-layer picture "
                       "(pip install matplotlib)", stacklevel=2)
@@ -147,10 +149,10 @@ def plot_layers(meta: ExportMetadata, plan: PrunePlan | None, path: str | os.Pat
             ax.axvspan(i - 0.45, i + 0.45, color="#d9534f", alpha=0.3, linewidth=0, zorder=1)
         ax.set_ylabel(title)
         ax.set_ylim(0, top * 1.05)
+        ax.yaxis.set_major_locator(MaxNLocator(nbins=4, integer=True))
         ax.spines[["top", "right"]].set_visible(False)
     axes[-1].set_xlabel("decoder layer (original index)")
     axes[-1].set_xticks(xs[:: max(1, n_orig // 30)])
-    from matplotlib.patches import Patch
 
     handles = [Patch(facecolor="#3b75af", label="after")]
     if before is not None:
@@ -358,11 +360,19 @@ def render_card(folder: str | os.PathLike, repo_id: str | None = None, picture: 
     plan = PrunePlan.load(folder / PLAN_FILENAME) if (folder / PLAN_FILENAME).is_file() else None
     config = _read_json(folder / "config.json")
     rows = layer_rows(meta, plan)
+    narrowed = sum(1 for row in rows if row["status"] == "narrowed")
+    kept_widths = {tuple(w) for w in meta.after.layer_widths} if meta.after and meta.after.layer_widths else set()
+    same_widths = None
+    if rows and not narrowed and len(kept_widths) == 1 and meta.before and meta.before.layer_widths:
+        q, kv, mlp = next(iter(kept_widths))
+        same_widths = f"{q} query heads, {kv} kv heads and {mlp} MLP channels"
+        rows = []  # depth-only pruning: the table would repeat the same widths for every layer
     r = {
         "title": meta.model_name or folder.resolve().name,
         "summary": _summary(meta, plan),
         "removed_layers": sorted(plan.drop_layers) if plan else [],
-        "width_changes": sum(1 for row in rows if row["status"] == "narrowed"),
+        "width_changes": narrowed,
+        "same_widths": same_widths,
         "picture": picture,
         "layer_rows": rows,
         "size_rows": _size_rows(meta),

@@ -166,6 +166,9 @@ def test_card_with_recovery_says_finetune_and_plain_loading(tmp_path):
     assert [(r.metric_type, r.metric_value) for r in card.data.eval_results] == [("perplexity", 350.0)]
     assert "trust_remote_code" not in card.text and "AutoModelForCausalLM.from_pretrained" in card.text
     assert "2,048 tokens" in card.text and "10 optimizer steps" in card.text
+    # depth-only: no per-layer table repeating the same widths, one sentence instead
+    assert "keeps its widths: 4 query heads, 2 kv heads and 128 MLP channels" in card.text
+    assert "| layer (original) |" not in card.text and "0, 2." in card.text
 
 
 def test_card_validates_against_the_fake_hub_and_bad_metadata_is_rejected(tmp_path, monkeypatch):
