@@ -32,6 +32,16 @@ from tiny import TINY_MODEL_TYPES, tiny_model
 FAMILIES = TINY_MODEL_TYPES  # llama, mistral, qwen2, qwen3, gemma3_text
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models gain nothing from intra-op threads, and on a shared CPU the spinning threads cost several times
+    the work itself; restored afterwards."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def _model(model_type: str, tied: bool = True, seed: int = 0) -> nn.Module:
     """A tiny model with non-trivial norm scales and logits of order 1-10 (so a 1e-4 tolerance means something)."""
     m = tiny_model(model_type, seed=seed, initializer_range=0.15, tie_word_embeddings=tied)
@@ -377,7 +387,8 @@ def test_trust_remote_code_loads_constant_and_dynamic_slices_without_hf_prune(tm
         torch.save({"ids": ids, "mask": mask}, path / "inputs.pt")
         cases[name] = (model, ids, mask, path)
     env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
-    env.update(HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(tmp_path / "modules"), TOKENIZERS_PARALLELISM="false")
+    env.update(HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(tmp_path / "modules"), TOKENIZERS_PARALLELISM="false",
+               OMP_NUM_THREADS="1")
     proc = subprocess.run(
         [sys.executable, "-I", "-c", _CHILD, *(str(c[3]) for c in cases.values())],
         cwd="/tmp", env=env, capture_output=True, text=True, timeout=600,

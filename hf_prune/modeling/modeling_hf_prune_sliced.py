@@ -68,6 +68,21 @@ class NormThenProject(nn.Module):
         return x if self.proj is None else self.proj(x)
 
 
+def add_residual(x: torch.Tensor, shortcut: nn.Module | None, update: torch.Tensor) -> torch.Tensor:
+    """carry(x, shortcut) + update. A plain nn.Linear shortcut is fused with the add into one addmm, so a layer with
+    shortcut matrices runs as many kernels as the dense layer (decode at batch 1 is bound by their count); wrapped
+    shortcuts (e.g. LoRA) and shortcuts with hooks (calibration capture, tests) take the generic path, so hooks fire."""
+    if (
+        type(shortcut) is nn.Linear
+        and shortcut.bias is None
+        and x.dtype == update.dtype
+        and not (shortcut._forward_hooks or shortcut._forward_pre_hooks)
+    ):
+        out = torch.addmm(update.reshape(-1, update.shape[-1]), x.reshape(-1, x.shape[-1]), shortcut.weight.t())
+        return out.view(update.shape)
+    return carry(x, shortcut, update.shape[-1]) + update
+
+
 def carry(x: torch.Tensor, shortcut: nn.Module | None, width: int) -> torch.Tensor:
     """The residual stream moved to the next slot: through the shortcut matrix if there is one, else the identity
     cut to (or zero-padded up to) `width`."""
@@ -180,9 +195,8 @@ class SlicedDecoderLayer(GradientCheckpointingLayer):
             position_embeddings=position_embeddings,
             **kwargs,
         )
-        hidden_states = carry(hidden_states, self.attn_shortcut, update.shape[-1]) + update
-        update = self.mlp_update(hidden_states)
-        return carry(hidden_states, self.mlp_shortcut, update.shape[-1]) + update
+        hidden_states = add_residual(hidden_states, self.attn_shortcut, update)
+        return add_residual(hidden_states, self.mlp_shortcut, self.mlp_update(hidden_states))
 
 
 def build_sliced_modules(model: nn.Module) -> None:
