@@ -82,6 +82,7 @@ logger = logging.getLogger(__name__)
 STAGE_PREFIX = "prune-stage-"
 BASE_MODEL_DIR = "base_model"
 STAGE_KEY = "prune/stage"
+COMPOSED_PLAN = "prune_plan_all_stages.json"
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -241,6 +242,16 @@ class PruneCallback(TrainerCallback):
         schedule: when to prune (default: before every epoch, starting before the first).
         calibration_batch_size: rows per scoring batch when `calibration` is a tensor.
         distillation: a DistillationLoss to install as the Trainer's `compute_loss_func`.
+        export_dir: when set (or when `push_to_hub` is), `prune_and_train` ends by writing the final model with
+            `hf_prune.export.save` into this folder (default `<output_dir>/export`): weights in the reduced format,
+            tokenizer, the plan of all stages composed into original indices, `hf_prune.json` and the model card.
+            A LoRA model is merged first (afterwards `trainer.model` is the merged model).
+        push_to_hub: a Hub repo id; after the local export, the folder is uploaded with `hf_prune.export.push`
+            (create repo, upload folder; the token comes from the login / HF_TOKEN and is written nowhere).
+        hub_private, hub_revision: the repo's visibility when it is created, and the branch to push to.
+        metadata: an `ExportMetadata` (or dict) with what the card should say beyond what the callback records
+            (base model id and licence, recovery data, evaluations, the command); EvalCallback records are added
+            when an EvalCallback is among the trainer's callbacks.
     """
 
     def __init__(
@@ -251,6 +262,11 @@ class PruneCallback(TrainerCallback):
         *,
         calibration_batch_size: int = 8,
         distillation: DistillationLoss | None = None,
+        export_dir: str | os.PathLike | None = None,
+        push_to_hub: str | None = None,
+        hub_private: bool = False,
+        hub_revision: str | None = None,
+        metadata: Any = None,
     ):
         if not isinstance(method, PruningMethod):
             raise TypeError(f"method must be a hf_prune PruningMethod (e.g. ShortGPT(n_remove=2)), got {type(method)}")
@@ -270,6 +286,13 @@ class PruneCallback(TrainerCallback):
         self._stop_requested = False
         self._fast_forward_scheduler = False
         self._pending_logs: list[dict] = []
+        self.export_dir = export_dir
+        self.push_to_hub = push_to_hub
+        self.hub_private = hub_private
+        self.hub_revision = hub_revision
+        self.metadata = metadata
+        self.plan: PrunePlan | None = None  # every stage so far, composed, in the original model's indices
+        self.before = None  # ModelStats of the model before the first stage
 
     # ----- state ---------------------------------------------------------------------------------------------------
     @property
@@ -292,6 +315,10 @@ class PruneCallback(TrainerCallback):
                 "optimizers=(optimizer, scheduler)"
             )
         self.trainer = trainer
+        if self.before is None and self.stages_done == 0:
+            from hf_prune.export import ModelStats
+
+            self.before = ModelStats.of(trainer.model)
         if self.kept_original is None:
             self.kept_original = list(range(get_adapter(trainer.model).num_layers))
         if self.distillation is not None:
@@ -310,6 +337,13 @@ class PruneCallback(TrainerCallback):
                 f"checkpoint {checkpoint} was written with {len(self.kept_original)} decoder layers but the trainer's "
                 f"model has {n}; build the model with hf_prune.callbacks.load_for_resume({str(checkpoint)!r})"
             )
+        composed = [Path(checkpoint) / COMPOSED_PLAN, *sorted(Path(checkpoint).parent.glob(f"{STAGE_PREFIX}*/{COMPOSED_PLAN}"))]
+        for path in composed:  # the checkpoint's own, else the newest stage directory's that matches the stage count
+            if path.is_file():
+                plan = PrunePlan.from_json(path.read_text(encoding="utf-8"))
+                if len(plan.provenance.get("stages", [])) == self.stages_done or path == composed[0]:
+                    self.plan = plan
+                    break
         if not (Path(checkpoint) / "scheduler.pt").is_file():
             self._fast_forward_scheduler = True
 
@@ -348,6 +382,47 @@ class PruneCallback(TrainerCallback):
             return
         if state.epoch is not None and self.schedule.before_epoch(int(round(state.epoch))):
             self._request_stage(state, control)
+
+    # ----- export ------------------------------------------------------------------------------------------------
+    def export(self, trainer: Trainer) -> Path | None:
+        """Save the final model with hf_prune.export.save (main process) and push it when `push_to_hub` is set.
+        Returns the export folder (None on other ranks)."""
+        from hf_prune import export as hf_export
+
+        model = trainer.model
+        if _is_peft(model):
+            model = trainer.model = model.merge_and_unload()
+        folder = Path(self.export_dir or os.path.join(trainer.args.output_dir, "export"))
+        if not _is_main():
+            trainer.accelerator.wait_for_everyone()
+            return None
+        meta = hf_export._as_metadata(self.metadata)
+        meta.method = meta.method or self.method.name
+        if not meta.method_config:
+            from dataclasses import asdict, is_dataclass
+
+            raw = asdict(self.method) if is_dataclass(self.method) else {}
+            meta.method_config = {k: v if _jsonable(v) else repr(v) for k, v in raw.items()}
+        meta.before = meta.before or self.before
+        if meta.calibration is None:
+            ids = [b["input_ids"] for b in self.calibration]
+            meta.calibration = hf_export.DataRecord(
+                name="calibration blocks given to PruneCallback", tokens=int(sum(t.numel() for t in ids)),
+                samples=int(sum(t.shape[0] for t in ids)), seq_len=int(ids[0].shape[-1]))
+        for cb in trainer.callback_handler.callbacks:
+            if hasattr(cb, "records") and hasattr(cb, "add_to"):
+                cb.add_to(meta)
+        base_model = meta.base_model or getattr(getattr(model, "config", None), "_name_or_path", None)
+        plan = self.plan
+        if plan is None or plan.is_empty:
+            plan = PrunePlan(provenance={"method": self.method.name, "note": "per-stage plans are in the stage "
+                                         "checkpoints (slicing plans do not compose)"})
+        meta.base_model = base_model if base_model and not os.path.isdir(str(base_model)) else meta.base_model
+        hf_export.save(model, trainer.processing_class, folder, plan, meta, repo_id=self.push_to_hub)
+        if self.push_to_hub:
+            hf_export.push(folder, self.push_to_hub, private=self.hub_private, revision=self.hub_revision)
+        trainer.accelerator.wait_for_everyone()
+        return folder
 
     # ----- one stage -----------------------------------------------------------------------------------------------
     def _plan(self, model: nn.Module) -> tuple[PrunePlan, float]:
@@ -397,7 +472,10 @@ class PruneCallback(TrainerCallback):
 
         plan, seconds = self._plan(base)
         before = sum(p.numel() for p in base.parameters())
+        resolved = plan.resolve(base) if not plan.residual_widths else None
         apply(base, plan)
+        if self.stages_done == 0 or self.plan is not None:
+            self.plan = None if resolved is None else (resolved if self.plan is None else self.plan.then(resolved))
         after = sum(p.numel() for p in base.parameters())
         self._verify_ranks(base)
         dropped = set(plan.drop_layers)
@@ -409,6 +487,8 @@ class PruneCallback(TrainerCallback):
         if trainer.args.should_save:
             os.makedirs(stage_dir, exist_ok=True)
             plan.save(stage_dir)
+            if self.plan is not None:
+                Path(stage_dir, COMPOSED_PLAN).write_text(self.plan.to_json(), encoding="utf-8")
         if peft_config is not None:
             base_dir = os.path.abspath(os.path.join(stage_dir, BASE_MODEL_DIR))
             if trainer.args.should_save:
@@ -471,6 +551,14 @@ class PruneCallback(TrainerCallback):
 # ---------------------------------------------------------------------------------------------------------------------
 
 
+def _jsonable(value: Any) -> bool:
+    try:
+        json.dumps(value)
+        return True
+    except (TypeError, ValueError):
+        return False
+
+
 def _find_callback(trainer: Trainer) -> PruneCallback:
     found = [cb for cb in trainer.callback_handler.callbacks if isinstance(cb, PruneCallback)]
     if len(found) != 1:
@@ -506,6 +594,8 @@ def prune_and_train(trainer: Trainer, resume_from_checkpoint: str | bool | None 
             break
         cb._stop_requested = False
         resume = cb.run_stage(trainer)
+    if cb.export_dir is not None or cb.push_to_hub:
+        cb.export(trainer)
     if cb.stages_left > 0:
         logger.warning("training ended after %d of %d pruning stages: the schedule has fewer boundaries than the "
                        "method has stages", cb.stages_done, cb.method.stages)

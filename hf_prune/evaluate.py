@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from .data import tokenize_stream
 
-__all__ = ["perplexity", "multiple_choice", "load_mc_task", "mc_requests"]
+__all__ = ["perplexity", "multiple_choice", "load_mc_task", "mc_requests", "lm_eval"]
 
 PADDING_SIDES = ("right", "left")
 
@@ -264,3 +264,11 @@ def multiple_choice(
     if return_loglikelihoods:
         out["loglikelihoods"] = lls
     return out
+
+
+def lm_eval(model: torch.nn.Module, tokenizer, tasks, **kwargs: Any) -> dict[str, dict[str, float]]:
+    """lm-evaluation-harness on the in-memory model; see `hf_prune.lm_eval_bridge.lm_eval` (imported on first use, so
+    `hf_prune.evaluate` stays importable without lm_eval installed)."""
+    from .lm_eval_bridge import lm_eval as _lm_eval
+
+    return _lm_eval(model, tokenizer, tasks, **kwargs)

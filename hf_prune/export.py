@@ -358,6 +358,7 @@ def push(
         meta = load_metadata(folder)
         what = f" ({meta.method})" if meta.method else ""
         commit_message = f"Upload {meta.model_name or folder.name}{what} with hf-prune"
+    endpoint = endpoint or os.environ.get("HF_ENDPOINT") or None  # read now, not at huggingface_hub's import
     api = HfApi(endpoint=endpoint, token=token, library_name="hf_prune", library_version=__version__)
     branch = revision if revision not in (None, "main") else None
     logger.info("pushing %s to %s%s", folder, repo_id, f"@{branch}" if branch else "")

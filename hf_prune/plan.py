@@ -136,6 +136,57 @@ class PrunePlan:
             out[i] = LayerWidths(len(q), len(kv), len(ch) if ch is not None else ad.mlp(i).intermediate_size)
         return out
 
+    def resolve(self, model: nn.Module) -> "PrunePlan":
+        """This plan with both head lists explicit (query and kv) for every layer that changes attention, so it can be
+        composed without the model. `model` is the model the plan applies to."""
+        ad = get_adapter(model)
+        heads, kv_heads = {}, {}
+        for layer in sorted(set(self.heads) | set(self.kv_heads)):
+            heads[layer], kv_heads[layer] = self.resolved_heads(ad, layer)
+        return PrunePlan(list(self.drop_layers), heads, kv_heads, {k: list(v) for k, v in self.mlp_channels.items()},
+                         self.residual_widths, dict(self.provenance))
+
+    def then(self, second: "PrunePlan") -> "PrunePlan":
+        """One plan that does this plan and then `second` (whose indices refer to the model this plan produces), in
+        this plan's (original) indices. Both must be resolved (`resolve`) where they change attention heads; slicing
+        plans (residual_widths) do not compose. Applying the result equals applying the two in turn."""
+        for name, p in (("first", self), ("second", second)):
+            if p.residual_widths:
+                raise PlanError(f"the {name} plan slices the residual stream (residual_widths); slicing plans "
+                                "cannot be composed, save each stage's plan instead")
+            if set(p.heads) != set(p.kv_heads):
+                raise PlanError(f"the {name} plan leaves query or kv heads implicit in layers "
+                                f"{sorted(set(p.heads) ^ set(p.kv_heads))}; call plan.resolve(model) first")
+        dropped = set(self.drop_layers)
+        n_first = max([*dropped, *self.heads, *self.mlp_channels], default=-1) + 1
+        n_second = max([*second.drop_layers, *second.heads, *second.mlp_channels], default=-1) + 1
+        # original index of every layer the first plan keeps, long enough to cover the second plan's indices
+        kept = [i for i in range(n_first + n_second + len(dropped)) if i not in dropped]
+        orig = kept.__getitem__
+
+        def compose(a: list[int] | None, b: list[int]) -> list[int]:
+            return list(b) if a is None else [sorted(a)[j] for j in b]
+
+        tables = []
+        for first_t, second_t in ((self.heads, second.heads), (self.kv_heads, second.kv_heads),
+                                  (self.mlp_channels, second.mlp_channels)):
+            out = {k: list(v) for k, v in first_t.items()}
+            for layer, idx in second_t.items():
+                o = orig(layer)
+                try:
+                    out[o] = compose(first_t.get(o), sorted(idx))
+                except IndexError as e:
+                    raise PlanError(f"the second plan's layer {layer} (original {o}) keeps indices {sorted(idx)} "
+                                    f"beyond the {len(first_t[o])} the first plan keeps") from e
+            tables.append(dict(sorted(out.items())))
+        drop = sorted(dropped | {orig(i) for i in second.drop_layers})
+        for t in tables:
+            for layer in [k for k in t if k in drop]:
+                del t[layer]
+        stages = list(self.provenance["stages"]) if self.provenance.get("composed") else [self.provenance]
+        stages.append(second.provenance)
+        return PrunePlan(drop, tables[0], tables[1], tables[2], None, {"composed": True, "stages": stages})
+
     def validate(self, model: nn.Module) -> None:
         """Raise PlanError if this plan cannot be applied to `model`. Touches no weights."""
         ad = get_adapter(model)

@@ -178,6 +178,8 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _send(self, status: int, payload: Any = None, raw: bytes | None = None, headers: dict | None = None) -> None:
         data = raw if raw is not None else json.dumps(payload if payload is not None else {}).encode()
+        # recorded before the reply leaves: once the client has its answer, the request is in the log
+        self.server.hub.requests.append((self.command, self.path, status))
         self.send_response(status)
         self.send_header("Content-Type", "application/octet-stream" if raw is not None else "application/json")
         self.send_header("Content-Length", str(len(data)))
@@ -186,7 +188,6 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         if self.command != "HEAD":
             self.wfile.write(data)
-        self.server.hub.requests.append((self.command, self.path, status))
 
     def _error(self, status: int, message: str, code: str | None = None) -> None:
         self._send(status, {"error": message}, headers={"X-Error-Code": code} if code else None)

@@ -368,3 +368,42 @@ def test_ddp_two_ranks_stay_identical(tmp_path):
         for rec in recs:  # training went on after every stage
             assert any("loss" in h and h["step"] > rec["step"] for h in r["log_history"])
         assert r["ddp_wrapped_trainings"] == 3
+
+
+def test_callback_exports_composed_plan_and_pushes(tmp_path, monkeypatch):
+    """PruneCallback(push_to_hub=...): after the last stage the merged LoRA model is saved locally with a plan in
+    original indices and a card, then uploaded byte-identical to the (loopback) Hub; the token is written nowhere."""
+    from fake_hub import FakeHub
+    from peft import LoraConfig, get_peft_model
+
+    from hf_prune import PrunePlan
+    from hf_prune.export import load_metadata
+
+    token = "hf_callbackSECRETtoken123"
+    blocks = _blocks(8)
+    model = get_peft_model(tiny_model("llama", num_hidden_layers=5).train(),
+                           LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"))
+    out = tmp_path / "export"
+    with FakeHub() as hub:
+        monkeypatch.setenv("HF_ENDPOINT", hub.endpoint)
+        monkeypatch.setenv("HF_TOKEN", token)
+        cb = PruneCallback(ShortGPT(n_remove=2, per_stage=1, progress=False), calibration=blocks[:4],
+                           schedule=PruneSchedule(epochs=[0, 1]), export_dir=out, push_to_hub="me/tiny-2",
+                           metadata={"base_model": "org/tiny"})
+        trainer = Trainer(model=model, args=_args(tmp_path / "run"), train_dataset=blocks_dataset(blocks),
+                          processing_class=tiny_tokenizer(), callbacks=[cb])
+        prune_and_train(trainer)
+        remote = hub.files("me/tiny-2")
+    plan = PrunePlan.load(out / "prune_plan.json")
+    assert sorted(plan.drop_layers) == sorted(set(range(5)) - set(cb.kept_original)) and len(plan.drop_layers) == 2
+    assert len(plan.provenance["stages"]) == 2
+    meta = load_metadata(out)
+    assert meta.before.num_layers == 5 and meta.after.num_layers == 3 and meta.method == "shortgpt"
+    card = (out / "README.md").read_text()
+    assert "base_model: org/tiny" in card and "removed" in card
+    local = {p.relative_to(out).as_posix(): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    assert remote == local
+    assert all(token.encode() not in data for data in local.values())
+    reloaded = AutoModelForCausalLM.from_pretrained(out).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(input_ids=blocks[:2]).logits, trainer.model.eval()(input_ids=blocks[:2]).logits)

@@ -264,3 +264,32 @@ def test_real_smollm2_example(tmp_path):
     for hide in (False, True):
         r = _reload_in_fresh_process([(str(tmp_path), True)], hide_hf_prune=hide)[str(tmp_path)]
         assert r["diff"] <= 1e-5 and r["gen"] == gen
+
+
+@pytest.mark.parametrize("model_type", ["llama", "qwen3"])
+def test_composed_plan_equals_two_stages(model_type):
+    """plan1.then(plan2) applied once gives the same model (logits, widths, parameter count) as plan1 then plan2."""
+    torch.manual_seed(0)
+    model = tiny_model(model_type, num_hidden_layers=5, num_attention_heads=8, num_key_value_heads=4, seed=1)
+    twice = tiny_model(model_type, num_hidden_layers=5, num_attention_heads=8, num_key_value_heads=4, seed=1)
+    first = PrunePlan(drop_layers=[1], heads={2: [7, 6, 1, 0]}, mlp_channels={0: list(range(0, 128, 2)), 3: [5, 9, 1]},
+                      provenance={"method": "a"})
+    first_r = first.resolve(twice)
+    assert first_r.kv_heads[2] == [0, 3]
+    apply(twice, first)
+    # indices of the pruned model: its layer 1 is original layer 2 (2 kv groups of 2 heads left), layer 2 is 3
+    second = PrunePlan(drop_layers=[3], kv_heads={1: [1]}, heads={0: [0, 1, 2, 3]},
+                       mlp_channels={0: [0, 3, 63], 2: [2, 0]}, provenance={"method": "b"})
+    second_r = second.resolve(twice)
+    apply(twice, second)
+    both = first_r.then(second_r)
+    assert both.drop_layers == [1, 4]
+    assert both.heads == {0: [0, 1, 2, 3], 2: [6, 7]} and both.kv_heads == {0: [0, 1], 2: [3]}
+    assert both.mlp_channels == {0: [0, 6, 126], 3: [1, 9]}
+    assert [s["method"] for s in both.provenance["stages"]] == ["a", "b"]
+    assert predicted_num_parameters(model, both) == sum(p.numel() for p in twice.parameters())
+    apply(model, PrunePlan.from_json(both.to_json()))
+    assert layer_widths(model) == layer_widths(twice)
+    torch.testing.assert_close(_logits(model), _logits(twice), atol=1e-6, rtol=0)
+    with pytest.raises(PlanError, match="resolve"):
+        first.then(second)
