@@ -376,3 +376,15 @@ def test_smollm2_multiple_choice_above_chance(smollm2):
           f"n={out['n']} in {time.perf_counter() - t:.1f}s")
     assert out["n"] == 60
     assert out["acc"] > 0.5  # chance is 0.25
+
+
+def test_method_classes_import_from_the_methods_package():
+    import hf_prune.methods as methods
+
+    for cls_name, reg_name in (("IteRABRe", "iterabre"), ("ShortGPT", "shortgpt"), ("SliceGPT", "slicegpt"),
+                               ("DynamicSlicing", "dynamic_slicing"), ("PIP", "pip"), ("LLMPruner", "llm_pruner"),
+                               ("MagnitudePruning", "magnitude"), ("LLMSurgeon", "llm_surgeon")):
+        assert methods._CLASSES[cls_name] in getattr(methods, cls_name).__module__
+        assert getattr(methods, cls_name).name == reg_name
+    with pytest.raises(AttributeError, match="NoSuchMethod"):
+        methods.NoSuchMethod

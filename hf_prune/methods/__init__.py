@@ -21,7 +21,22 @@ from torch import nn
 
 from ..plan import PrunePlan
 
-__all__ = ["PruningMethod", "available", "get", "register"]
+__all__ = [
+    "PruningMethod", "available", "get", "register",
+    "DynamicSlicing", "IteRABRe", "LLMPruner", "LLMSurgeon", "MagnitudePruning", "PIP", "ShortGPT", "SliceGPT",
+]
+
+# method classes importable from here (`from hf_prune.methods import IteRABRe`), loaded on first access
+_CLASSES = {
+    "DynamicSlicing": "slicegpt", "IteRABRe": "iterabre", "LLMPruner": "pip", "LLMSurgeon": "llm_surgeon",
+    "MagnitudePruning": "pip", "PIP": "pip", "ShortGPT": "shortgpt", "SliceGPT": "slicegpt",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _CLASSES:
+        return getattr(importlib.import_module(f"{__name__}.{_CLASSES[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 _REGISTRY: dict[str, type["PruningMethod"]] = {}
 
