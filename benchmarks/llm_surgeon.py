@@ -59,6 +59,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "llm_surgeon.json"))
+    p.add_argument("--resume", action="store_true",
+                   help="keep the dense row and the runs already in --out when its settings match (modes and criteria "
+                        "may differ), and skip trajectories whose rows are all there")
     return p.parse_args(argv)
 
 
@@ -194,15 +197,27 @@ def main(argv=None) -> dict:
         out.write_text(json.dumps(res, indent=2))
         out.with_suffix(".md").write_text(markdown(res))
 
+    volatile = ("modes", "criteria", "out", "threads", "resume")
+    if args.resume and out.is_file():
+        old = json.loads(out.read_text())
+        same = {k: v for k, v in old.get("config", {}).items() if k not in volatile}
+        if same == {k: v for k, v in vars(args).items() if k not in volatile}:
+            res["dense"], res["runs"] = old.get("dense"), old.get("runs", [])
+            res["command"] = old.get("command", res["command"]) + "; then " + res["command"]
+        else:
+            print(f"--resume: settings differ from {out}; starting afresh", flush=True)
+    done = {(r["mode"], r["criterion"], round(r["target"], 6)) for r in res["runs"]}
+
     model, tok = load()
     wiki_text = wiki.read_text(encoding="utf-8")
     if args.ppl_max_tokens:  # tokenizing 9 MB per evaluation is slow; 16 characters a token is ample margin
         wiki_text = wiki_text[: 16 * args.ppl_max_tokens]
     blocks = token_blocks(tok, read_texts(calib_path), args.calib_samples, args.calib_len, seed=args.seed)
     calib = batches(blocks, args.batch_size)
-    res["dense"] = {**measure(model), **evaluate(model, tok, args, wiki_text, mc_tasks)}
-    print(f"dense: {res['dense']}", flush=True)
-    save()
+    if res["dense"] is None:
+        res["dense"] = {**measure(model), **evaluate(model, tok, args, wiki_text, mc_tasks)}
+        print(f"dense: {res['dense']}", flush=True)
+        save()
 
     criteria = args.criteria.split(",")
     targets = [float(x) for x in args.structured_targets.split(",")]
@@ -212,6 +227,9 @@ def main(argv=None) -> dict:
                 alpha, shots, evals = max(targets), args.structured_shots, targets
             else:
                 alpha, shots, evals = args.sparse_target, args.sparse_shots, [args.sparse_target]
+            if all((mode, criterion, round(x, 6)) in done for x in evals):
+                print(f"[skip] {mode} {criterion}: in {out}", flush=True)
+                continue
             model, tok = load()
             method = LLMSurgeon(target=alpha, shots=shots, mode=mode, criterion=criterion,
                                 chunk_size=args.chunk_size, compute_dtype=args.compute_dtype, seed=args.seed)
@@ -224,7 +242,7 @@ def main(argv=None) -> dict:
                 seconds.append(time.perf_counter() - t)
                 reached = (stage + 1) * alpha / shots
                 hit = [x for x in evals if math.isclose(x, reached, abs_tol=1e-9)]
-                if not hit:
+                if not hit or (mode, criterion, round(hit[0], 6)) in done:
                     continue
                 run = {"mode": mode, "criterion": criterion, "target": hit[0], "shots": stage + 1,
                        "seconds_per_shot": list(seconds), "removed_fraction": plan.provenance["removed_fraction"],

@@ -32,8 +32,15 @@ Design: one train() call per recovery stage.
        to the global step (same schedule position), and activation checkpointing is re-enabled by `train()` itself.
     A stage due before any training (epoch 0 / step 0) is run before the first `train()` call.
 
-    The same code path serves `Trainer` and `SFTTrainer`, full fine-tuning and LoRA, one process and DDP; calling
-    `trainer.train()` directly with this callback raises and says to use `prune_and_train`.
+    The same code path serves `Trainer` and `SFTTrainer`, full fine-tuning and LoRA, one process and DDP.
+
+Plain `trainer.train()` (one process, full fine-tuning): `trainer.add_callback(PruneCallback(...)); trainer.train()`
+    also works. The callback finds its Trainer (callbacks are not handed one) and prunes inside the loop at the same
+    boundaries (HF_NOTES 1.4 A): the loop's model is the pruned module itself, and it re-reads the optimizer and the
+    LR scheduler from the Trainer at every step, so the callback rebuilds both (state carried, schedule position
+    kept) and logs the stage. Where the loop holds something that cannot be rebuilt from inside it (a DDP or compile
+    wrapper, a PEFT model whose adapter must be merged and re-attached) `train()` raises and names the reason; use
+    `prune_and_train` there.
 
 Resuming: a stage checkpoint and every regular checkpoint written after a stage hold the reduced architecture. Build
 the model with `load_for_resume(ckpt)` (a LoRA checkpoint is loaded onto the merged, pruned base it names), build
@@ -53,6 +60,7 @@ the main process and read by all). While the main process scores, the other rank
 from __future__ import annotations
 
 import copy
+import inspect
 import json
 import logging
 import os
@@ -283,6 +291,7 @@ class PruneCallback(TrainerCallback):
         self.stages_done = 0
         self.kept_original: list[int] | None = None  # original index of every current decoder layer
         self._driver_active = False
+        self._in_loop = False  # pruning inside a direct trainer.train() call (single process)
         self._stop_requested = False
         self._fast_forward_scheduler = False
         self._pending_logs: list[dict] = []
@@ -299,7 +308,7 @@ class PruneCallback(TrainerCallback):
     def stages_left(self) -> int:
         return self.method.stages - self.stages_done
 
-    def bind(self, trainer: Trainer) -> None:
+    def bind(self, trainer: Trainer, own_optimizer_check: bool = True) -> None:
         """Check that `trainer` can be pruned between stages, and install the distillation loss."""
         if trainer.is_fsdp_enabled or trainer.is_deepspeed_enabled:
             raise ValueError("PruneCallback does not support FSDP or DeepSpeed yet; use DDP or a single process")
@@ -308,7 +317,9 @@ class PruneCallback(TrainerCallback):
                 "load_best_model_at_end=True cannot be used with PruneCallback: the best checkpoint may hold an "
                 "architecture from before a pruning stage; evaluate and select after training instead"
             )
-        if self.trainer is not trainer and (trainer.optimizer is not None or trainer.lr_scheduler is not None):
+        if own_optimizer_check and self.trainer is not trainer and (
+            trainer.optimizer is not None or trainer.lr_scheduler is not None
+        ):
             raise ValueError(
                 "PruneCallback rebuilds the optimizer and LR scheduler after every stage with trainer.create_optimizer()"
                 "; pass the optimizer through TrainingArguments(optim=...) or optimizer_cls_and_kwargs instead of "
@@ -350,10 +361,9 @@ class PruneCallback(TrainerCallback):
     # ----- Trainer events ------------------------------------------------------------------------------------------
     def on_train_begin(self, args, state, control, lr_scheduler=None, **kwargs):
         if not self._driver_active:
-            raise RuntimeError(
-                "PruneCallback prunes between train() calls; run training with "
-                "hf_prune.callbacks.prune_and_train(trainer) instead of trainer.train()"
-            )
+            self._begin_in_loop(state)
+            return
+        self._in_loop = False
         self._stop_requested = False
         plateau = isinstance(lr_scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau)  # steps on metrics only
         if self._fast_forward_scheduler and lr_scheduler is not None and not plateau:
@@ -365,8 +375,15 @@ class PruneCallback(TrainerCallback):
         while self._pending_logs:
             self.trainer.log(self._pending_logs.pop(0))
 
+    def on_train_end(self, args, state, control, **kwargs):
+        if self._in_loop and (self.export_dir is not None or self.push_to_hub):
+            self.export(self.trainer)
+
     def _request_stage(self, state, control) -> None:
         if self.stages_left <= 0 or state.global_step >= state.max_steps:
+            return
+        if self._in_loop:
+            self.run_stage_in_loop(self.trainer, state)
             return
         control.should_training_stop = True
         control.should_save = False  # the stage checkpoint, written after pruning, replaces this one
@@ -377,6 +394,10 @@ class PruneCallback(TrainerCallback):
             self._request_stage(state, control)
 
     def on_epoch_end(self, args, state, control, **kwargs):
+        if self._in_loop:
+            if state.epoch is not None and self.schedule.before_epoch(int(round(state.epoch))):
+                self._request_stage(state, control)
+            return
         if self._stop_requested:
             control.should_save = False
             return
@@ -455,6 +476,105 @@ class PruneCallback(TrainerCallback):
         if any(f["checksum"] != mine["checksum"] for f in everyone):
             logger.warning("weights differ across ranks after pruning (checksums %s)", [f["checksum"] for f in everyone])
 
+    # ----- single process: pruning inside trainer.train() -------------------------------------------------------
+    def _in_loop_problem(self, trainer: Trainer | None) -> str | None:
+        """Why pruning inside this train() call cannot work (None when it can)."""
+        if trainer is None:
+            return "the Trainer running this callback was not found (call callback.bind(trainer) before train())"
+        if trainer.args.world_size > 1 or _distributed():
+            return (f"the run has {trainer.args.world_size} processes: the DDP wrapper is a local variable of the "
+                    "training loop and cannot be rebuilt inside it")
+        if _is_peft(trainer.model):
+            return "the model is a PEFT model: the LoRA adapter must be merged, and a new one attached, between train() calls"
+        if trainer.model_wrapped is not trainer.model:
+            return (f"the model is wrapped ({type(trainer.model_wrapped).__name__}, e.g. torch.compile or "
+                    "DataParallel) and the wrapper cannot be rebuilt inside the loop")
+        return None
+
+    def _begin_in_loop(self, state) -> None:
+        """`trainer.train()` was called directly: prune inside this loop (one process, full fine-tuning)."""
+        trainer = self.trainer or _calling_trainer()
+        problem = self._in_loop_problem(trainer)
+        if problem is not None:
+            raise RuntimeError(
+                f"PruneCallback cannot prune inside trainer.train() here: {problem}. Run training with "
+                "hf_prune.callbacks.prune_and_train(trainer), which prunes between train() calls and handles DDP and "
+                "LoRA."
+            )
+        if trainer.args.resume_from_checkpoint or state.global_step > 0:
+            logger.warning("PruneCallback inside trainer.train(): resuming a pruned run needs load_for_resume and "
+                           "prune_and_train(trainer, resume_from_checkpoint=...)")
+        self._in_loop = True
+        self.bind(trainer, own_optimizer_check=False)
+        if self.schedule.prunes_at_start and self.stages_done == 0 and self.stages_left > 0:
+            self.run_stage_in_loop(trainer, state)
+
+    def run_stage_in_loop(self, trainer: Trainer, state) -> None:
+        """Prune `trainer.model` in place during `train()` (one process, no wrapper, no PEFT; HF_NOTES 1.4 A): the
+        optimizer is rebuilt with `create_optimizer` (state carried for surviving parameters) and prepared by
+        accelerate, the LR scheduler is rebuilt and moved to the global step; the training loop reads both from the
+        Trainer at every step, and its local model is the pruned module itself."""
+        model = trainer.model
+        old_opt = _raw_optimizer(trainer.optimizer)
+        old_state = dict(old_opt.state) if old_opt is not None else {}
+        plan, record = self._apply_stage(model)
+        acc = trainer.accelerator
+        acc._optimizers = [o for o in getattr(acc, "_optimizers", []) if o is not trainer.optimizer]
+        acc._schedulers = [o for o in getattr(acc, "_schedulers", []) if o is not trainer.lr_scheduler]
+        trainer.optimizer, trainer.lr_scheduler = None, None
+        trainer.create_optimizer()
+        carried = carry_optimizer_state(old_state, _raw_optimizer(trainer.optimizer)) if old_opt is not None else 0
+        del old_opt, old_state
+        trainer.optimizer = acc.prepare_optimizer(trainer.optimizer)
+        trainer.create_scheduler(num_training_steps=state.max_steps)
+        plateau = isinstance(trainer.lr_scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau)
+        if not plateau:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # "lr_scheduler.step() before optimizer.step()"
+                for _ in range(state.global_step):
+                    trainer.lr_scheduler.step()
+        trainer.callback_handler.optimizer = trainer.optimizer
+        trainer.callback_handler.lr_scheduler = trainer.lr_scheduler
+        if self.distillation is not None:
+            self.distillation.attach(model)
+        record["prune/optimizer_states_kept"] = carried
+        should_log = trainer.control.should_log  # Trainer.log clears it; the step's own loss log must still happen
+        trainer.log(record)
+        trainer.control.should_log = should_log
+
+    def _apply_stage(self, base: nn.Module) -> tuple[PrunePlan, dict[str, Any]]:
+        """Score and prune the bare model `base` by one stage; update the stage count, the original-layer map and
+        the composed plan. Returns the stage's plan and its log record."""
+        plan, seconds = self._plan(base)
+        before = sum(p.numel() for p in base.parameters())
+        resolved = plan.resolve(base) if not plan.residual_widths else None
+        apply(base, plan)
+        if self.stages_done == 0 or self.plan is not None:
+            self.plan = None if resolved is None else (resolved if self.plan is None else self.plan.then(resolved))
+        after = sum(p.numel() for p in base.parameters())
+        self._verify_ranks(base)
+        dropped = set(plan.drop_layers)
+        removed_original = [self.kept_original[i] for i in plan.drop_layers]
+        self.kept_original = [j for i, j in enumerate(self.kept_original) if i not in dropped]
+        self.stages_done += 1
+        if _is_main():
+            logger.info(
+                "prune stage %d/%d (%s): removed layers %s (original %s), %d -> %d parameters",
+                self.stages_done, self.method.stages, self.method.name, plan.drop_layers, removed_original,
+                before, after,
+            )
+        return plan, {
+            STAGE_KEY: self.stages_done,
+            "prune/method": self.method.name,
+            "prune/removed_layers": json.dumps(plan.drop_layers),
+            "prune/removed_original_layers": json.dumps(removed_original),
+            "prune/kept_original_layers": json.dumps(self.kept_original),
+            "prune/num_layers": len(self.kept_original),
+            "prune/num_parameters": after,
+            "prune/removed_parameters": before - after,
+            "prune/scoring_seconds": round(seconds, 3),
+        }
+
     def run_stage(self, trainer: Trainer, initial: bool = False) -> str | None:
         """Prune `trainer.model` by one stage and rebuild what the change invalidated (module docstring, steps 1-6).
 
@@ -470,18 +590,7 @@ class PruneCallback(TrainerCallback):
         old_opt = _raw_optimizer(trainer.optimizer)
         old_state = dict(old_opt.state) if old_opt is not None else {}
 
-        plan, seconds = self._plan(base)
-        before = sum(p.numel() for p in base.parameters())
-        resolved = plan.resolve(base) if not plan.residual_widths else None
-        apply(base, plan)
-        if self.stages_done == 0 or self.plan is not None:
-            self.plan = None if resolved is None else (resolved if self.plan is None else self.plan.then(resolved))
-        after = sum(p.numel() for p in base.parameters())
-        self._verify_ranks(base)
-        dropped = set(plan.drop_layers)
-        removed_original = [self.kept_original[i] for i in plan.drop_layers]
-        self.kept_original = [j for i, j in enumerate(self.kept_original) if i not in dropped]
-        self.stages_done += 1
+        plan, record = self._apply_stage(base)
 
         stage_dir = os.path.join(trainer.args.output_dir, f"{STAGE_PREFIX}{self.stages_done}")
         if trainer.args.should_save:
@@ -515,24 +624,7 @@ class PruneCallback(TrainerCallback):
         if self.distillation is not None:
             self.distillation.attach(trainer.model)
 
-        record = {
-            STAGE_KEY: self.stages_done,
-            "prune/method": self.method.name,
-            "prune/removed_layers": json.dumps(plan.drop_layers),
-            "prune/removed_original_layers": json.dumps(removed_original),
-            "prune/kept_original_layers": json.dumps(self.kept_original),
-            "prune/num_layers": len(self.kept_original),
-            "prune/num_parameters": after,
-            "prune/removed_parameters": before - after,
-            "prune/optimizer_states_kept": carried,
-            "prune/scoring_seconds": round(seconds, 3),
-        }
-        if _is_main():
-            logger.info(
-                "prune stage %d/%d (%s): removed layers %s (original %s), %d -> %d parameters",
-                self.stages_done, self.method.stages, self.method.name, plan.drop_layers, removed_original,
-                before, after,
-            )
+        record["prune/optimizer_states_kept"] = carried
         if initial:  # the first train() call creates a fresh TrainerState: log into that one
             self._pending_logs.append(record)
             trainer.accelerator.wait_for_everyone()
@@ -549,6 +641,21 @@ class PruneCallback(TrainerCallback):
 # ---------------------------------------------------------------------------------------------------------------------
 # the driver
 # ---------------------------------------------------------------------------------------------------------------------
+
+
+def _calling_trainer() -> Trainer | None:
+    """The Trainer whose training loop is calling this callback: callbacks are not given the Trainer
+    (HF_NOTES 1.1), and `trainer.add_callback(PruneCallback(...))` leaves no other way to reach it."""
+    frame = inspect.currentframe()
+    try:
+        while frame is not None:
+            owner = frame.f_locals.get("self")
+            if isinstance(owner, Trainer):
+                return owner
+            frame = frame.f_back
+    finally:
+        del frame
+    return None
 
 
 def _jsonable(value: Any) -> bool:

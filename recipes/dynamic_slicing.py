@@ -5,10 +5,12 @@
 
 Defaults: the offline SmolLM2-135M-Instruct and the KJV corpus (recipes/recipe_utils.py). The model is rotated and
 sliced once (hf_prune.methods.slicegpt), then, with `recovery_tokens > 0`, LoRA adapters on every linear are trained
-and merged. The sliced model (Sliced* config + code files: loads with hf_prune installed or trust_remote_code=True),
-its plan and results.json go to `output_dir`. Slicing rotates the weights on every process identically (same seed,
-same calibration blocks), so an `accelerate launch` run slices on each rank and trains with DDP.
-YAML keys that belong to none of the dataclasses below are `transformers.TrainingArguments`.
+on a dataset of `recovery_tokens` fresh tokens (epochs, batch size, learning rate: TrainingArguments) and merged.
+`output_dir` gets the sliced model and tokenizer (Sliced* config + code files: loads with hf_prune imported or
+trust_remote_code=True), its plan `prune_plan.json` and `results.json` (run info, arguments, dense and sliced
+evaluation, parameter counts, training log). Slicing rotates the weights on every process identically (same seed,
+same calibration blocks), so an `accelerate launch` run slices on each rank and trains with DDP; the main process
+evaluates and writes. YAML keys that belong to none of the dataclasses below are `transformers.TrainingArguments`.
 """
 
 from __future__ import annotations
@@ -20,13 +22,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from recipe_utils import (  # noqa: E402
-    DataArguments,
-    EvalArguments,
     calibration_blocks,
     evaluate_model,
-    load_model_and_tokenizer,
     recovery_dataset,
-    run_info,
+    start_recipe,
     write_json,
 )
 
@@ -44,29 +43,22 @@ class SlicingArguments:
     lora_alpha: int = field(default=16, metadata={"help": "LoRA alpha."})
 
 
-def main(argv: list[str] | None = None) -> None:
-    from transformers import HfArgumentParser, TrainingArguments
-    from trl import TrlParser
-
+def main(argv: list[str] | None = None) -> dict:
     from hf_prune.data import batches
     from hf_prune.methods import get
     from hf_prune.surgery import apply_slicing, sliced_num_parameters
 
-    sargs, data, ev, rest = TrlParser((SlicingArguments, DataArguments, EvalArguments)).parse_args_and_config(
-        argv, return_remaining_strings=True
-    )
-    (targs,) = HfArgumentParser(TrainingArguments).parse_args_into_dataclasses(args=rest)
-    targs.seed = data.seed
-    model, tok = load_model_and_tokenizer(data.model_name_or_path)
-    results = {"run": run_info(argv), "slicing": vars(sargs), "data": vars(data)}
-    if ev.eval_dense:
-        results["dense"] = evaluate_model(model.eval(), tok, data, ev)
+    run = start_recipe((SlicingArguments,), argv)
+    (sargs,) = run.args
+    model, tok, data, ev, targs = run.model, run.tok, run.data, run.ev, run.targs
+    results = run.report
+    results.update({"slicing": vars(sargs), "data": vars(data)})
 
-    options = dict(slicing=sargs.slicing, basis=sargs.basis, head=sargs.head, round_to=sargs.round_to, seed=data.seed)
+    options = dict(slicing=sargs.slicing, basis=sargs.basis, head=sargs.head, round_to=sargs.round_to, seed=targs.seed)
     if sargs.method == "dynamic_slicing":
         options["base_slicing"] = sargs.base_slicing
-    calib = batches(calibration_blocks(tok, data), sargs.calibration_batch_size)
-    plan = get(sargs.method, **options).plan(model, calib)
+    calib = batches(calibration_blocks(tok, data, targs.seed), sargs.calibration_batch_size)
+    plan = get(sargs.method, **options).plan(model, calib)  # rotates `model` in place
     apply_slicing(model, plan)
     results["plan"] = plan.to_dict()
     results["sliced_parameters"] = sliced_num_parameters(model)
@@ -79,21 +71,21 @@ def main(argv: list[str] | None = None) -> None:
             model, LoraConfig(r=sargs.lora_r, lora_alpha=sargs.lora_alpha, target_modules="all-linear",
                               task_type="CAUSAL_LM")
         )
-        trainer = Trainer(model=peft_model, args=targs, train_dataset=recovery_dataset(tok, data),
+        trainer = Trainer(model=peft_model, args=targs, train_dataset=recovery_dataset(tok, data, targs.seed),
                           data_collator=default_data_collator, processing_class=tok)
         trainer.train()
         results["log_history"] = trainer.state.log_history
         model = trainer.model.merge_and_unload()
-        if not trainer.accelerator.is_main_process:
-            return
 
-    out = Path(targs.output_dir)
-    model.save_pretrained(out)
-    tok.save_pretrained(out)
-    plan.save(out)
-    results["sliced"] = evaluate_model(model.eval(), tok, data, ev)
-    write_json(out / "results.json", results)
-    print({k: results[k] for k in ("dense", "sliced", "sliced_parameters") if k in results})
+    if targs.should_save:  # the main process (every rank sliced and trained the same model)
+        results["sliced"] = evaluate_model(model.eval(), tok, data, ev)
+        out = Path(targs.output_dir)
+        model.save_pretrained(out)
+        tok.save_pretrained(out)
+        plan.save(out)
+        write_json(out / "results.json", results)
+        print({k: results[k] for k in ("dense", "sliced", "sliced_parameters") if k in results})
+    return results
 
 
 if __name__ == "__main__":

@@ -4,9 +4,13 @@
     python recipes/llm_surgeon.py --config recipes/configs/llm_surgeon_smollm2.yaml --mode 2:4 --target 0.5
 
 Defaults: the offline SmolLM2-135M-Instruct and the KJV corpus (recipes/recipe_utils.py). With `recovery_tokens: 0`
-(the paper's setting) the shots run back to back: plan -> weight update -> surgery. With recovery tokens the run
-is a Trainer with hf_prune.callbacks.PruneCallback, one shot per stage and LoRA recovery in between (LoRA is merged
-before every shot). The pruned model, its plan and results.json go to `output_dir`.
+(the paper's setting) the shots run back to back: plan -> weight update -> surgery. With recovery tokens (structured
+mode, one process) the run is a Trainer with hf_prune.callbacks.PruneCallback: one shot per stage (plan -> weight
+update -> surgery) with LoRA recovery in between, on a dataset of `recovery_tokens` fresh tokens (epochs, batch size,
+learning rate: TrainingArguments); LoRA is merged before every shot and at the end. A merge would fill the zeros of
+2:4 / unstructured sparsity, so those modes refuse recovery. `output_dir` gets the pruned model and tokenizer,
+`prune_plan.json` (all shots composed, in the dense model's indices) and `results.json` (run info, arguments, dense
+and pruned evaluation, each shot's plan, training log).
 Keys of the YAML that belong to none of the dataclasses below are `transformers.TrainingArguments`.
 """
 
@@ -20,15 +24,15 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from recipe_utils import (  # noqa: E402
-    DataArguments,
-    EvalArguments,
     calibration_blocks,
     evaluate_model,
-    load_model_and_tokenizer,
     recovery_dataset,
-    run_info,
+    start_recipe,
     write_json,
 )
+
+from hf_prune.methods.llm_surgeon import LLMSurgeon  # noqa: E402
+from hf_prune.plan import PrunePlan  # noqa: E402
 
 
 @dataclass
@@ -44,32 +48,49 @@ class SurgeonArguments:
     lora_alpha: int = field(default=16, metadata={"help": "LoRA alpha."})
 
 
-def main(argv: list[str] | None = None) -> None:
-    from transformers import HfArgumentParser, TrainingArguments
-    from trl import TrlParser
+class UpdatingSurgeon(LLMSurgeon):
+    """LLMSurgeon for PruneCallback, which runs `plan` then surgery: `plan` also writes the shot's weight update
+    (which must go in before surgery) and keeps every shot's plan in `shot_plans`."""
 
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.shot_plans: list[PrunePlan] = []
+
+    def plan(self, model, batches, stage: int = 0) -> PrunePlan:
+        plan = super().plan(model, batches, stage)
+        self.update(model)
+        self.shot_plans.append(plan)
+        return plan
+
+
+def main(argv: list[str] | None = None) -> dict:
     from hf_prune import apply
     from hf_prune.data import batches
-    from hf_prune.methods.llm_surgeon import LLMSurgeon
 
-    sargs, data, ev, rest = TrlParser((SurgeonArguments, DataArguments, EvalArguments)).parse_args_and_config(
-        argv, return_remaining_strings=True
-    )
-    (targs,) = HfArgumentParser(TrainingArguments).parse_args_into_dataclasses(args=rest)
-    targs.seed = data.seed
-    model, tok = load_model_and_tokenizer(data.model_name_or_path)
-    results = {"run": run_info(argv), "surgeon": vars(sargs), "data": vars(data)}
-    if ev.eval_dense:
-        results["dense"] = evaluate_model(model.eval(), tok, data, ev)
-    method = LLMSurgeon(target=sargs.target, shots=sargs.shots, mode=sargs.mode, criterion=sargs.criterion,
-                        fisher=sargs.fisher, chunk_size=sargs.chunk_size, seed=data.seed)
-    calib = batches(calibration_blocks(tok, data), sargs.calibration_batch_size)
+    run = start_recipe((SurgeonArguments,), argv)
+    (sargs,) = run.args
+    model, tok, data, ev, targs = run.model, run.tok, run.data, run.ev, run.targs
+    recover = data.recovery_tokens > 0
+    if recover and sargs.mode != "structured":
+        raise ValueError(f"recovery_tokens={data.recovery_tokens} with mode={sargs.mode!r}: merging the LoRA recovery "
+                         "would fill the pruned zeros; use recovery_tokens 0 or mode structured")
+    if recover and targs.world_size > 1:
+        raise ValueError("recovery between shots runs in one process (the weight update is computed where the plan "
+                         "is); run with plain `python`, or use recovery_tokens 0")
+    results = run.report
+    results.update({"surgeon": vars(sargs), "data": vars(data)})
+    method = (UpdatingSurgeon if recover else LLMSurgeon)(
+        target=sargs.target, shots=sargs.shots, mode=sargs.mode, criterion=sargs.criterion, fisher=sargs.fisher,
+        chunk_size=sargs.chunk_size, seed=targs.seed)
+    calib = batches(calibration_blocks(tok, data, targs.seed), sargs.calibration_batch_size)
 
-    trainer, plans = None, []
-    if data.recovery_tokens <= 0:
+    trainer, plans, whole = None, [], None
+    if not recover:
         for stage in range(method.stages):
             plans.append(method.plan(model, calib, stage))
             method.update(model)  # the weight update goes in before surgery removes the dead structures
+            resolved = plans[-1].resolve(model)
+            whole = resolved if whole is None else whole.then(resolved)
             apply(model, plans[-1])
     else:
         from peft import LoraConfig, get_peft_model
@@ -77,27 +98,36 @@ def main(argv: list[str] | None = None) -> None:
 
         from hf_prune.callbacks import PruneCallback, PruneSchedule, prune_and_train
 
-        train_ds = recovery_dataset(tok, data)
+        train_ds = recovery_dataset(tok, data, targs.seed)
+        # optimizer steps as the Trainer counts them; stages at step 0, n, 2n, ... all fall inside the run
+        rows = targs.per_device_train_batch_size * max(1, targs.world_size)
+        per_epoch = max(1, math.ceil(len(train_ds) / rows) // targs.gradient_accumulation_steps)
+        total = targs.max_steps if targs.max_steps > 0 else math.ceil(targs.num_train_epochs * per_epoch)
+        if total < method.stages:
+            raise ValueError(f"recovery has {total} optimizer steps, fewer than the {method.stages} shots; raise "
+                             "recovery_tokens or lower shots")
         model = get_peft_model(model, LoraConfig(r=sargs.lora_r, lora_alpha=sargs.lora_alpha, task_type="CAUSAL_LM",
                                                  target_modules="all-linear"))
-        per_step = targs.per_device_train_batch_size * targs.gradient_accumulation_steps * max(1, targs.world_size)
-        total = targs.max_steps if targs.max_steps > 0 else math.ceil(len(train_ds) / per_step) * targs.num_train_epochs
         callback = PruneCallback(method, calibration=calib,
-                                 schedule=PruneSchedule(every_n_steps=max(1, math.ceil(total / method.stages))))
+                                 schedule=PruneSchedule(every_n_steps=total // method.stages))
         trainer = Trainer(model=model, args=targs, train_dataset=train_ds, data_collator=default_data_collator,
                           processing_class=tok, callbacks=[callback])
         prune_and_train(trainer)
         model = trainer.model.merge_and_unload()
+        plans, whole = method.shot_plans, callback.plan
 
-    out = Path(targs.output_dir)
-    model.save_pretrained(out)
-    tok.save_pretrained(out)
-    results["plans"] = [p.to_dict() for p in plans]  # stage k names structures of the model after stage k - 1
-    results["pruned"] = evaluate_model(model.eval(), tok, data, ev)
+    results["plans"] = [p.to_dict() for p in plans]  # shot k names structures of the model after shot k - 1
     if trainer is not None:
         results["log_history"] = trainer.state.log_history
-    write_json(out / "results.json", results)
-    print({k: results[k] for k in ("dense", "pruned") if k in results})
+    if targs.should_save:  # the main process
+        results["pruned"] = evaluate_model(model.eval(), tok, data, ev)
+        out = Path(targs.output_dir)
+        model.save_pretrained(out)
+        tok.save_pretrained(out)
+        whole.save(out)
+        write_json(out / "results.json", results)
+        print({k: results[k] for k in ("dense", "pruned") if k in results})
+    return results
 
 
 if __name__ == "__main__":

@@ -7,8 +7,9 @@
 recipes/recipe_utils.py's DataArguments, EvalArguments, RecoveryArguments, and transformers.TrainingArguments
 (whose --gradient_checkpointing also turns on activation checkpointing for the scoring passes).
 The recovery tokens are split evenly between the method's steps (one prune before each share). Writes
-`<output_dir>/model` (merged, pruned model + tokenizer), `train_log.json` and `eval.json`; the plan of every step is
-in `<output_dir>/prune-stage-<k>/prune_plan.json`.
+`<output_dir>/model` (merged, pruned model + tokenizer + prune_plan.json: every step composed into the dense model's
+indices), `train_log.json` and `eval.json`; the plan of each step alone (in the indices of the model it was applied
+to) is in `<output_dir>/prune-stage-<k>/prune_plan.json`.
 """
 
 from __future__ import annotations
@@ -21,18 +22,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import yaml  # noqa: E402
 from recipe_utils import (  # noqa: E402
-    DataArguments,
-    EvalArguments,
     RecoveryArguments,
     evaluate_model,
-    load_model_and_tokenizer,
     method_arguments,
-    run_info,
     run_prune_recover,
     save_outputs,
+    start_recipe,
 )
-from transformers import TrainingArguments  # noqa: E402
-from trl import TrlParser  # noqa: E402
 
 from hf_prune.methods import get  # noqa: E402
 from hf_prune.methods.pip import LLMPruner, MagnitudePruning, PIP  # noqa: E402
@@ -68,31 +64,25 @@ def main(argv: list[str] | None = None) -> dict:
     name = _method_name(argv)
     recovery_fields = tuple(f.name for f in dataclasses.fields(RecoveryArguments))
     margs_cls = method_arguments(METHODS[name], exclude=recovery_fields + NOT_FLAGS)
-    parser = TrlParser((MethodChoice, margs_cls, DataArguments, EvalArguments, RecoveryArguments, TrainingArguments))
-    *parsed, from_config, from_cli = parser.parse_args_and_config(
-        argv, return_remaining_strings=True, separate_remaining_strings=True
-    )
-    _, margs, data, ev, rec, targs = parsed
     # a shared YAML may carry another method's fields (e.g. PIP's perturbation with --method llm_pruner): skip those
-    other = {f"--{f.name}" for cls in METHODS.values() for f in dataclasses.fields(cls)}
-    unknown = [a for a in from_config if a.startswith("--") and a not in other] + from_cli
-    if unknown:
-        raise ValueError(f"unknown arguments {unknown}; see `python recipes/pip.py --method {name} --help`")
+    other = {f.name for cls in METHODS.values() for f in dataclasses.fields(cls)}
+    run = start_recipe((MethodChoice, margs_cls, RecoveryArguments), argv, ignore_config_keys=other)
+    _, margs, rec = run.args
+    data, targs, tok = run.data, run.targs, run.tok
 
-    model, tok = load_model_and_tokenizer(data.model_name_or_path)
     extra = {"tokenizer": tok} if name == "pip" else {}
     method = get(name, seed=targs.seed, progress=False, gradient_checkpointing=targs.gradient_checkpointing,
                  **dataclasses.asdict(margs), **extra)
-    report: dict = {"info": run_info(argv), "method": method.config_dict()}
-    if ev.eval_dense:
-        report["dense"] = evaluate_model(model, tok, data, ev)
-    result = run_prune_recover(method, model, tok, data, rec, targs, data.recovery_tokens)
-    report["pruned_recovered"] = evaluate_model(result["model"].eval(), tok, data, ev)
+    report = run.report
+    report["method"] = method.config_dict()
+    result = run_prune_recover(method, run.model, tok, data, rec, targs, data.recovery_tokens)
+    report["pruned_recovered"] = evaluate_model(result["model"].eval(), tok, data, run.ev)
     report["layer_widths"] = layer_widths(result["model"])  # (query heads, kv heads, MLP channels) per layer
     report.update({k: result[k] for k in ("selection_seconds", "recovery_seconds", "recovery_tokens")})
+    report["plan"] = result["plan"].to_dict()
     if result["trainer"].accelerator.is_main_process:
         save_outputs(targs.output_dir, result, tok, report)
-        print(f"pruned model, train_log.json and eval.json written to {targs.output_dir}")
+        print(f"pruned model, plan, train_log.json and eval.json written to {targs.output_dir}")
     result["trainer"].accelerator.wait_for_everyone()
     return report
 

@@ -1,7 +1,8 @@
 """Shared pieces of the runnable recipes (`accelerate launch recipes/<name>.py --config ...` or plain `python`).
 
-Each recipe parses its own dataclasses plus `DataArguments` and `EvalArguments` below with `trl.TrlParser`
-(`--config file.yaml`, CLI flags override the YAML), then calls these helpers. Defaults use the offline SmolLM2
+Each recipe starts with `start_recipe`: its own dataclasses plus `DataArguments`, `EvalArguments` below and
+`transformers.TrainingArguments` are parsed by one `trl.TrlParser` (`--config file.yaml`, CLI flags override the
+YAML), the model is loaded and the dense model evaluated; then the recipe calls the other helpers. Defaults use the offline SmolLM2
 (`hf_prune.assets.smollm2_path()`) and the pip-installable KJV corpus (`hf_prune.assets.default_corpus`), so every
 recipe runs on a fresh machine with only pip.
 """
@@ -15,9 +16,12 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Collection, Sequence
 
 import torch
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase, TrainingArguments
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -93,6 +97,8 @@ def load_texts(spec: str | None, split: str, text_field: str = "text") -> list[s
 
 
 def calibration_blocks(tok, data: DataArguments, seed: int) -> torch.Tensor:
+    """`calibration_samples` random blocks of `calibration_seq_len` tokens of the calibration text, drawn with `seed`
+    (the same seed on every process gives every rank the same blocks)."""
     from hf_prune.data import token_blocks
 
     texts = load_texts(data.dataset_name, "calibration", data.dataset_text_field)
@@ -139,6 +145,50 @@ def evaluate_model(model, tok, data: DataArguments, ev: EvalArguments) -> dict[s
             Path(t).stem: multiple_choice(model, tok, t, limit=ev.mc_limit) for t in ev.mc_tasks.split(",") if t
         }
     return out
+
+
+@dataclass
+class RecipeStart:
+    """What `start_recipe` returns."""
+
+    args: tuple[Any, ...]  # the recipe's own dataclasses, parsed, in the order given to `start_recipe`
+    data: DataArguments
+    ev: EvalArguments
+    targs: "TrainingArguments"
+    model: "PreTrainedModel"
+    tok: "PreTrainedTokenizerBase"
+    report: dict[str, Any]  # {"info": run_info(...), "dense": evaluate_model(...) when eval_dense}
+
+
+def start_recipe(arg_types: Sequence[type], argv: Sequence[str] | None = None,
+                 ignore_config_keys: Collection[str] = ()) -> RecipeStart:
+    """The start every recipe shares: parse, seed, load, evaluate the dense model.
+
+    `(*arg_types, DataArguments, EvalArguments, TrainingArguments)` are parsed by one `trl.TrlParser` from `argv`
+    (default `sys.argv[1:]`): `--config file.yaml` sets defaults, CLI flags override them, `--help` lists every flag.
+    Unknown flags and YAML keys raise ValueError, except YAML keys named in `ignore_config_keys` (a YAML shared by
+    several methods). Everything is seeded with TrainingArguments' `--seed`; the model and tokenizer come from
+    `--model_name_or_path` (float32; default: the offline SmolLM2); the report begins with `run_info` and, with
+    `--eval_dense` (default), the dense model's `evaluate_model`.
+    """
+    from transformers import TrainingArguments, set_seed
+    from trl import TrlParser
+
+    parser = TrlParser((*arg_types, DataArguments, EvalArguments, TrainingArguments))
+    *parsed, from_config, from_cli = parser.parse_args_and_config(
+        list(sys.argv[1:] if argv is None else argv), return_remaining_strings=True, separate_remaining_strings=True
+    )
+    # TrlParser gives unknown YAML keys back as "--key", "value" pairs
+    unknown = [k for k in from_config[::2] if k[2:] not in ignore_config_keys] + list(from_cli)
+    if unknown:
+        raise ValueError(f"unknown arguments {unknown}; see the recipe's --help")
+    *args, data, ev, targs = parsed
+    set_seed(targs.seed)
+    model, tok = load_model_and_tokenizer(data.model_name_or_path)
+    report: dict[str, Any] = {"info": run_info(None if argv is None else list(argv))}
+    if ev.eval_dense:
+        report["dense"] = evaluate_model(model.eval(), tok, data, ev)
+    return RecipeStart(tuple(args), data, ev, targs, model, tok, report)
 
 
 def run_info(argv: list[str] | None = None) -> dict[str, Any]:
@@ -211,7 +261,8 @@ def run_prune_recover(method, model, tok, data: DataArguments, rec: RecoveryArgu
     `total_tokens / method.stages` tokens, so each stage is followed by an equal share of recovery. A one-stage
     method (ShortGPT) therefore prunes once and recovers on all `total_tokens`: the fair one-shot baseline for an
     iterative method with the same budget. Returns the merged pruned model, the plan in original layer indices, the
-    Trainer's log history, timings and the token counts.
+    Trainer's log history, timings and the token counts. The plan holds every stage composed (dropped layers, kept
+    heads and channels, in original indices); `provenance["stages"]` lists the layers each stage removed.
     """
     import copy as _copy
     import json as _json
@@ -252,7 +303,10 @@ def run_prune_recover(method, model, tok, data: DataArguments, rec: RecoveryArgu
     dropped = sorted(set(range(n_layers)) - set(cb.kept_original))
     selection = sum(h.get("prune/scoring_seconds", 0.0) for h in stages)
     tokens = len(train) * data.recovery_seq_len
-    plan = PrunePlan(drop_layers=dropped, provenance={
+    # every stage composed into original indices (layers, heads, channels); None only for slicing methods
+    whole = cb.plan if cb.plan is not None else PrunePlan(drop_layers=dropped)
+    plan = PrunePlan(drop_layers=whole.drop_layers, heads=whole.heads, kv_heads=whole.kv_heads,
+                     mlp_channels=whole.mlp_channels, provenance={
         "method": method.name, "config": method.config_dict(), "stages": [
             {"removed_original_layers": _json.loads(h["prune/removed_original_layers"]), "step": h.get("step")}
             for h in stages],

@@ -181,12 +181,75 @@ def test_resume_from_a_checkpoint_written_after_pruning(full_run, tmp_path):
     assert reloaded.config.num_hidden_layers == 3 and float(diff.max()) <= 1e-5
 
 
-def test_plain_train_call_is_refused(tmp_path):
+class StageProbe(TrainerCallback):
+    """After each pruning stage (seen in the logs), checks the next optimizer step against the rebuilt optimizer."""
+
+    def __init__(self, trainer_ref):
+        self.trainer_ref, self.pending, self.checks = trainer_ref, None, []
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs and "prune/stage" in logs:
+            t = self.trainer_ref()
+            self.pending = {n: p.detach().clone() for n, p in t.model.named_parameters()}
+            self.pending_step = state.global_step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.pending is None or state.global_step <= self.pending_step:  # the step that pruned
+            return
+        t = self.trainer_ref()
+        raw = _raw_optimizer(t.optimizer)
+        params = list(t.model.parameters())
+        self.checks.append({
+            "step": state.global_step,
+            "all_in_optimizer": {id(p) for g in raw.param_groups for p in g["params"]} == {id(p) for p in params},
+            "all_changed": all(not torch.equal(self.pending[n], p.detach()) for n, p in t.model.named_parameters()),
+            "state_shapes_ok": all(v.shape == p.shape for p, st in raw.state.items() for v in st.values()
+                                   if torch.is_tensor(v) and v.dim() > 0) and len(raw.state) == len(params),
+        })
+        self.pending = None
+
+
+@pytest.mark.parametrize("optim", ["adamw_torch", "adamw_torch_fused"])
+def test_plain_train_call_prunes_inside_the_loop(tmp_path, optim):
+    """DESIGN.md's story: trainer.add_callback(PruneCallback(...)); trainer.train() -- one process, full fine-tuning."""
+    blocks = _blocks()
+    trainer = Trainer(model=tiny_model("llama", num_hidden_layers=5).train(),
+                      args=_args(tmp_path, optim=optim, lr_scheduler_type="linear", save_strategy="steps",
+                                 save_steps=5), train_dataset=blocks_dataset(blocks))
+    cb = PruneCallback(ShortGPT(n_remove=2, per_stage=1, progress=False), calibration=blocks[:4],
+                       schedule=PruneSchedule(every_n_steps=2, at_start=False))
+    probe = StageProbe(weakref.ref(trainer))
+    trainer.add_callback(cb)
+    trainer.add_callback(probe)
+    trainer.train()
+    assert trainer.model.config.num_hidden_layers == 3 and len(trainer.model.model.layers) == 3
+    recs = _records(trainer.state.log_history)
+    assert [r["step"] for r in recs] == [2, 4] and [r["prune/num_layers"] for r in recs] == [4, 3]
+    assert [c["step"] for c in probe.checks] == [3, 5]
+    assert all(c["all_in_optimizer"] and c["all_changed"] and c["state_shapes_ok"] for c in probe.checks)
+    # the linear schedule continued where it was: lr = lr0 * (1 - (step - 1) / max_steps) at every logged step
+    lrs = [(h["step"], h["learning_rate"]) for h in trainer.state.log_history if "learning_rate" in h]
+    assert len(lrs) == 6
+    for step, lr in lrs:
+        assert lr == pytest.approx(1e-3 * (1 - (step - 1) / 6), rel=1e-6)
+    # the step-5 checkpoint holds the pruned model and the final save reloads with the same logits
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "checkpoint-5").config.num_hidden_layers == 3
+    trainer.save_model(tmp_path / "final")
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "final").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(input_ids=blocks[:2]).logits,
+                                   trainer.model.eval()(input_ids=blocks[:2]).logits)
+
+
+def test_plain_train_call_is_refused_where_the_loop_cannot_be_rebuilt(tmp_path):
+    from peft import LoraConfig, get_peft_model
+
     blocks = _blocks(4)
+    model = get_peft_model(tiny_model("llama").train(),
+                           LoraConfig(r=4, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"))
     cb = PruneCallback(ShortGPT(n_remove=1, progress=False), calibration=blocks)
-    trainer = Trainer(model=tiny_model("llama"), args=_args(tmp_path), train_dataset=blocks_dataset(blocks),
-                      callbacks=[cb])
-    with pytest.raises(RuntimeError, match="prune_and_train"):
+    trainer = Trainer(model=model, args=_args(tmp_path), train_dataset=blocks_dataset(blocks), callbacks=[cb])
+    with pytest.raises(RuntimeError, match="PEFT model.*prune_and_train"):
         trainer.train()
 
 
@@ -407,3 +470,19 @@ def test_callback_exports_composed_plan_and_pushes(tmp_path, monkeypatch):
     reloaded = AutoModelForCausalLM.from_pretrained(out).eval()
     with torch.no_grad():
         torch.testing.assert_close(reloaded(input_ids=blocks[:2]).logits, trainer.model.eval()(input_ids=blocks[:2]).logits)
+
+
+def test_plain_train_call_prunes_before_each_epoch_with_sft_trainer(tmp_path):
+    from trl import SFTConfig, SFTTrainer
+
+    blocks = _blocks()
+    args = SFTConfig(output_dir=str(tmp_path), per_device_train_batch_size=4, num_train_epochs=2, learning_rate=1e-3,
+                     logging_steps=1, save_strategy="no", report_to=[], use_cpu=True, disable_tqdm=True, seed=0,
+                     optim="adamw_torch", dataset_kwargs={"skip_prepare_dataset": True}, max_length=None)
+    trainer = SFTTrainer(model=tiny_model("llama", num_hidden_layers=4).train(), args=args,
+                         train_dataset=blocks_dataset(blocks), processing_class=tiny_tokenizer())
+    trainer.add_callback(PruneCallback(ShortGPT(n_remove=2, per_stage=1, progress=False), calibration=blocks[:4]))
+    trainer.train()
+    recs = _records(trainer.state.log_history)
+    assert [r["step"] for r in recs] == [0, 3] and trainer.model.config.num_hidden_layers == 2
+    assert [h["step"] for h in trainer.state.log_history if "loss" in h] == [1, 2, 3, 4, 5, 6]
