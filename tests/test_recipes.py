@@ -52,7 +52,9 @@ def load_recipe(name: str, monkeypatch):
     return module
 
 
-def argv(env, out: Path, **flags) -> list[str]:
+def argv(env, out: Path, config: str | None = None, **flags) -> list[str]:
+    """Tiny-run flags; with `config`, after `--config recipes/configs/<config>_smollm2.yaml` (the flags override it)."""
+    head = ["--config", str(RECIPES / "configs" / f"{config}_smollm2.yaml")] if config else []
     args = {
         "model_name_or_path": env["dense"], "dataset_name": env["root"] / "train.txt",
         "eval_text": env["root"] / "eval.txt", **EVAL_ARGS, "calibration_samples": 4, "calibration_seq_len": 16,
@@ -60,7 +62,7 @@ def argv(env, out: Path, **flags) -> list[str]:
         "save_strategy": "no", "report_to": "none", "use_cpu": "true", "disable_tqdm": "true", "seed": 0,
         "output_dir": out, **flags,
     }
-    return [s for k, v in args.items() for s in (f"--{k}", str(v))]
+    return head + [s for k, v in args.items() for s in (f"--{k}", str(v))]
 
 
 def check_model(env, model_dir: Path, evaluation: dict) -> torch.nn.Module:
@@ -101,7 +103,7 @@ def recovery_steps(log: list[dict]) -> int:
 def test_iterabre_removes_a_layer_per_stage_with_recovery_between(env, tmp_path, monkeypatch):
     out = tmp_path / "iterabre"
     # 128 tokens = 8 blocks of 16 = 2 steps of 4: stage 1 before step 1, stage 2 after it; LoRA + distillation
-    report = load_recipe("iterabre", monkeypatch).main(argv=argv(env, out, n_remove=2, total_tokens=128))
+    report = load_recipe("iterabre", monkeypatch).main(argv=argv(env, out, "iterabre", n_remove=2, total_tokens=128))
     saved = json.loads((out / "eval.json").read_text())
     assert saved["pruned_recovered"] == report["pruned_recovered"] and "dense" in saved
     assert saved["dense"]["params"] == env["params"]
@@ -119,7 +121,7 @@ def test_iterabre_removes_a_layer_per_stage_with_recovery_between(env, tmp_path,
 def test_shortgpt_removes_layers_in_one_shot_then_recovers(env, tmp_path, monkeypatch):
     out = tmp_path / "shortgpt"
     report = load_recipe("shortgpt", monkeypatch).main(
-        argv(env, out, n_remove=1, recovery_tokens=64, kd_alpha=0, eval_dense="false"))
+        argv(env, out, "shortgpt", n_remove=1, recovery_tokens=64, kd_alpha=0, eval_dense="false"))
     saved = json.loads((out / "eval.json").read_text())
     assert "dense" not in saved and saved["method"]["n_remove"] == 1
     assert saved["recovery_tokens"] == report["recovery_tokens"] == 64
@@ -133,7 +135,7 @@ def test_shortgpt_removes_layers_in_one_shot_then_recovers(env, tmp_path, monkey
 def test_dynamic_slicing_slices_and_recovers_with_lora(env, tmp_path, monkeypatch):
     out = tmp_path / "dynamic_slicing"
     report = load_recipe("dynamic_slicing", monkeypatch).main(argv(
-        env, out, slicing=0.25, base_slicing=0.1, basis="layer", calibration_batch_size=4, recovery_tokens=64,
+        env, out, "dynamic_slicing", slicing=0.25, base_slicing=0.1, basis="layer", calibration_batch_size=4, recovery_tokens=64,
         lora_r=4))
     saved = json.loads((out / "results.json").read_text())
     assert saved["sliced"] == report["sliced"] and saved["dense"]["params"] == env["params"]
@@ -149,7 +151,7 @@ def test_dynamic_slicing_slices_and_recovers_with_lora(env, tmp_path, monkeypatc
 def test_pip_prunes_heads_and_channels_in_steps_and_saves_the_composed_plan(env, tmp_path, monkeypatch):
     out = tmp_path / "pip"
     report = load_recipe("pip", monkeypatch).main(argv(
-        env, out, steps=2, target=0.2, kd_alpha=0, recovery_tokens=128, eval_dense="false"))
+        env, out, "pip", steps=2, target=0.2, kd_alpha=0, recovery_tokens=128, eval_dense="false"))
     saved = json.loads((out / "eval.json").read_text())
     assert saved["pruned_recovered"] == report["pruned_recovered"]
     log = json.loads((out / "train_log.json").read_text())
@@ -162,13 +164,18 @@ def test_pip_prunes_heads_and_channels_in_steps_and_saves_the_composed_plan(env,
 
 @pytest.mark.parametrize("recovery_tokens", [0, 128])
 def test_llm_surgeon_prunes_in_shots_with_or_without_recovery(env, tmp_path, monkeypatch, recovery_tokens):
+    from hf_prune.methods.llm_surgeon import LLMSurgeon
+
+    updates = []
+    update = LLMSurgeon.update
+    monkeypatch.setattr(LLMSurgeon, "update", lambda self, model: (updates.append(1), update(self, model))[1])
     out = tmp_path / "llm_surgeon"
     report = load_recipe("llm_surgeon", monkeypatch).main(argv(
-        env, out, target=0.3, shots=2, calibration_batch_size=2, recovery_tokens=recovery_tokens, lora_r=4,
+        env, out, "llm_surgeon", target=0.3, shots=2, calibration_batch_size=2, recovery_tokens=recovery_tokens, lora_r=4,
         eval_dense="false"))
     saved = json.loads((out / "results.json").read_text())
     assert saved["pruned"] == report["pruned"]
-    assert len(saved["plans"]) == 2  # one plan per shot
+    assert len(saved["plans"]) == 2 and len(updates) == 2  # every shot: a plan and its weight update
     if recovery_tokens:  # 8 blocks = 2 steps: shot 1 before step 1, shot 2 after it
         assert [h["prune/stage"] for h in saved["log_history"] if "prune/stage" in h] == [1, 2]
         assert recovery_steps(saved["log_history"]) == 2
@@ -183,4 +190,11 @@ def test_llm_surgeon_prunes_in_shots_with_or_without_recovery(env, tmp_path, mon
 def test_llm_surgeon_refuses_recovery_that_would_undo_sparsity(env, tmp_path, monkeypatch):
     recipe = load_recipe("llm_surgeon", monkeypatch)
     with pytest.raises(ValueError, match="fill the pruned zeros"):
-        recipe.main(argv(env, tmp_path / "x", mode="2:4", target=0.5, recovery_tokens=64, eval_dense="false"))
+        recipe.main(argv(env, tmp_path / "x", "llm_surgeon", mode="2:4", target=0.5, recovery_tokens=64, eval_dense="false"))
+
+
+def test_unknown_flags_are_refused_before_the_model_loads(env, tmp_path, monkeypatch):
+    recipe = load_recipe("dynamic_slicing", monkeypatch)
+    with pytest.raises(ValueError, match="no_such_flag"):
+        recipe.main(argv(env, tmp_path / "x", "dynamic_slicing", model_name_or_path=tmp_path / "missing",
+                         no_such_flag=1))
