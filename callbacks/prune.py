@@ -18,7 +18,10 @@ Design: one train() call per recovery stage.
 
     1. merges PEFT adapters into the weights (`merge_and_unload`),
     2. scores the model on the main process and broadcasts the plan (`broadcast_object_list`); every rank applies the
-       same plan with `hf_prune.apply`, and the resulting architecture and a weight checksum are compared across ranks,
+       same plan with `hf_prune.apply`, and the resulting architecture and a weight checksum are compared across ranks
+       (methods whose plan or update changes weights, `runs_on_every_rank` -- SliceGPT's rotation, LLM Surgeon's
+       correlated update -- run `plan` and `update` on every rank instead; slicing plans go through
+       `apply_slicing`),
     3. re-attaches a fresh adapter with the same LoraConfig (its `base_model_name_or_path` pointing at the saved,
        merged and pruned base) and sets `trainer.model`,
     4. rebuilds the optimizer with `trainer.create_optimizer()` (same class, fused/foreach flags, weight-decay groups),
@@ -81,7 +84,7 @@ from hf_prune.data import batches as make_batches
 from hf_prune.distill import DistillationLoss
 from hf_prune.methods import PruningMethod
 from hf_prune.plan import PrunePlan
-from hf_prune.surgery import apply, layer_widths
+from hf_prune.surgery import apply, apply_slicing, layer_widths
 
 __all__ = ["PruneCallback", "PruneSchedule", "load_for_resume", "prune_and_train", "STAGE_PREFIX"]
 
@@ -449,6 +452,8 @@ class PruneCallback(TrainerCallback):
     def _plan(self, model: nn.Module) -> tuple[PrunePlan, float]:
         """The plan for the current stage, computed on the main process and broadcast to every rank."""
         t0 = time.perf_counter()
+        if self.method.runs_on_every_rank:  # the plan comes with weight changes every rank must make itself
+            return self.method.plan(model, self.calibration, stage=self.stages_done), time.perf_counter() - t0
         payload: list[Any] = [None]
         if _is_main():
             try:
@@ -548,7 +553,11 @@ class PruneCallback(TrainerCallback):
         plan, seconds = self._plan(base)
         before = sum(p.numel() for p in base.parameters())
         resolved = plan.resolve(base) if not plan.residual_widths else None
-        apply(base, plan)
+        self.method.update(base)
+        if plan.residual_widths:
+            apply_slicing(base, plan)
+        else:
+            apply(base, plan)
         if self.stages_done == 0 or self.plan is not None:
             self.plan = None if resolved is None else (resolved if self.plan is None else self.plan.then(resolved))
         after = sum(p.numel() for p in base.parameters())

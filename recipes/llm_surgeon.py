@@ -49,8 +49,8 @@ class SurgeonArguments:
 
 
 class UpdatingSurgeon(LLMSurgeon):
-    """LLMSurgeon for PruneCallback, which runs `plan` then surgery: `plan` also writes the shot's weight update
-    (which must go in before surgery) and keeps every shot's plan in `shot_plans`."""
+    """LLMSurgeon that keeps every shot's plan in `shot_plans` (PruneCallback runs `plan`, then `update`, then
+    surgery for each shot)."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -58,7 +58,6 @@ class UpdatingSurgeon(LLMSurgeon):
 
     def plan(self, model, batches, stage: int = 0) -> PrunePlan:
         plan = super().plan(model, batches, stage)
-        self.update(model)
         self.shot_plans.append(plan)
         return plan
 

@@ -486,3 +486,58 @@ def test_plain_train_call_prunes_before_each_epoch_with_sft_trainer(tmp_path):
     recs = _records(trainer.state.log_history)
     assert [r["step"] for r in recs] == [0, 3] and trainer.model.config.num_hidden_layers == 2
     assert [h["step"] for h in trainer.state.log_history if "loss" in h] == [1, 2, 3, 4, 5, 6]
+
+
+def test_slicing_through_the_callback_rotates_and_slices_then_trains_and_reloads(tmp_path):
+    """SliceGPT as a PruneCallback stage: the rotation happens in plan() (on every rank), apply_slicing cuts the
+    shapes, the rebuilt optimizer trains the sliced weights, and the saved model reloads with the same logits."""
+    from hf_prune.methods import get
+    from hf_prune.rotation import slot_widths
+
+    blocks = _blocks()
+    model = tiny_model("llama", num_hidden_layers=3).train()
+    cb = PruneCallback(get("slicegpt", slicing=0.25, progress=False), calibration=blocks[:8],
+                       schedule=PruneSchedule(epochs=[0]))
+    trainer = Trainer(model=model, args=_args(tmp_path, num_train_epochs=1), train_dataset=blocks_dataset(blocks),
+                      callbacks=[cb])
+    prune_and_train(trainer)
+    assert slot_widths(trainer.model) == [48] * 7  # 64 * 0.75, every slot
+    assert _records(trainer.state.log_history)[0]["prune/num_parameters"] < sum(
+        p.numel() for p in tiny_model("llama", num_hidden_layers=3).parameters())
+    assert [h["step"] for h in trainer.state.log_history if "loss" in h] == [1, 2, 3]
+    trainer.save_model(tmp_path / "sliced")
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "sliced").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(input_ids=blocks[:2]).logits,
+                                   trainer.model.eval()(input_ids=blocks[:2]).logits, atol=1e-5, rtol=1e-5)
+
+
+def test_llm_surgeon_shots_get_their_weight_update_inside_plain_train(tmp_path):
+    from hf_prune.methods import LLMSurgeon
+
+    class Counting(LLMSurgeon):
+        updates = 0
+        fractions: list = []
+
+        def plan(self, model, batches, stage=0):
+            plan = super().plan(model, batches, stage)
+            Counting.fractions.append(plan.provenance["removed_fraction"])
+            return plan
+
+        def update(self, model):
+            assert self.pending is not None  # plan() ran first
+            Counting.updates += 1
+            super().update(model)
+
+    blocks = _blocks()
+    model = tiny_model("llama", num_hidden_layers=3).train()
+    dense = sum(p.numel() for p in model.parameters())
+    method = Counting(target=0.3, shots=2, mode="structured", verbose=False, compute_dtype="float64")
+    trainer = Trainer(model=model, args=_args(tmp_path), train_dataset=blocks_dataset(blocks))
+    trainer.add_callback(PruneCallback(method, calibration=blocks[:4], schedule=PruneSchedule(every_n_epochs=1)))
+    trainer.train()
+    recs = _records(trainer.state.log_history)
+    assert [r["step"] for r in recs] == [0, 3] and Counting.updates == 2 and method.pending is None
+    assert recs[-1]["prune/num_parameters"] == sum(p.numel() for p in trainer.model.parameters()) <= dense
+    # each shot removes or zeroes its share of the decoder's linear parameters (linear schedule: 15%, then 30%)
+    assert Counting.fractions == [pytest.approx(0.15, abs=0.02), pytest.approx(0.30, abs=0.02)]

@@ -100,14 +100,18 @@ class PruningMethod:
     Contract:
       - `plan(model, batches)` scores the model on calibration batches (dicts with `input_ids` and optionally
         `attention_mask`) and returns a PrunePlan for one stage. It must not change the model's shapes; a method
-        whose algorithm updates weights (compensation, rotation) does it through `prepare`/`update` hooks that the
-        caller runs, documented by the method.
+        whose algorithm updates weights does it in `update(model)`, which the caller runs after `plan` and before
+        surgery (a rotation that leaves the function unchanged may happen inside `plan`); such methods set
+        `runs_on_every_rank`.
       - `stages` is how many times a schedule should call `plan` to reach the method's target (1 for one-shot).
     """
 
     seed: int = field(default=0, metadata={"help": "Seed for anything random in scoring."})
 
     name = "base"
+    # True when `plan`/`update` change weights (a rotation, a compensating update): in a multi-process run every
+    # process must then run them itself (deterministically, on the same batches) instead of receiving the plan.
+    runs_on_every_rank = False
 
     @property
     def stages(self) -> int:
@@ -115,6 +119,10 @@ class PruningMethod:
 
     def plan(self, model: nn.Module, batches: Iterable[Batch], stage: int = 0) -> PrunePlan:
         raise NotImplementedError
+
+    def update(self, model: nn.Module) -> None:
+        """Write the weight update that goes with the last `plan()` into `model`, before surgery (no-op unless the
+        method compensates weights, as LLM Surgeon does). Callers run `plan`, `update`, then surgery."""
 
     def config_dict(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in fields(self)}

@@ -450,6 +450,8 @@ class LLMSurgeon(PruningMethod):
     (van der Ouderaa et al., ICLR 2024). Each shot is one stage: `plan(model, batches, stage)`, then `update(model)`,
     then `surgery.apply(model, plan)`."""
 
+    runs_on_every_rank = True  # rotation / weight update: every process computes it itself
+
     target: float = field(default=0.2, metadata={"help": "Fraction of the decoder's linear-layer parameters "
                                                            "(weights and biases) removed after the last shot."})
     shots: int = field(default=5, metadata={"help": "Number of shots T; the target after shot t is t * target / T, "
