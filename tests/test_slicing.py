@@ -400,3 +400,24 @@ def test_trust_remote_code_loads_constant_and_dynamic_slices_without_hf_prune(tm
         assert _max_diff(out["logits"] * mask[..., None], _logits(model, ids, mask)) <= 1e-5
         expected = model.generate(ids[:1, :6], max_new_tokens=8, do_sample=False)
         assert out["gen"].tolist() == expected.tolist()
+
+
+@pytest.mark.parametrize("slicing, expected", [(0.05, "global"), (0.5, "sublayer")])
+def test_auto_basis_never_grows_the_model(slicing, expected):
+    """basis='auto' (the default) keeps SliceGPT's sublayer basis only where its shortcut matrices still leave the
+    model clearly smaller; at light slicing they would outweigh the saving, so it takes the global basis."""
+    from hf_prune.surgery import apply_slicing
+
+    model = _model("llama")
+    dense = sum(p.numel() for p in model.parameters())
+    ids, mask = _inputs(model.config.vocab_size, b=4)
+    plan = get("slicegpt", slicing=slicing, progress=False).plan(model, _batches(ids, mask))
+    assert plan.residual_widths["basis"] == expected
+    sizes = plan.provenance["predicted_parameters"]
+    assert sizes["sublayer"] > sizes["layer"] > sizes["global"]
+    if expected == "global":
+        assert sizes["sublayer"] > 0.9 * sizes["dense"]
+    apply_slicing(model, plan)
+    total = sum(p.numel() for p in model.parameters())
+    assert total < dense
+    assert abs(total - sizes[expected]) <= model.config.hidden_size ** 2  # exact up to the tied projection's overlap

@@ -45,15 +45,36 @@ from ..arch import unwrap_model
 from ..calibration import LayerwiseRunner, covariance, mean_cosine
 from ..modeling.modeling_hf_prune_sliced import carry
 from ..plan import PrunePlan
-from ..rotation import make_rotation_invariant, num_slots, rotate, slot_widths
+from ..rotation import make_rotation_invariant, num_slots, rotate, shortcuts, slot_readers, slot_widths, slot_writers
 from . import Batch, PruningMethod, register
 
-__all__ = ["DynamicSlicing", "SliceGPT", "dynamic_slice_fractions", "pca", "widths_from_fractions"]
+__all__ = ["DynamicSlicing", "SliceGPT", "dynamic_slice_fractions", "pca", "predicted_sizes", "widths_from_fractions"]
 
-BASES = ("sublayer", "layer", "global")
+BASES = ("auto", "sublayer", "layer", "global")
 HEADS = ("auto", "tied", "untied")
 EMBEDDING_BASES = ("joint", "embedding")
 TOKEN_WEIGHTINGS = ("norm", "none")
+
+
+def predicted_sizes(model: nn.Module, dims: list[int]) -> dict[str, int]:
+    """Parameter counts of `model` (rotation-invariant, unsliced) after slicing to slot widths `dims`, for each basis:
+    every reader and writer of a slot loses its cut rows/columns; the sublayer basis adds a d_src x d_dst shortcut
+    matrix at every residual add, the layer basis at every MLP add, the global basis none. (A tied head's projection
+    reads one slot and writes another; its saving is counted as two cuts, a slight overestimate.)"""
+    D = model.config.hidden_size
+    dense = sum(p.numel() for p in model.parameters())
+    saved = 0
+    for s, d in enumerate(dims):
+        cut = D - d
+        if cut <= 0:
+            continue
+        saved += sum(cut * m.weight.shape[0] for m in slot_readers(model, s))  # (out, in) / embedding (V, D)
+        saved += sum(cut * (m.weight.shape[1] + (m.bias is not None)) for m in slot_writers(model, s))
+    pairs = [(src, dst) for _, _, src, dst in shortcuts(model)]
+    sublayer = sum(dims[a] * dims[b] for a, b in pairs)
+    layer = sum(dims[a] * dims[b] for a, b in pairs if a % 2 == 1)
+    return {"dense": dense, "global": dense - saved, "layer": dense - saved + layer,
+            "sublayer": dense - saved + sublayer}
 
 
 def pca(C: torch.Tensor, damping: float = 0.01) -> tuple[torch.Tensor, torch.Tensor]:
@@ -150,11 +171,18 @@ class SliceGPT(PruningMethod):
         default=8, metadata={"help": "Round every width DOWN to a multiple of this (1 = no rounding)."}
     )
     basis: str = field(
-        default="sublayer",
+        default="auto",
         metadata={
             "help": "PCA granularity: 'sublayer' (SliceGPT: attention and MLP inputs, 2 shortcut matrices per "
-            "layer), 'layer' (one per layer, 1 shortcut), 'global' (one for the model, no shortcut matrices)."
+            "layer), 'layer' (one per layer, 1 shortcut), 'global' (one for the model, no shortcut matrices), "
+            "'auto' (sublayer when the sliced model, shortcut matrices included, is predicted at most auto_max_size "
+            "of the dense model; else global, so slicing never grows the model)."
         },
+    )
+    auto_max_size: float = field(
+        default=0.9,
+        metadata={"help": "basis='auto': largest predicted size (fraction of the dense parameter count) at which "
+                  "the sublayer basis and its shortcut matrices are used."},
     )
     head: str = field(
         default="auto",
@@ -191,6 +219,8 @@ class SliceGPT(PruningMethod):
             raise ValueError(f"slicing={self.slicing} must be in [0, 1)")
         if self.round_to < 1:
             raise ValueError(f"round_to={self.round_to} must be >= 1")
+        if not 0.0 < self.auto_max_size <= 1.0:
+            raise ValueError(f"auto_max_size={self.auto_max_size} must be in (0, 1]")
         for name, value, valid in (
             ("basis", self.basis, BASES),
             ("head", self.head, HEADS),
@@ -243,11 +273,16 @@ class SliceGPT(PruningMethod):
         tied = bool(model.config.head_projection)
         joint = tied and self.embedding_basis == "joint"
         stats = {}
-        if self.needs_redundancy or self.basis == "global" or joint:
-            stats = self._dense_statistics(model, runner, need_slots=self.basis == "global", need_head=joint)
+        global_possible = self.basis in ("global", "auto")
+        if self.needs_redundancy or global_possible or joint:
+            stats = self._dense_statistics(model, runner, need_slots=global_possible, need_head=joint)
         fractions = self.slice_fractions(stats.get("redundancy"), n_layers)
         dims = self.residual_dims(fractions, hidden)
-        if self.basis == "global":
+        sizes = predicted_sizes(model, dims)
+        self._basis = self.basis
+        if self.basis == "auto":
+            self._basis = "sublayer" if sizes["sublayer"] <= self.auto_max_size * sizes["dense"] else "global"
+        if self._basis == "global":
             C = stats["slots"] + (stats["head"] if joint else 0)
             evals, Q = pca(C, self.damping)
             rotate(model, Q, device=runner.device)
@@ -260,7 +295,7 @@ class SliceGPT(PruningMethod):
             residual_widths={
                 "residual_dims": dims,
                 "layer_slicing": fractions,
-                "basis": self.basis,
+                "basis": self._basis,
                 "hidden_size": hidden,
             },
             provenance={
@@ -269,6 +304,7 @@ class SliceGPT(PruningMethod):
                 "average_slicing": 1.0 - sum(dims[1:-1:2]) / (n_layers * hidden),
                 "layer_redundancy": stats.get("redundancy"),
                 "kept_variance": kept,
+                "predicted_parameters": sizes,
                 "head": "tied" if tied else "untied",
                 "calibration_tokens": int(sum(int(m.sum()) if m is not None else h.shape[0] * h.shape[1]
                                               for h, m in zip(runner.hidden, runner.masks))),
@@ -336,14 +372,14 @@ class SliceGPT(PruningMethod):
             return Q
 
         h = list(runner.hidden)  # slot 0 signal, original basis
-        if self.basis == "sublayer":
+        if self._basis == "sublayer":
             C = self._cov(h, masks)
             Q = pca_rotate(C if head_cov is None else _normalised(C) + head_cov, [0])
             h = _keep_leading(_rotate_signals(h, Q), dims[0])
         for i in runner.layer_indices("rotate + slice"):
             with runner.on_device(i) as layer:
                 kw = [runner.layer_kwargs(b, i, x) for b, x in enumerate(h)]
-                if self.basis == "layer":  # one basis for slots 2i and 2i + 1, from both signals (input unsliced)
+                if self._basis == "layer":  # one basis for slots 2i and 2i + 1, from both signals (input unsliced)
                     hm = [x + layer.attention_update(x, **k) for x, k in zip(h, kw)]
                     C = _normalised(self._cov(h, masks)) + _normalised(self._cov(hm, masks))
                     if i == 0 and head_cov is not None:
@@ -354,7 +390,7 @@ class SliceGPT(PruningMethod):
                 for x, k in zip(h, kw):
                     u = layer.attention_update(x, **k)
                     hm.append(carry(x, layer.attn_shortcut, u.shape[-1]) + u)
-                if self.basis == "sublayer":
+                if self._basis == "sublayer":
                     Q = pca_rotate(self._cov(hm, masks), [2 * i + 1])
                     hm = _rotate_signals(hm, Q)
                 hm = _keep_leading(hm, dims[2 * i + 1])
@@ -363,7 +399,7 @@ class SliceGPT(PruningMethod):
                     v = layer.mlp_update(x)
                     ho.append(carry(x, layer.mlp_shortcut, v.shape[-1]) + v)
             last = i == n_layers - 1
-            if self.basis == "sublayer" or last:
+            if self._basis == "sublayer" or last:
                 Q = pca_rotate(self._cov(ho, masks), [2 * i + 2])
                 ho = _keep_leading(_rotate_signals(ho, Q), dims[2 * i + 2])
             h = ho
