@@ -35,7 +35,9 @@ class SlicingArguments:
     method: str = field(default="dynamic_slicing", metadata={"help": "dynamic_slicing or slicegpt (constant)."})
     slicing: float = field(default=0.25, metadata={"help": "Average fraction of the residual width removed (SP)."})
     base_slicing: float = field(default=0.1, metadata={"help": "Dynamic Slicing base fraction SB (<= slicing)."})
-    basis: str = field(default="sublayer", metadata={"help": "PCA basis: sublayer (SliceGPT), layer or global."})
+    basis: str = field(default="auto", metadata={"help": "PCA basis: auto (sublayer where its shortcut matrices leave "
+                                                          "the model <= 0.9x dense, else global), sublayer (SliceGPT), "
+                                                          "layer or global."})
     head: str = field(default="auto", metadata={"help": "auto (keep tying), tied or untied (SliceGPT's layout)."})
     round_to: int = field(default=8, metadata={"help": "Round widths down to a multiple of this."})
     calibration_batch_size: int = field(default=8, metadata={"help": "Sequences per calibration batch."})
