@@ -55,6 +55,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--chunk-size", type=int, default=256, help="weights solved jointly in element/2:4 updates")
     p.add_argument("--compute-dtype", default="float32", choices=["float32", "float64"],
                    help="curvature algebra dtype (the method's default is float64; float32 halves CPU time)")
+    p.add_argument("--damping-g", type=float, default=None, help="G damping (default: the method's, 0.01 structured)")
+    p.add_argument("--damping-a", type=float, default=0.01, help="A damping relative to the mean diagonal")
     p.add_argument("--model", default=None, help="checkpoint dir (default: the offline SmolLM2)")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     p.add_argument("--seed", type=int, default=0)
@@ -197,7 +199,7 @@ def main(argv=None) -> dict:
         out.write_text(json.dumps(res, indent=2))
         out.with_suffix(".md").write_text(markdown(res))
 
-    volatile = ("modes", "criteria", "out", "threads", "resume")
+    volatile = ("modes", "criteria", "out", "threads", "resume", "damping_g", "damping_a")
     if args.resume and out.is_file():
         old = json.loads(out.read_text())
         same = {k: v for k, v in old.get("config", {}).items() if k not in volatile}
@@ -232,7 +234,8 @@ def main(argv=None) -> dict:
                 continue
             model, tok = load()
             method = LLMSurgeon(target=alpha, shots=shots, mode=mode, criterion=criterion,
-                                chunk_size=args.chunk_size, compute_dtype=args.compute_dtype, seed=args.seed)
+                                chunk_size=args.chunk_size, compute_dtype=args.compute_dtype, seed=args.seed,
+                                damping_g=args.damping_g, damping_a=args.damping_a)
             seconds = []
             for stage in range(shots):
                 t = time.perf_counter()
