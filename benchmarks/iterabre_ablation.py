@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "recipes"))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from iterabre_vs_shortgpt import SHARED, evaluate, table  # noqa: E402
+from iterabre_vs_shortgpt import add_eval_arguments, evaluate, table  # noqa: E402
 from recipe_utils import DataArguments, calibration_blocks, run_info, write_json  # noqa: E402
 
 from hf_prune import PrunePlan, apply  # noqa: E402
@@ -54,12 +54,7 @@ def main() -> None:
     ap.add_argument("--drop", action="append", default=[], help="extra row: comma list of original layers to drop")
     ap.add_argument("--calibration-samples", type=int, default=8)
     ap.add_argument("--seq-len", type=int, default=256)
-    ap.add_argument("--eval-text", default=str(SHARED / "wiki_en.txt"))
-    ap.add_argument("--eval-tokens", type=int, default=8192)
-    ap.add_argument("--window", type=int, default=512)
-    ap.add_argument("--mc-tasks", nargs="*", default=[str(SHARED / "mc" / f) for f in (
-        "goal_step_wikihow_step_inference.json", "social_iqa.json", "cause_and_effect_one_sentence.json")])
-    ap.add_argument("--mc-limit", type=int, default=500)
+    add_eval_arguments(ap, eval_tokens=8192)
     ap.add_argument("--corpus", default=None, help="Calibration text (default: the KJV corpus).")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "iterabre_ablation"))
     ap.add_argument("--threads", type=int, default=None)

@@ -55,6 +55,16 @@ def evaluate(model, tok, args, text) -> dict:
     return out
 
 
+def add_eval_arguments(ap: argparse.ArgumentParser, eval_tokens: int) -> None:
+    """The evaluation flags (text, tokens, window, multiple-choice tasks and limit) shared with iterabre_ablation."""
+    ap.add_argument("--eval-text", default=str(SHARED / "wiki_en.txt"))
+    ap.add_argument("--eval-tokens", type=int, default=eval_tokens)
+    ap.add_argument("--window", type=int, default=512)
+    ap.add_argument("--mc-tasks", nargs="*", default=[str(SHARED / "mc" / f) for f in (
+        "goal_step_wikihow_step_inference.json", "social_iqa.json", "cause_and_effect_one_sentence.json")])
+    ap.add_argument("--mc-limit", type=int, default=500)
+
+
 def table(res: dict, tasks: list[str]) -> str:
     names = [Path(t).stem for t in tasks]
     head = "| model | layers | params | ppl | " + " | ".join(f"{n} acc / acc_norm" for n in names) + \
@@ -80,12 +90,7 @@ def main() -> None:
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--lr", type=float, default=2e-4)
-    ap.add_argument("--eval-text", default=str(SHARED / "wiki_en.txt"))
-    ap.add_argument("--eval-tokens", type=int, default=16384)
-    ap.add_argument("--window", type=int, default=512)
-    ap.add_argument("--mc-tasks", nargs="*", default=[str(SHARED / "mc" / f) for f in (
-        "goal_step_wikihow_step_inference.json", "social_iqa.json", "cause_and_effect_one_sentence.json")])
-    ap.add_argument("--mc-limit", type=int, default=500)
+    add_eval_arguments(ap, eval_tokens=16384)
     ap.add_argument("--corpus", default=None, help="Calibration/recovery text (default: the KJV corpus).")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "iterabre_vs_shortgpt"))
     ap.add_argument("--threads", type=int, default=None)
