@@ -450,7 +450,7 @@ class LLMSurgeon(PruningMethod):
     (van der Ouderaa et al., ICLR 2024). Each shot is one stage: `plan(model, batches, stage)`, then `update(model)`,
     then `surgery.apply(model, plan)`."""
 
-    runs_on_every_rank = True  # rotation / weight update: every process computes it itself
+    runs_on_every_rank = True  # `update` writes the correlated weight update: every process computes it itself
 
     target: float = field(default=0.2, metadata={"help": "Fraction of the decoder's linear-layer parameters "
                                                            "(weights and biases) removed after the last shot."})

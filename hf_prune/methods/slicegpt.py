@@ -158,11 +158,9 @@ def _normalised(C: torch.Tensor) -> torch.Tensor:
 class SliceGPT(PruningMethod):
     """SliceGPT: rotate by per-slot PCA and delete the trailing rows/columns; one width for every layer."""
 
-    runs_on_every_rank = True  # rotation / weight update: every process computes it itself
-
     #: `plan()` rotates the model in place: a caller must run it on every rank (not broadcast the plan alone) and
     #: apply the plan with `hf_prune.surgery.apply_slicing`.
-    updates_weights_in_plan = True
+    runs_on_every_rank = True
 
     slicing: float = field(
         default=0.25, metadata={"help": "Fraction of the residual-stream width D to delete (SP), in [0, 1)."}
