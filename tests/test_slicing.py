@@ -421,3 +421,19 @@ def test_auto_basis_never_grows_the_model(slicing, expected):
     total = sum(p.numel() for p in model.parameters())
     assert total < dense
     assert abs(total - sizes[expected]) <= model.config.hidden_size ** 2  # exact up to the tied projection's overlap
+
+
+@pytest.mark.parametrize("model_type", ["llama", "qwen3"])
+def test_global_basis_model_saves_and_reloads(tmp_path, model_type):
+    """The global basis (what basis='auto' picks at light slicing) has no shortcut matrices; it reloads exactly."""
+    from hf_prune.surgery import apply_slicing, sliced_num_parameters
+
+    model = _model(model_type)
+    ids, mask = _inputs(model.config.vocab_size, b=4)
+    plan = get("slicegpt", slicing=0.05, basis="auto", progress=False).plan(model, _batches(ids, mask))
+    assert plan.residual_widths["basis"] == "global"
+    apply_slicing(model, plan)
+    assert sliced_num_parameters(model)["shortcuts"] == 0
+    model.save_pretrained(tmp_path)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
+    assert _max_diff(_logits(loaded, ids, mask), _logits(model, ids, mask)) <= 1e-5
