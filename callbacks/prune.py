@@ -379,6 +379,15 @@ class PruneCallback(TrainerCallback):
             self.trainer.log(self._pending_logs.pop(0))
 
     def on_train_end(self, args, state, control, **kwargs):
+        if self._stop_requested or self.trainer is None:
+            return  # a stage boundary: the next stage's plan() sees the model as training left it
+        model = self.trainer.model
+        if _is_peft(model):  # the adapter still has to be merged: export() or the user calls finalize afterwards
+            if self.stages_done and type(self.method).finalize is not PruningMethod.finalize and _is_main():
+                logger.info("after merging the LoRA adapter, call `callback.method.finalize(model)` (%s restores "
+                            "what training must not change, e.g. pruned zeros); export() does it", self.method.name)
+        else:
+            self.method.finalize(unwrap_model(model))
         if self._in_loop and (self.export_dir is not None or self.push_to_hub):
             self.export(self.trainer)
 
@@ -416,6 +425,7 @@ class PruneCallback(TrainerCallback):
         model = trainer.model
         if _is_peft(model):
             model = trainer.model = model.merge_and_unload()
+        self.method.finalize(unwrap_model(model))
         folder = Path(self.export_dir or os.path.join(trainer.args.output_dir, "export"))
         if not _is_main():
             trainer.accelerator.wait_for_everyone()

@@ -4,11 +4,13 @@
     python recipes/llm_surgeon.py --config recipes/configs/llm_surgeon_smollm2.yaml --mode 2:4 --target 0.5
 
 Defaults: the offline SmolLM2-135M-Instruct and the KJV corpus (recipes/recipe_utils.py). With `recovery_tokens: 0`
-(the paper's setting) the shots run back to back: plan -> weight update -> surgery. With recovery tokens (structured
-mode, one process) the run is a Trainer with hf_prune.callbacks.PruneCallback: one shot per stage (plan -> weight
-update -> surgery) with LoRA recovery in between, on a dataset of `recovery_tokens` fresh tokens (epochs, batch size,
-learning rate: TrainingArguments); LoRA is merged before every shot and at the end. A merge would fill the zeros of
-2:4 / unstructured sparsity, so those modes refuse recovery. `output_dir` gets the pruned model and tokenizer,
+(the paper's setting) the shots run back to back: plan -> weight update -> surgery. With recovery tokens the run is a
+Trainer with hf_prune.callbacks.PruneCallback: one shot per stage (plan -> weight update -> surgery) with LoRA recovery
+in between, on a dataset of `recovery_tokens` fresh tokens (epochs, batch size, learning rate: TrainingArguments);
+LoRA is merged before every shot and at the end, and after each merge the zeros that surgery could not remove (all of
+them in 2:4 and unstructured mode) are written back, so the sparsity stays exact. Under `accelerate launch` /
+`torchrun` every process computes the shot's curvature and update itself on the same calibration batches and the
+callback checks that the ranks agree. `output_dir` gets the pruned model and tokenizer,
 `prune_plan.json` (all shots composed, in the dense model's indices) and `results.json` (run info, arguments, dense
 and pruned evaluation, each shot's plan, training log).
 Keys of the YAML that belong to none of the dataclasses below are `transformers.TrainingArguments`.
@@ -70,12 +72,6 @@ def main(argv: list[str] | None = None) -> dict:
     (sargs,) = run.args
     model, tok, data, ev, targs = run.model, run.tok, run.data, run.ev, run.targs
     recover = data.recovery_tokens > 0
-    if recover and sargs.mode != "structured":
-        raise ValueError(f"recovery_tokens={data.recovery_tokens} with mode={sargs.mode!r}: merging the LoRA recovery "
-                         "would fill the pruned zeros; use recovery_tokens 0 or mode structured")
-    if recover and targs.world_size > 1:
-        raise ValueError("recovery between shots runs in one process (the weight update is computed where the plan "
-                         "is); run with plain `python`, or use recovery_tokens 0")
     results = run.report
     results.update({"surgeon": vars(sargs), "data": vars(data)})
     method = (UpdatingSurgeon if recover else LLMSurgeon)(
@@ -113,6 +109,7 @@ def main(argv: list[str] | None = None) -> dict:
                           processing_class=tok, callbacks=[callback])
         prune_and_train(trainer)
         model = trainer.model.merge_and_unload()
+        method.finalize(model)  # the merge filled the zeros surgery could not remove: write them back
         plans, whole = method.shot_plans, callback.plan
 
     results["plans"] = [p.to_dict() for p in plans]  # shot k names structures of the model after shot k - 1

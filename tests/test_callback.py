@@ -529,9 +529,16 @@ def test_llm_surgeon_shots_get_their_weight_update_inside_plain_train(tmp_path):
             Counting.updates += 1
             super().update(model)
 
+    from hf_prune.kfac import decoder_linears
+
+    def prunable(m) -> tuple[int, int]:  # (parameters, zeros) of the decoder's linear layers
+        ws = [lin.weight for lin in decoder_linears(m).values()]
+        return sum(w.numel() for w in ws), sum(int((w == 0).sum()) for w in ws)
+
     blocks = _blocks()
     model = tiny_model("llama", num_hidden_layers=3).train()
     dense = sum(p.numel() for p in model.parameters())
+    n0, _ = prunable(model)
     method = Counting(target=0.3, shots=2, mode="structured", verbose=False, compute_dtype="float64")
     trainer = Trainer(model=model, args=_args(tmp_path), train_dataset=blocks_dataset(blocks))
     trainer.add_callback(PruneCallback(method, calibration=blocks[:4], schedule=PruneSchedule(every_n_epochs=1)))
@@ -541,3 +548,6 @@ def test_llm_surgeon_shots_get_their_weight_update_inside_plain_train(tmp_path):
     assert recs[-1]["prune/num_parameters"] == sum(p.numel() for p in trainer.model.parameters()) <= dense
     # each shot removes or zeroes its share of the decoder's linear parameters (linear schedule: 15%, then 30%)
     assert Counting.fractions == [pytest.approx(0.15, abs=0.02), pytest.approx(0.30, abs=0.02)]
+    # training after the last shot moved every weight; the end of train() wrote back the zeros surgery kept
+    n, z = prunable(trainer.model)
+    assert z > 0 and (n0 - n + z) / n0 == pytest.approx(Counting.fractions[-1], abs=1e-9)

@@ -429,3 +429,69 @@ def test_apply_updates_checks_names_and_shapes():
         apply_updates(model, {"nope.weight": torch.zeros(1)})
     apply_updates(model, step)
     assert dict(model.named_parameters())[name].eq(step.updates[name]).all()
+
+
+def _train_like(model, seed: int) -> None:
+    """What a merged LoRA does to every decoder linear: add a dense low-rank product (fills every zero)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for lin in decoder_linears(model).values():
+            R, C = lin.weight.shape
+            lin.weight += 0.01 * torch.randn(R, 2, generator=g) @ torch.randn(2, C, generator=g)
+
+
+def _zero_masks(model) -> dict[str, torch.Tensor]:
+    return {name: lin.weight == 0 for name, lin in decoder_linears(model).items()}
+
+
+@pytest.mark.parametrize("mode,target", [("structured", 0.3), ("2:4", 0.5), ("unstructured", 0.4)])
+def test_zeros_that_training_fills_are_restored_before_the_next_shot_and_at_the_end(mode, target):
+    model = tiny_model("llama", num_hidden_layers=2)
+    n0, _ = _prunable(model)
+    method = LLMSurgeon(target=target, shots=2, mode=mode, chunk_size=512, criterion="kobd", verbose=False)
+    plan = method.plan(model, _batches(), 0)
+    method.update(model)
+    hf_prune.apply(model, plan)
+    after_shot = _zero_masks(model)
+    _train_like(model, 0)
+    assert all(not bool(m.any()) for m in _zero_masks(model).values())  # training filled every zero
+    assert method.restore_zeros(model) > 0
+    assert all(torch.equal(_zero_masks(model)[k], m) for k, m in after_shot.items())  # the very same zeros
+    _train_like(model, 1)
+    plan = method.plan(model, _batches(), 1)  # restores them itself before scoring
+    method.update(model)
+    hf_prune.apply(model, plan)
+    n, z = _prunable(model)
+    reached = n0 - n + z
+    _train_like(model, 2)
+    method.finalize(model)
+    n, z = _prunable(model)
+    assert n0 - n + z == reached
+    if mode == "structured":
+        assert reached == pytest.approx(plan.provenance["removed_fraction"] * n0)
+        assert n < n0  # the second shot still compacted the model
+    elif mode == "unstructured":
+        assert reached == round(target * n0)
+    else:
+        for name, lin in decoder_linears(model).items():
+            assert ((lin.weight.reshape(lin.out_features, -1, 4) == 0).sum(-1) == 2).all(), name
+
+
+def test_zero_pattern_maps_through_surgery_and_refuses_another_shape():
+    from hf_prune.methods.llm_surgeon import ZeroPattern
+
+    lin = nn.Linear(6, 4, bias=True)
+    with torch.no_grad():
+        lin.weight[1] = 0
+        lin.bias[1] = 0
+        lin.weight[:, 4] = 0
+    p = ZeroPattern.of(lin, elements=False)
+    assert p.rows.tolist() == [False, True, False, False] and p.cols.tolist() == [False] * 4 + [True, False]
+    kept = p.select(torch.tensor([0, 1, 3]), torch.tensor([0, 4, 5]))  # surgery kept rows 0, 1, 3, columns 0, 4, 5
+    assert kept.rows.tolist() == [False, True, False] and kept.cols.tolist() == [False, True, False]
+    small = nn.Linear(3, 3, bias=True)
+    assert kept.restore(small) == 3 + 3 - 1 + 1  # row 1 (3 weights + its bias) and column 1 (3 weights, one shared)
+    assert (small.weight[1] == 0).all() and (small.weight[:, 1] == 0).all() and small.bias[1] == 0
+    assert small.weight[0, 0] != 0 and small.bias[0] != 0
+    with pytest.raises(ValueError, match="does not fit a linear of 4 x 6"):
+        kept.restore(lin)

@@ -124,5 +124,10 @@ class PruningMethod:
         """Write the weight update that goes with the last `plan()` into `model`, before surgery (no-op unless the
         method compensates weights, as LLM Surgeon does). Callers run `plan`, `update`, then surgery."""
 
+    def finalize(self, model: nn.Module) -> None:
+        """Run on the bare model after the last recovery training (a LoRA adapter merged first): restore what training
+        must not change (no-op unless the method keeps such an invariant, as LLM Surgeon does with its zeros).
+        PruneCallback calls it at the end of training and in its export."""
+
     def config_dict(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in fields(self)}

@@ -60,6 +60,7 @@ __all__ = [
     "MODES",
     "LLMSurgeon",
     "SurgeonStep",
+    "ZeroPattern",
     "apply_updates",
     "augmented_weight",
     "block24_selection",
@@ -438,6 +439,82 @@ def apply_updates(model: nn.Module, step: SurgeonStep | dict[str, torch.Tensor])
             params[name].copy_(new.to(device=params[name].device, dtype=params[name].dtype))
 
 
+@dataclass
+class ZeroPattern:
+    """The zeros of one decoder linear that surgery could not remove: whole rows of the augmented matrix [W | b]
+    (`rows`, R), whole weight columns (`cols`, C), the bias column (`bias_zero`; None without a bias) and, in element
+    modes, single weights (`elems`, R x C). Training (a merged LoRA, full fine-tuning) fills them; `restore` writes
+    them back."""
+
+    rows: torch.Tensor
+    cols: torch.Tensor
+    bias_zero: bool | None = None
+    elems: torch.Tensor | None = None
+
+    @classmethod
+    def of(cls, lin: nn.Linear, elements: bool) -> "ZeroPattern":
+        z = lin.weight.detach() == 0
+        rows, cols = z.all(1), z.all(0)
+        bias_zero = None
+        if lin.bias is not None:
+            bz = lin.bias.detach() == 0
+            rows, bias_zero = rows & bz, bool(bz.all())
+        return cls(rows.cpu(), cols.cpu(), bias_zero, z.cpu() if elements else None)
+
+    def select(self, rows: torch.Tensor | None, cols: torch.Tensor | None) -> "ZeroPattern":
+        """The pattern after surgery kept rows `rows` and weight columns `cols` (None: all)."""
+        r, c, e = self.rows, self.cols, self.elems
+        if rows is not None:
+            r = r[rows]
+            e = e[rows] if e is not None else None
+        if cols is not None:
+            c = c[cols]
+            e = e[:, cols] if e is not None else None
+        return ZeroPattern(r, c, self.bias_zero, e)
+
+    def restore(self, lin: nn.Linear) -> int:
+        """Zero `lin` where the pattern says; returns how many nonzero parameters it zeroed."""
+        W, b = lin.weight, lin.bias
+        fits = (self.rows.numel() == W.shape[0] and self.cols.numel() == W.shape[1]
+                and (self.bias_zero is None) == (b is None)
+                and (self.elems is None or tuple(self.elems.shape) == tuple(W.shape)))
+        if not fits:
+            raise ValueError(f"zero pattern of {self.rows.numel()} rows x {self.cols.numel()} columns does not fit a "
+                             f"linear of {W.shape[0]} x {W.shape[1]} (bias: {b is not None}): the model changed shape "
+                             "since the last shot other than by that shot's plan")
+        mask = self.rows.to(W.device)[:, None] | self.cols.to(W.device)[None, :]
+        if self.elems is not None:
+            mask = mask | self.elems.to(W.device)
+        with torch.no_grad():
+            n = int((W[mask] != 0).sum())
+            W.masked_fill_(mask, 0)
+            if b is not None:
+                bmask = torch.ones_like(self.rows) if self.bias_zero else self.rows
+                bmask = bmask.to(b.device)
+                n += int((b[bmask] != 0).sum())
+                b.masked_fill_(bmask, 0)
+        return n
+
+
+def _kept_indices(ad, plan: PrunePlan, layer: int) -> dict[str, tuple[torch.Tensor | None, torch.Tensor | None]]:
+    """(kept rows, kept weight columns) of every linear of `layer` under `plan` (None: all kept)."""
+    out: dict[str, tuple[torch.Tensor | None, torch.Tensor | None]] = {}
+    a, m = ad.attention(layer), ad.mlp(layer)
+    q, kv = plan.resolved_heads(ad, layer)
+    if len(q) < a.num_heads or len(kv) < a.num_kv_heads:
+        hd = a.head_dim
+        qr = torch.tensor([h * hd + d for h in q for d in range(hd)], dtype=torch.long)
+        kvr = torch.tensor([h * hd + d for h in kv for d in range(hd)], dtype=torch.long)
+        out.update(q_proj=(qr, None), k_proj=(kvr, None), v_proj=(kvr, None), o_proj=(None, qr))
+    ch = plan.mlp_channels.get(layer)
+    if ch is not None and len(ch) < m.intermediate_size:
+        idx = torch.tensor(sorted(ch), dtype=torch.long)
+        out.update(up_proj=(idx, None), down_proj=(None, idx))
+        if m.gate_proj is not None:
+            out["gate_proj"] = (idx, None)
+    return out
+
+
 # ------------------------------------------------------------------------------------------------------------------
 # The method
 # ------------------------------------------------------------------------------------------------------------------
@@ -494,6 +571,8 @@ class LLMSurgeon(PruningMethod):
         if self.chunk_size < 1:
             raise ValueError(f"chunk_size={self.chunk_size}; need at least 1")
         self.pending: SurgeonStep | None = None
+        # zeros of the shots so far that surgery could not remove, keyed by (layer, matrix), in the current indices
+        self.zero_patterns: dict[tuple[int, str], ZeroPattern] | None = None
 
     @property
     def stages(self) -> int:
@@ -512,15 +591,61 @@ class LLMSurgeon(PruningMethod):
     def plan(self, model: nn.Module, batches: Iterable[Batch], stage: int = 0) -> PrunePlan:
         """Score the model for shot `stage` and return its PrunePlan; the weight update is kept in `self.pending`
         for `update(model)`, which must run before the plan's surgery."""
+        if stage == 0:
+            self.zero_patterns = None
+        else:
+            self.restore_zeros(model)  # recovery training since the last shot filled them
         self.pending = self.prune_step(model, batches, stage)
         return self.pending.plan
 
     def update(self, model: nn.Module) -> None:
-        """Write the weight update of the last `plan()` into `model` (call before `surgery.apply`)."""
+        """Write the weight update of the last `plan()` into `model` (call before `surgery.apply`) and remember the
+        zeros that the plan's surgery will not remove, in the indices of the model after that surgery."""
         if self.pending is None:
             raise RuntimeError("LLMSurgeon.update() needs a pending step: call plan(model, batches, stage) first")
         apply_updates(model, self.pending)
+        self.zero_patterns = self._patterns_after(unwrap_model(model), self.pending.plan)
         self.pending = None
+
+    def finalize(self, model: nn.Module) -> None:
+        """After the last recovery training (LoRA merged): `restore_zeros`."""
+        self.restore_zeros(model)
+
+    def restore_zeros(self, model: nn.Module) -> int:
+        """Write back the zeros of every shot so far that surgery could not remove (q/k rows, residual-stream
+        columns, partial heads, 2:4 and unstructured zeros) and that training filled since: a merged LoRA adds its
+        low-rank product everywhere, full fine-tuning moves every weight. `plan()` does it before each later shot;
+        call it (or `finalize`) after merging the last recovery. Returns how many nonzero parameters it zeroed."""
+        if not self.zero_patterns:
+            return 0
+        model = unwrap_model(model)
+        ad = get_adapter(model)
+        n = 0
+        for i in range(ad.num_layers):
+            for short, lin in ad.linears(i):
+                pattern = self.zero_patterns.get((i, short))
+                if pattern is not None:
+                    n += pattern.restore(lin)
+        if n:
+            self._log(f"restored {n:,} pruned zeros that training had filled")
+        return n
+
+    def _patterns_after(self, model: nn.Module, plan: PrunePlan) -> dict[tuple[int, str], ZeroPattern]:
+        ad = get_adapter(model)
+        elements = self.mode != "structured"
+        dropped = set(plan.drop_layers)
+        kept_layers = [i for i in range(ad.num_layers) if i not in dropped]
+        out: dict[tuple[int, str], ZeroPattern] = {}
+        for new_i, i in enumerate(kept_layers):
+            keep = _kept_indices(ad, plan, i)
+            for short, lin in ad.linears(i):
+                pattern = ZeroPattern.of(lin, elements)
+                if short in keep:
+                    pattern = pattern.select(*keep[short])
+                if bool(pattern.rows.any()) or bool(pattern.cols.any()) or pattern.bias_zero or (
+                        pattern.elems is not None and bool(pattern.elems.any())):
+                    out[(new_i, short)] = pattern
+        return out
 
     # ----- one shot --------------------------------------------------------------------------------
     def prunable_numel(self, linears: dict[str, nn.Linear]) -> int:
