@@ -217,6 +217,23 @@ def _size_rows(meta: ExportMetadata) -> list[dict[str, str]]:
     return rows
 
 
+def _zeros_line(meta: ExportMetadata) -> str | None:
+    """What the card says about zero weights kept in place, or None when there are (almost) none."""
+    a = meta.after
+    zeros = a.zero_parameters if a else None
+    if not zeros or not a.num_parameters:
+        return None
+    total = sum(zeros.values())
+    before = meta.before.zero_parameters if meta.before and meta.before.zero_parameters else {}
+    if total - sum(before.values()) < 1e-3 * a.num_parameters:
+        return None
+    parts = ", ".join(f"{k} {v:,}" for k, v in zeros.items() if v)
+    return (f"{total:,} parameters ({100.0 * total / a.num_parameters:.1f}% of the pruned model) are zeros kept in "
+            f"place: pruned structures that surgery could not remove (for example query/key rows inside a head, "
+            f"residual-stream columns, 2:4 or unstructured sparsity). They are counted in the sizes above; a sparse "
+            f"kernel or format is needed to gain from them. By matrix: {parts}.")
+
+
 def _data_line(rec, none_text: str) -> str:
     if rec is None:
         return none_text
@@ -377,6 +394,7 @@ def render_card(folder: str | os.PathLike, repo_id: str | None = None, picture: 
         "layer_rows": rows,
         "size_rows": _size_rows(meta),
         "disk": (f"{_bytes(meta.after.disk_bytes)}" if meta.after and meta.after.disk_bytes else None),
+        "zeros": _zeros_line(meta),
         "method": meta.method,
         "method_config": json.dumps(meta.method_config, indent=2, default=str) if meta.method_config else None,
         "calibration": _data_line(meta.calibration, "not recorded (or none used)."),

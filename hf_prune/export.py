@@ -28,7 +28,7 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
-from .arch import UnsupportedModelError, unwrap_model
+from .arch import UnsupportedModelError, get_adapter, unwrap_model
 from .plan import PrunePlan
 
 __all__ = [
@@ -109,6 +109,9 @@ class ModelStats:
     dtype: str | None = None
     model_type: str | None = None
     disk_bytes: int | None = None  # size of the saved weight files (filled by save)
+    # zero weights of the decoder's linear layers by matrix (q_proj, ..., down_proj): pruned structures that surgery
+    # could not remove (LLM Surgeon's q/k rows and residual-stream columns, 2:4 and unstructured sparsity)
+    zero_parameters: dict[str, int] | None = None
 
     @classmethod
     def of(cls, model: nn.Module) -> "ModelStats":
@@ -123,7 +126,17 @@ class ModelStats:
         except (UnsupportedModelError, AttributeError):
             pass
         cfg = getattr(model, "config", None)
+        zeros = None
+        try:
+            ad = get_adapter(model)
+            zeros = {}
+            for i in range(ad.num_layers):
+                for short, lin in ad.linears(i):
+                    zeros[short] = zeros.get(short, 0) + int((lin.weight == 0).sum())
+        except (UnsupportedModelError, AttributeError):
+            pass
         return cls(
+            zero_parameters=zeros,
             num_parameters=sum(p.numel() for p in params),
             size_bytes=sum(p.numel() * p.element_size() for p in params),
             num_layers=len(widths) if widths is not None else getattr(cfg, "num_hidden_layers", None),

@@ -92,6 +92,24 @@ def test_save_writes_model_plan_metadata_card_and_reloads(tmp_path):
     assert AutoTokenizer.from_pretrained(out)("a test")["input_ids"] == tok("a test")["input_ids"]
 
 
+def test_card_reports_zeros_kept_in_place_by_matrix(tmp_path):
+    model, tok, meta = _pruned(DEPTH_ONLY)
+    out = save(model, tok, tmp_path / "dense-widths", plan=DEPTH_ONLY, metadata=meta)
+    assert "zeros kept in place" not in (out / "README.md").read_text()  # a random model has no zero weights
+    with torch.no_grad():  # what LLM Surgeon leaves: query rows inside heads and residual-stream columns at zero
+        for layer in model.model.layers:
+            layer.self_attn.q_proj.weight[:8] = 0
+            layer.mlp.up_proj.weight[:, :4] = 0
+    out = save(model, tok, tmp_path / "zeros", plan=DEPTH_ONLY, metadata=meta)
+    rec = load_metadata(out)
+    q, up = 8 * 64, 128 * 4
+    assert rec.after.zero_parameters["q_proj"] == 2 * q and rec.after.zero_parameters["up_proj"] == 2 * up
+    assert rec.after.zero_parameters["down_proj"] == 0 and rec.before.zero_parameters["q_proj"] == 0
+    card = (out / "README.md").read_text()
+    assert f"{2 * (q + up):,} parameters" in card and "zeros kept in place" in card
+    assert f"q_proj {2 * q:,}, up_proj {2 * up:,}." in card
+
+
 def test_save_does_not_change_the_callers_metadata(tmp_path):
     model, tok, meta = _pruned(DEPTH_ONLY)
     save(model, tok, tmp_path / "out", plan=DEPTH_ONLY, metadata=meta)
