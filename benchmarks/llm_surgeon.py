@@ -57,6 +57,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="curvature algebra dtype (the method's default is float64; float32 halves CPU time)")
     p.add_argument("--damping-g", type=float, default=None, help="G damping (default: the method's, 0.01 structured)")
     p.add_argument("--damping-a", type=float, default=0.01, help="A damping relative to the mean diagonal")
+    p.add_argument("--weight-update", choices=["auto", "on", "off"], default="auto",
+                   help="correlated OBS update: auto (surgeon only), on or off (ablations; use a separate --out)")
     p.add_argument("--model", default=None, help="checkpoint dir (default: the offline SmolLM2)")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     p.add_argument("--seed", type=int, default=0)
@@ -115,6 +117,14 @@ def measure(model) -> dict:
             "safetensors_bytes": size}
 
 
+def _label(run: dict) -> str:
+    """The criterion, marked where the weight update departs from the default (surgeon updates, baselines not)."""
+    c, upd = run["criterion"], run.get("weight_update")
+    if upd is None or upd == (c == "surgeon"):
+        return c
+    return f"{c} + update" if upd else f"{c} costs, no update"
+
+
 def markdown(res: dict) -> str:
     dense = res.get("dense")
     lines = [
@@ -142,6 +152,7 @@ def markdown(res: dict) -> str:
                      f"{d['safetensors_bytes'] / 1e6:.1f} | {d['perplexity']:.2f} | 1.000 | "
                      f"{d['mc_mean_acc']:.3f} | - | - |")
     for r in res["runs"]:
+        r = {**r, "criterion": _label(r)}
         size = r["parameters"] / dense["parameters"] if dense else float("nan")
         nz = (r["parameters"] - r["linear_zeros"]) / dense["parameters"] if dense else float("nan")
         ratio = r["perplexity"] / dense["perplexity"] if dense else float("nan")
@@ -155,7 +166,8 @@ def markdown(res: dict) -> str:
         lines += ["Per-task accuracy (acc / acc_norm):", "",
                   "| mode | criterion | target | " + " | ".join(tasks) + " |",
                   "|---|---|---|" + "---|" * len(tasks)]
-        for r in ([{"mode": "dense", "criterion": "-", "target": 0.0, **dense}] if dense else []) + res["runs"]:
+        for r in ([{"mode": "dense", "criterion": "-", "target": 0.0, **dense}] if dense else []) + [
+                {**r, "criterion": _label(r)} for r in res["runs"]]:
             lines.append(f"| {r['mode']} | {r['criterion']} | {r['target']:.2f} | " + " | ".join(
                 f"{r['mc'][t]['acc']:.3f} / {r['mc'][t]['acc_norm']:.3f}" for t in tasks) + " |")
     return "\n".join(lines) + "\n"
@@ -235,7 +247,8 @@ def main(argv=None) -> dict:
             model, tok = load()
             method = LLMSurgeon(target=alpha, shots=shots, mode=mode, criterion=criterion,
                                 chunk_size=args.chunk_size, compute_dtype=args.compute_dtype, seed=args.seed,
-                                damping_g=args.damping_g, damping_a=args.damping_a)
+                                damping_g=args.damping_g, damping_a=args.damping_a,
+                                weight_update={"auto": None, "on": True, "off": False}[args.weight_update])
             seconds = []
             for stage in range(shots):
                 t = time.perf_counter()
@@ -247,7 +260,8 @@ def main(argv=None) -> dict:
                 hit = [x for x in evals if math.isclose(x, reached, abs_tol=1e-9)]
                 if not hit or (mode, criterion, round(hit[0], 6)) in done:
                     continue
-                run = {"mode": mode, "criterion": criterion, "target": hit[0], "shots": stage + 1,
+                run = {"mode": mode, "criterion": criterion, "weight_update": method.updates_weights,
+                       "damping": list(method.damping), "target": hit[0], "shots": stage + 1,
                        "seconds_per_shot": list(seconds), "removed_fraction": plan.provenance["removed_fraction"],
                        "plan_heads_layers": len(plan.heads), "plan_mlp_layers": len(plan.mlp_channels),
                        **measure(model), **evaluate(model, tok, args, wiki_text, mc_tasks)}

@@ -495,3 +495,26 @@ def test_zero_pattern_maps_through_surgery_and_refuses_another_shape():
     assert small.weight[0, 0] != 0 and small.bias[0] != 0
     with pytest.raises(ValueError, match="does not fit a linear of 4 x 6"):
         kept.restore(lin)
+
+
+@pytest.mark.parametrize("mode", ["structured", "unstructured"])
+def test_weight_update_switch_separates_costs_from_update(mode):
+    """Ablation knob: surgeon costs without the update only zero the selection; K-OBD costs with it move the rest."""
+    base = tiny_model("llama", num_hidden_layers=2)
+    kw = dict(target=0.3, shots=1, mode=mode, chunk_size=512, verbose=False, compute_dtype="float64")
+    steps = {}
+    for crit, upd in (("surgeon", None), ("surgeon", False), ("kobd", None), ("kobd", True)):
+        m = LLMSurgeon(criterion=crit, weight_update=upd, **kw)
+        assert m.updates_weights == (upd if upd is not None else crit == "surgeon")
+        steps[crit, upd] = m.prune_step(base, _batches(), 0)
+    orig = {f"{n}.weight": lin.weight for n, lin in decoder_linears(base).items()}
+    for key in (("surgeon", False), ("kobd", None)):  # no update: every weight is either kept as it was or zero
+        for name, W in steps[key].updates.items():
+            if name in orig:
+                assert bool(((W == orig[name]) | (W == 0)).all()), (key, name)
+    for a, b in ((("surgeon", None), ("surgeon", False)), (("kobd", True), ("kobd", None))):
+        sa, sb = steps[a].updates, steps[b].updates
+        assert all(torch.equal(sa[n] == 0, sb[n] == 0) for n in sa)  # same selection
+        assert any(not torch.allclose(sa[n], sb[n]) for n in sa)  # but the update moved the kept weights
+    with pytest.raises(ValueError, match="weight_update=True needs the K-FAC curvature"):
+        LLMSurgeon(criterion="magnitude", weight_update=True)

@@ -544,6 +544,10 @@ class LLMSurgeon(PruningMethod):
         "help": "empirical (dataset labels) or sampled (labels drawn from the model: the true Fisher)."})
     chunk_size: int = field(default=2000, metadata={
         "help": "Weights solved jointly per chunk in the element / 2:4 update (cost ~ chunk_size^2 per weight)."})
+    weight_update: bool | None = field(default=None, metadata={
+        "help": "Apply the correlated OBS weight update to what remains; None: yes for surgeon, no for kobd and "
+                "magnitude. Setting it separates the two halves of the method in ablations (surgeon costs without "
+                "the update; K-OBD costs with it). Needs curvature: not with magnitude."})
     compute_dtype: str = field(default="float64", metadata={"help": "dtype of the curvature algebra: float64 or "
                                                                     "float32."})
     factor_device: str = field(default="auto", metadata={
@@ -568,6 +572,9 @@ class LLMSurgeon(PruningMethod):
             raise ValueError(f"shots={self.shots}; need at least 1")
         if self.compute_dtype not in DTYPES:
             raise ValueError(f"compute_dtype={self.compute_dtype!r}; valid: {sorted(DTYPES)}")
+        if self.weight_update and self.criterion == "magnitude":
+            raise ValueError("weight_update=True needs the K-FAC curvature, which criterion='magnitude' does not "
+                             "compute; use criterion 'surgeon' or 'kobd'")
         if self.chunk_size < 1:
             raise ValueError(f"chunk_size={self.chunk_size}; need at least 1")
         self.pending: SurgeonStep | None = None
@@ -577,6 +584,11 @@ class LLMSurgeon(PruningMethod):
     @property
     def stages(self) -> int:
         return self.shots
+
+    @property
+    def updates_weights(self) -> bool:
+        """Whether shots apply the correlated OBS update (`weight_update`, default: only for surgeon)."""
+        return self.weight_update if self.weight_update is not None else self.criterion == "surgeon"
 
     @property
     def damping(self) -> tuple[float, float]:
@@ -705,7 +717,8 @@ class LLMSurgeon(PruningMethod):
         names = list(linears)
         row_c, col_c, elem_c, block_sel = [], [], [], []
         cached_inverses: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # element updates reuse them
-        keep_inverses = self.mode != "structured" and self.criterion == "surgeon"
+        do_update = self.updates_weights
+        keep_inverses = self.mode != "structured" and do_update
         if keep_inverses:
             self._log(f"element updates keep the damped inverses in place of the factors: "
                       f"{factor_bytes(linears, dtype) / 2**30:.2f} GiB ({self.compute_dtype})")
@@ -714,7 +727,7 @@ class LLMSurgeon(PruningMethod):
             G = A = Ginv = Ainv = None
             if factors is not None:
                 G, A = curvature(name)
-                if self.criterion == "surgeon":
+                if self.criterion == "surgeon" or keep_inverses:
                     Ginv, Ainv = inverses(G, A)
                     if keep_inverses:  # the inverses replace the factors until the update pass
                         place = factors.pop(name).G.device
@@ -773,7 +786,7 @@ class LLMSurgeon(PruningMethod):
                 if not (bool(r.any()) or bool(c.any())):
                     weights[name] = W
                     continue
-                if self.criterion == "surgeon":
+                if do_update:
                     G, A = curvature(name)
                     W = structured_update(W, G, A, r, c)
                 else:
@@ -784,7 +797,7 @@ class LLMSurgeon(PruningMethod):
                 if not bool(mk.any()):
                     weights[name] = W
                     continue
-                if self.criterion == "surgeon":
+                if do_update:
                     Ginv, Ainv = (x.to(dev) for x in cached_inverses.pop(name))
                     W = element_update(W, Ginv, Ainv, mk, self.chunk_size)
                 else:
