@@ -45,6 +45,10 @@ class SurgeonArguments:
     criterion: str = field(default="surgeon", metadata={"help": "surgeon, kobd or magnitude."})
     fisher: str = field(default="empirical", metadata={"help": "empirical or sampled labels."})
     chunk_size: int = field(default=2000, metadata={"help": "Joint solve size of element / 2:4 updates."})
+    damping_g: float | None = field(default=None, metadata={
+        "help": "Damping of G relative to its mean diagonal (None: the paper's 0.01 structured, 0.1 otherwise)."})
+    damping_a: float | None = field(default=None, metadata={
+        "help": "Damping of A relative to its mean diagonal (None: the paper's 0.01)."})
     calibration_batch_size: int = field(default=2, metadata={"help": "Sequences per K-FAC forward/backward."})
     lora_r: int = field(default=8, metadata={"help": "LoRA rank of the recovery between shots."})
     lora_alpha: int = field(default=16, metadata={"help": "LoRA alpha."})
@@ -76,7 +80,8 @@ def main(argv: list[str] | None = None) -> dict:
     results.update({"surgeon": vars(sargs), "data": vars(data)})
     method = (UpdatingSurgeon if recover else LLMSurgeon)(
         target=sargs.target, shots=sargs.shots, mode=sargs.mode, criterion=sargs.criterion, fisher=sargs.fisher,
-        chunk_size=sargs.chunk_size, seed=targs.seed)
+        chunk_size=sargs.chunk_size, seed=targs.seed, damping_g=sargs.damping_g,
+        **({} if sargs.damping_a is None else {"damping_a": sargs.damping_a}))
     calib = batches(calibration_blocks(tok, data, targs.seed), sargs.calibration_batch_size)
 
     trainer, plans, whole = None, [], None
