@@ -15,9 +15,11 @@ from torch import nn
 
 from .arch import ArchAdapter, base_model_type, get_adapter, unwrap_model
 from .modeling import PRUNED_CONFIGS, PRUNED_MODELS
+from .modeling.modeling_hf_prune import CompactLinear
 from .plan import PrunePlan
 
-__all__ = ["apply", "predicted_num_parameters", "layer_widths", "is_uniform", "set_layer_widths_config"]
+__all__ = ["apply", "compact_zeros", "predicted_num_parameters", "layer_widths", "is_uniform",
+           "set_layer_widths_config"]
 
 
 def _select_rows(lin: nn.Linear, rows: torch.Tensor) -> nn.Linear:
@@ -130,8 +132,9 @@ def _swap_config(model: nn.Module, new_cfg) -> None:
             mod.config = new_cfg
 
 
-def set_layer_widths_config(model: nn.Module) -> None:
-    """Write the module widths into the config: standard fields when uniform, else the Pruned* class."""
+def set_layer_widths_config(model: nn.Module, compact_linears: list[dict[str, list[int]]] | None = None) -> None:
+    """Write the module widths into the config: standard fields when uniform, else the Pruned* class (always with
+    `compact_linears`, the shapes of CompactLinear projections per layer)."""
     model = unwrap_model(model)
     ad = get_adapter(model)
     cfg = model.config
@@ -141,7 +144,10 @@ def set_layer_widths_config(model: nn.Module) -> None:
     nq, nkv, inter = widths[0]
     pruned_class = PRUNED_MODELS[family]
     already_pruned = isinstance(model, pruned_class)
-    if len(set(widths)) == 1 and _uniform_config_is_valid(cfg, nq):
+    if compact_linears is None:
+        compact_linears = getattr(cfg, "layer_compact_linears", None)
+    compacted = bool(compact_linears) and any(compact_linears)
+    if not compacted and len(set(widths)) == 1 and _uniform_config_is_valid(cfg, nq):
         cfg.num_attention_heads = nq
         cfg.num_key_value_heads = nkv
         cfg.intermediate_size = inter
@@ -153,6 +159,7 @@ def set_layer_widths_config(model: nn.Module) -> None:
         "layer_num_attention_heads": [w[0] for w in widths],
         "layer_num_key_value_heads": [w[1] for w in widths],
         "layer_intermediate_size": [w[2] for w in widths],
+        "layer_compact_linears": compact_linears if compacted else None,
     }
     if already_pruned:
         for k, v in lists.items():
@@ -171,6 +178,7 @@ def apply(model: nn.Module, plan: PrunePlan) -> nn.Module:
     """Remove what `plan` names from `model`, in place. Validates first: an invalid plan raises PlanError and
     leaves every weight untouched. Returns the (unwrapped) model."""
     model = unwrap_model(model)
+    _refuse_compacted(model, "surgery")
     plan.validate(model)
     ad = get_adapter(model)
     for layer in range(ad.num_layers):
@@ -184,6 +192,51 @@ def apply(model: nn.Module, plan: PrunePlan) -> nn.Module:
     _drop_layers(ad, set(plan.drop_layers))
     set_layer_widths_config(model)
     return model
+
+
+def _refuse_compacted(model: nn.Module, what: str) -> None:
+    if any(isinstance(m, CompactLinear) for m in model.modules()):
+        raise ValueError(f"the model has CompactLinear projections (compact_zeros): {what} must come before "
+                         "compaction; prune the uncompacted model, or reload it from before compact_zeros")
+
+
+def compact_zeros(model: nn.Module) -> dict[str, int]:
+    """Store every decoder projection without its zero rows (weight row and bias entry zero) and zero columns, in
+    place (`CompactLinear`); the model computes the same function with fewer parameters. This removes the zeros that
+    head / channel surgery cannot: query and key rows inside a head, single value / output dimensions, residual-stream
+    rows and columns. The result uses the family's `Pruned*` class (`layer_compact_linears` in the config) and
+    saves / reloads like any pruned model. Run it last: surgery refuses a compacted model, and PEFT does not wrap
+    CompactLinear. Returns {"linears": projections compacted, "parameters_removed": parameters removed}."""
+    model = unwrap_model(model)
+    ad = get_adapter(model)
+    old = getattr(model.config, "layer_compact_linears", None)
+    compact = [dict(e) for e in old] if old else [{} for _ in range(ad.num_layers)]
+    count = removed = 0
+    for i in range(ad.num_layers):
+        parents = {"attention": ad.attention(i).module, "mlp": ad.mlp(i).module}
+        for short, lin in list(ad.linears(i)):
+            if not isinstance(lin, nn.Linear):
+                continue
+            w = lin.weight.detach()
+            zero_rows = (w == 0).all(1)
+            if lin.bias is not None:
+                zero_rows &= lin.bias.detach() == 0
+            zero_cols = (w == 0).all(0)
+            if not (bool(zero_rows.any()) or bool(zero_cols.any())):
+                continue
+            rows = torch.nonzero(~zero_rows).flatten()
+            cols = torch.nonzero(~zero_cols).flatten()
+            rows = rows if rows.numel() else torch.zeros(1, dtype=torch.long, device=w.device)  # keep one zero row
+            cols = cols if cols.numel() else torch.zeros(1, dtype=torch.long, device=w.device)
+            new = CompactLinear.from_linear(lin, rows, cols)
+            removed += sum(p.numel() for p in lin.parameters()) - sum(p.numel() for p in new.parameters())
+            parent = parents["attention" if short in ("q_proj", "k_proj", "v_proj", "o_proj") else "mlp"]
+            setattr(parent, short, new)
+            compact[i][short] = [int(rows.numel()), int(cols.numel())]
+            count += 1
+    if count:
+        set_layer_widths_config(model, compact)
+    return {"linears": count, "parameters_removed": removed}
 
 
 def predicted_num_parameters(model: nn.Module, plan: PrunePlan) -> int:

@@ -293,3 +293,95 @@ def test_composed_plan_equals_two_stages(model_type):
     torch.testing.assert_close(_logits(model), _logits(twice), atol=1e-6, rtol=0)
     with pytest.raises(PlanError, match="resolve"):
         first.then(second)
+
+
+# ----- compact_zeros: zero rows and columns that head / channel surgery cannot remove ----------------------------------
+
+
+def _zero_scattered(model) -> int:
+    """Zero what LLM Surgeon leaves in place: query/key rows inside heads, single value/output dimensions,
+    residual-stream columns and rows, MLP input columns. Returns how many parameters compaction must remove."""
+    ad = get_adapter(model)
+    removed = 0
+    with torch.no_grad():
+        for i in range(ad.num_layers):
+            a, m = ad.attention(i), ad.mlp(i)
+            hd = a.head_dim
+            for lin, rows in ((a.q_proj, [1, hd + 3]), (a.k_proj, [2]), (a.v_proj, [hd - 1])):
+                lin.weight[rows] = 0
+                if lin.bias is not None:
+                    lin.bias[rows] = 0
+                removed += len(rows) * (lin.in_features + (lin.bias is not None))
+            a.o_proj.weight[:, [0, 5]] = 0  # single value/output dimensions of query heads
+            removed += 2 * a.o_proj.out_features
+            m.up_proj.weight[:, [3, 7, 11]] = 0  # residual-stream columns
+            removed += 3 * m.up_proj.out_features
+            m.down_proj.weight[[4]] = 0  # a residual-stream row
+            removed += m.down_proj.in_features
+    return removed
+
+
+@pytest.fixture(scope="module")
+def compacted(tmp_path_factory):
+    """Every family with scattered zeros, compacted and saved with reference logits and generations."""
+    root = tmp_path_factory.mktemp("compacted")
+    out = {}
+    for mt in TINY_MODEL_TYPES:
+        m = tiny_model(mt).eval()
+        expected = _zero_scattered(m)
+        ref, n0 = _logits(m), sum(p.numel() for p in m.parameters())
+        stats = hf_prune.compact_zeros(m)
+        d = root / mt
+        gen = _save_with_reference(m, d)
+        out[mt] = {"model": m, "expected": expected, "ref": ref, "n0": n0, "stats": stats, "dir": d, "gen": gen}
+    return out
+
+
+@pytest.mark.parametrize("model_type", TINY_MODEL_TYPES)
+def test_compact_zeros_removes_scattered_zeros_keeps_logits_and_reloads(model_type, compacted):
+    from transformers import AutoModelForCausalLM
+
+    from hf_prune.modeling.modeling_hf_prune import CompactLinear
+
+    rec = compacted[model_type]
+    m, expected, n0 = rec["model"], rec["expected"], rec["n0"]
+    assert rec["stats"] == {"linears": 6 * m.config.num_hidden_layers, "parameters_removed": expected}
+    assert sum(p.numel() for p in m.parameters()) == n0 - expected
+    assert torch.equal(_logits(m), rec["ref"])  # the same arithmetic on the kept entries: bit-identical
+    assert type(m).__name__.startswith("Pruned") and all(m.config.layer_compact_linears)
+    assert hf_prune.compact_zeros(m) == {"linears": 0, "parameters_removed": 0}  # nothing left to remove
+    with pytest.raises(ValueError, match="must come before compaction"):
+        apply(m, PrunePlan(mlp_channels={0: [0, 1]}))
+    loaded = AutoModelForCausalLM.from_pretrained(rec["dir"]).eval()
+    assert sum(isinstance(x, CompactLinear) for x in loaded.modules()) == rec["stats"]["linears"]
+    assert sum(p.numel() for p in loaded.parameters()) == n0 - expected
+    assert torch.equal(_logits(loaded), rec["ref"])
+
+
+def test_compacted_models_reload_without_hf_prune(compacted):
+    res = _reload_in_fresh_process([(str(r["dir"]), True) for r in compacted.values()], hide_hf_prune=True)
+    for mt, rec in compacted.items():
+        r = res[str(rec["dir"])]
+        assert r["diff"] <= 1e-6 and r["gen"] == rec["gen"], mt
+        assert r["module"].startswith("transformers_modules"), r["module"]
+
+
+def test_compact_zeros_after_head_and_channel_surgery_of_an_llm_surgeon_run():
+    from hf_prune.methods.llm_surgeon import LLMSurgeon
+
+    m = tiny_model("llama", num_hidden_layers=2).eval()
+    method = LLMSurgeon(target=0.3, shots=2, criterion="kobd", verbose=False)
+    batches = [{"input_ids": IDS[:, :12]}]
+    for stage in range(2):
+        plan = method.plan(m, batches, stage)
+        method.update(m)
+        apply(m, plan)
+    linears = [p for n, p in m.named_parameters() if n.endswith("proj.weight")]
+    zeros_before = sum(int((w == 0).sum()) for w in linears)
+    ref, n0 = _logits(m), sum(p.numel() for p in m.parameters())
+    stats = hf_prune.compact_zeros(m)
+    assert stats["parameters_removed"] > 0 and torch.equal(_logits(m), ref)
+    zeros_after = sum(int((p == 0).sum()) for n, p in m.named_parameters() if n.endswith("proj.weight"))
+    # everything LLM Surgeon zeroed was a whole row or column: compaction leaves (almost) no zero behind
+    assert zeros_before - zeros_after == stats["parameters_removed"]
+    assert zeros_after <= 0.01 * zeros_before

@@ -26,6 +26,71 @@ def _resized(old: nn.Linear, in_features: int, out_features: int) -> nn.Linear:
     )
 
 
+class CompactLinear(nn.Module):
+    """A linear layer stored without its zero rows and columns.
+
+    y[..., out_index] = x[..., in_index] @ weight.T + bias; every other output is zero. `in_features` and
+    `out_features` are the full sizes, so the module replaces an nn.Linear whose pruned rows (with their bias entries)
+    and columns are exactly zero, with the same outputs. The index buffers are saved with the weights. It is not an
+    nn.Linear, so PEFT does not wrap it: compact after the last training.
+    """
+
+    def __init__(self, in_features: int, out_features: int, kept_in: int, kept_out: int, bias: bool = True,
+                 device=None, dtype=None):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.weight = nn.Parameter(torch.zeros(kept_out, kept_in, device=device, dtype=dtype))
+        self.bias = nn.Parameter(torch.zeros(kept_out, device=device, dtype=dtype)) if bias else None
+        self.register_buffer("in_index", torch.arange(kept_in, device=device), persistent=True)
+        self.register_buffer("out_index", torch.arange(kept_out, device=device), persistent=True)
+
+    @classmethod
+    def from_linear(cls, lin: nn.Linear, rows: torch.Tensor, cols: torch.Tensor) -> "CompactLinear":
+        """The rows `rows` and columns `cols` (sorted index tensors) of `lin`."""
+        w = lin.weight
+        new = cls(lin.in_features, lin.out_features, len(cols), len(rows), lin.bias is not None, w.device, w.dtype)
+        with torch.no_grad():
+            rows, cols = rows.to(w.device), cols.to(w.device)
+            new.weight.copy_(w.index_select(0, rows).index_select(1, cols))
+            if lin.bias is not None:
+                new.bias.copy_(lin.bias.index_select(0, rows))
+            new.in_index.copy_(cols)
+            new.out_index.copy_(rows)
+        new.weight.requires_grad_(w.requires_grad)
+        return new
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.weight.shape[1] != self.in_features:
+            x = x.index_select(-1, self.in_index)
+        y = nn.functional.linear(x, self.weight, self.bias)
+        if self.weight.shape[0] == self.out_features:
+            return y
+        out = y.new_zeros(*y.shape[:-1], self.out_features)
+        return out.index_copy(out.dim() - 1, self.out_index, y)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features} (kept {self.weight.shape[1]}), out_features={self.out_features} "
+                f"(kept {self.weight.shape[0]}), bias={self.bias is not None}")
+
+
+def _projection_parent(layer: nn.Module, name: str) -> nn.Module:
+    return layer.self_attn if name in ("q_proj", "k_proj", "v_proj", "o_proj") else layer.mlp
+
+
+def apply_compact_linears(model: nn.Module) -> None:
+    """Replace the projections the config lists in `layer_compact_linears` by CompactLinear modules of those
+    shapes (weights and index buffers come from the checkpoint)."""
+    compact = getattr(model.config, "layer_compact_linears", None)
+    if not compact:
+        return
+    for layer, entry in zip(model.model.layers, compact):
+        for name, (rows, cols) in entry.items():
+            parent = _projection_parent(layer, name)
+            old = getattr(parent, name)
+            setattr(parent, name, CompactLinear(old.in_features, old.out_features, cols, rows, old.bias is not None,
+                                                old.weight.device, old.weight.dtype))
+
+
 def apply_layer_widths(model: nn.Module) -> None:
     """Give every decoder layer the attention and MLP widths its config lists (weights are re-created)."""
     cfg = model.config
@@ -58,6 +123,7 @@ class PrunedLlamaForCausalLM(LlamaForCausalLM):
     def __init__(self, config):
         super().__init__(config)
         apply_layer_widths(self)
+        apply_compact_linears(self)
 
 
 class PrunedMistralForCausalLM(MistralForCausalLM):
@@ -66,6 +132,7 @@ class PrunedMistralForCausalLM(MistralForCausalLM):
     def __init__(self, config):
         super().__init__(config)
         apply_layer_widths(self)
+        apply_compact_linears(self)
 
 
 class PrunedQwen2ForCausalLM(Qwen2ForCausalLM):
@@ -74,6 +141,7 @@ class PrunedQwen2ForCausalLM(Qwen2ForCausalLM):
     def __init__(self, config):
         super().__init__(config)
         apply_layer_widths(self)
+        apply_compact_linears(self)
 
 
 class PrunedQwen3ForCausalLM(Qwen3ForCausalLM):
@@ -82,6 +150,7 @@ class PrunedQwen3ForCausalLM(Qwen3ForCausalLM):
     def __init__(self, config):
         super().__init__(config)
         apply_layer_widths(self)
+        apply_compact_linears(self)
 
 
 class PrunedGemma3ForCausalLM(Gemma3ForCausalLM):
@@ -90,6 +159,7 @@ class PrunedGemma3ForCausalLM(Gemma3ForCausalLM):
     def __init__(self, config):
         super().__init__(config)
         apply_layer_widths(self)
+        apply_compact_linears(self)
 
 
 PRUNED_MODELS = {
