@@ -10,7 +10,9 @@ in between, on a dataset of `recovery_tokens` fresh tokens (epochs, batch size, 
 LoRA is merged before every shot and at the end, and after each merge the zeros that surgery could not remove (all of
 them in 2:4 and unstructured mode) are written back, so the sparsity stays exact. Under `accelerate launch` /
 `torchrun` every process computes the shot's curvature and update itself on the same calibration batches and the
-callback checks that the ranks agree. `output_dir` gets the pruned model and tokenizer,
+callback checks that the ranks agree. In structured mode the zeros that head / channel surgery cannot remove are
+then dropped from storage (`compact_zeros`; same outputs, fewer parameters). `output_dir` gets the pruned model and
+tokenizer,
 `prune_plan.json` (all shots composed, in the dense model's indices) and `results.json` (run info, arguments, dense
 and pruned evaluation, each shot's plan, training log).
 Keys of the YAML that belong to none of the dataclasses below are `transformers.TrainingArguments`.
@@ -50,6 +52,9 @@ class SurgeonArguments:
     damping_a: float | None = field(default=None, metadata={
         "help": "Damping of A relative to its mean diagonal (None: the paper's 0.01)."})
     calibration_batch_size: int = field(default=2, metadata={"help": "Sequences per K-FAC forward/backward."})
+    compact_zeros: bool | None = field(default=None, metadata={
+        "help": "At the end, store the projections without their zero rows and columns (hf_prune.compact_zeros: "
+                "same outputs, fewer parameters, Pruned* class). None: yes in structured mode, no otherwise."})
     lora_r: int = field(default=8, metadata={"help": "LoRA rank of the recovery between shots."})
     lora_alpha: int = field(default=16, metadata={"help": "LoRA alpha."})
 
@@ -117,6 +122,11 @@ def main(argv: list[str] | None = None) -> dict:
         method.finalize(model)  # the merge filled the zeros surgery could not remove: write them back
         plans, whole = method.shot_plans, callback.plan
 
+    compact = sargs.compact_zeros if sargs.compact_zeros is not None else sargs.mode == "structured"
+    if compact:
+        from hf_prune import compact_zeros
+
+        results["compact_zeros"] = compact_zeros(model)
     results["plans"] = [p.to_dict() for p in plans]  # shot k names structures of the model after shot k - 1
     if trainer is not None:
         results["log_history"] = trainer.state.log_history

@@ -86,14 +86,15 @@ def check_model(env, model_dir: Path, evaluation: dict) -> torch.nn.Module:
     return loaded
 
 
-def plan_matches(env, plan: PrunePlan, loaded: torch.nn.Module) -> None:
-    """Applying the saved (composed) plan to the dense model gives the saved model's architecture."""
+def plan_matches(env, plan: PrunePlan, loaded: torch.nn.Module, compacted: int = 0) -> None:
+    """Applying the saved (composed) plan to the dense model gives the saved model's architecture (with
+    `compacted` parameters fewer when the recipe ran compact_zeros afterwards)."""
     from transformers import AutoModelForCausalLM
 
     dense = AutoModelForCausalLM.from_pretrained(env["dense"], dtype=torch.float32)
     hf_prune.apply(dense, plan)
     assert hf_prune.surgery.layer_widths(dense) == hf_prune.surgery.layer_widths(loaded)
-    assert sum(p.numel() for p in dense.parameters()) == sum(p.numel() for p in loaded.parameters())
+    assert sum(p.numel() for p in dense.parameters()) - compacted == sum(p.numel() for p in loaded.parameters())
 
 
 def recovery_steps(log: list[dict]) -> int:
@@ -186,7 +187,9 @@ def test_llm_surgeon_prunes_in_shots_with_or_without_recovery(env, tmp_path, mon
     plan = PrunePlan.load(out / PLAN_FILENAME)
     assert plan.heads or plan.mlp_channels or plan.drop_layers
     loaded = check_model(env, out, saved["pruned"])
-    plan_matches(env, plan, loaded)
+    removed = saved["compact_zeros"]["parameters_removed"]  # structured mode compacts the zeros by default
+    assert removed > 0 and saved["compact_zeros"]["linears"] > 0
+    plan_matches(env, plan, loaded, compacted=removed)
     # removed or zero: what the last shot reported, recovery training included (its merge filled the zeros)
     from transformers import AutoModelForCausalLM
 
@@ -250,4 +253,4 @@ def test_llm_surgeon_recovery_under_torchrun_two_ranks(env, tmp_path):
     assert [h["prune/stage"] for h in saved["log_history"] if "prune/stage" in h] == [1, 2]
     assert recovery_steps(saved["log_history"]) == 2  # 8 blocks / (2 ranks x 2 rows) per epoch
     loaded = check_model(env, out, saved["pruned"])
-    plan_matches(env, PrunePlan.load(out / PLAN_FILENAME), loaded)
+    plan_matches(env, PrunePlan.load(out / PLAN_FILENAME), loaded, compacted=saved["compact_zeros"]["parameters_removed"])
