@@ -230,8 +230,9 @@ def _zeros_line(meta: ExportMetadata) -> str | None:
     parts = ", ".join(f"{k} {v:,}" for k, v in zeros.items() if v)
     return (f"{total:,} parameters ({100.0 * total / a.num_parameters:.1f}% of the pruned model) are zeros kept in "
             f"place: pruned structures that surgery could not remove (for example query/key rows inside a head, "
-            f"residual-stream columns, 2:4 or unstructured sparsity). They are counted in the sizes above; a sparse "
-            f"kernel or format is needed to gain from them. By matrix: {parts}.")
+            f"residual-stream columns, 2:4 or unstructured sparsity). They are counted in the sizes above. Whole zero "
+            f"rows and columns can be dropped from storage with `hf_prune.compact_zeros`; scattered zeros need a "
+            f"sparse kernel or format. By matrix: {parts}.")
 
 
 def _data_line(rec, none_text: str) -> str:

@@ -33,6 +33,10 @@ parameters); `apply_updates(model, step)` writes the weights, then `hf_prune.sur
 what can be removed physically: MLP channels whose gate row (act(0) = 0), up row or down column is zero, and attention
 heads whose o_proj columns or v_proj rows are zero, in whole grouped-query groups (equal query heads per kept kv
 head). Everything else stays as zeros in place, and `plan.provenance["zeros_per_matrix"]` counts them per matrix.
+Training between shots fills those zeros; `plan()` writes them back before the next shot and `finalize(model)` after
+the last training. When no more training or surgery follows, `hf_prune.compact_zeros(model)` stores every projection
+without its zero rows and columns (query/key rows inside heads, single value/output dimensions, residual-stream rows
+and columns): same outputs, fewer parameters.
 
     method = LLMSurgeon(target=0.2, shots=5, mode="structured")
     for stage in range(method.stages):
@@ -842,8 +846,9 @@ class LLMSurgeon(PruningMethod):
             "config": self.config_dict(),
             "reference_numel": self.reference_numel,
             **{k: v for k, v in stats.items() if not k.startswith("seconds")},
-            "note": "zeros_left: zeroed parameters that surgery cannot remove (rows/columns of the residual stream, "
-                    "q/k rows, partial heads, 2:4 and unstructured zeros); they stay as zeros in the weights",
+            "note": "zeros_left: zeroed parameters that head/channel surgery cannot remove (rows/columns of the "
+                    "residual stream, q/k rows, partial heads, 2:4 and unstructured zeros); they stay as zeros in the "
+                    "weights until hf_prune.compact_zeros drops whole zero rows and columns from storage",
             "zeros_per_matrix": counts,
         })
         self._log(f"shot {stage + 1} done in {t_end - t0:.1f}s (curvature {t_curv - t0:.1f}s): removed or zero "
