@@ -200,13 +200,17 @@ def _refuse_compacted(model: nn.Module, what: str) -> None:
                          "compaction; prune the uncompacted model, or reload it from before compact_zeros")
 
 
-def compact_zeros(model: nn.Module) -> dict[str, int]:
+def compact_zeros(model: nn.Module, min_fraction: float = 0.05) -> dict[str, int]:
     """Store every decoder projection without its zero rows (weight row and bias entry zero) and zero columns, in
     place (`CompactLinear`); the model computes the same function with fewer parameters. This removes the zeros that
     head / channel surgery cannot: query and key rows inside a head, single value / output dimensions, residual-stream
     rows and columns. The result uses the family's `Pruned*` class (`layer_compact_linears` in the config) and
     saves / reloads like any pruned model. Run it last: surgery refuses a compacted model, and PEFT does not wrap
-    CompactLinear. Returns {"linears": projections compacted, "parameters_removed": parameters removed}."""
+    CompactLinear. `min_fraction`: a projection is compacted only when that fraction of its parameters goes, since
+    the index gather and scatter cost time on every call (on LLM Surgeon's SmolLM2 results 5% keeps about 97% of the
+    saving with 40% of the projections). Returns {"linears": projections compacted, "parameters_removed": ...}."""
+    if not 0.0 <= min_fraction <= 1.0:
+        raise ValueError(f"min_fraction={min_fraction}; valid: 0 <= min_fraction <= 1")
     model = unwrap_model(model)
     ad = get_adapter(model)
     old = getattr(model.config, "layer_compact_linears", None)
@@ -228,8 +232,12 @@ def compact_zeros(model: nn.Module) -> dict[str, int]:
             cols = torch.nonzero(~zero_cols).flatten()
             rows = rows if rows.numel() else torch.zeros(1, dtype=torch.long, device=w.device)  # keep one zero row
             cols = cols if cols.numel() else torch.zeros(1, dtype=torch.long, device=w.device)
+            total = sum(p.numel() for p in lin.parameters())
+            kept = rows.numel() * cols.numel() + (rows.numel() if lin.bias is not None else 0)
+            if total - kept < max(1, min_fraction * total):
+                continue
             new = CompactLinear.from_linear(lin, rows, cols)
-            removed += sum(p.numel() for p in lin.parameters()) - sum(p.numel() for p in new.parameters())
+            removed += total - kept
             parent = parents["attention" if short in ("q_proj", "k_proj", "v_proj", "o_proj") else "mlp"]
             setattr(parent, short, new)
             compact[i][short] = [int(rows.numel()), int(cols.numel())]

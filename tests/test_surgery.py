@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import subprocess
 import sys
@@ -330,7 +331,8 @@ def compacted(tmp_path_factory):
         m = tiny_model(mt).eval()
         expected = _zero_scattered(m)
         ref, n0 = _logits(m), sum(p.numel() for p in m.parameters())
-        stats = hf_prune.compact_zeros(m)
+        assert hf_prune.compact_zeros(copy.deepcopy(m), min_fraction=0.5) == {"linears": 0, "parameters_removed": 0}
+        stats = hf_prune.compact_zeros(m, min_fraction=0.0)
         d = root / mt
         gen = _save_with_reference(m, d)
         out[mt] = {"model": m, "expected": expected, "ref": ref, "n0": n0, "stats": stats, "dir": d, "gen": gen}
@@ -349,7 +351,7 @@ def test_compact_zeros_removes_scattered_zeros_keeps_logits_and_reloads(model_ty
     assert sum(p.numel() for p in m.parameters()) == n0 - expected
     assert torch.equal(_logits(m), rec["ref"])  # the same arithmetic on the kept entries: bit-identical
     assert type(m).__name__.startswith("Pruned") and all(m.config.layer_compact_linears)
-    assert hf_prune.compact_zeros(m) == {"linears": 0, "parameters_removed": 0}  # nothing left to remove
+    assert hf_prune.compact_zeros(m, min_fraction=0.0) == {"linears": 0, "parameters_removed": 0}  # nothing left
     with pytest.raises(ValueError, match="must come before compaction"):
         apply(m, PrunePlan(mlp_channels={0: [0, 1]}))
     loaded = AutoModelForCausalLM.from_pretrained(rec["dir"]).eval()
@@ -379,9 +381,23 @@ def test_compact_zeros_after_head_and_channel_surgery_of_an_llm_surgeon_run():
     linears = [p for n, p in m.named_parameters() if n.endswith("proj.weight")]
     zeros_before = sum(int((w == 0).sum()) for w in linears)
     ref, n0 = _logits(m), sum(p.numel() for p in m.parameters())
-    stats = hf_prune.compact_zeros(m)
+    stats = hf_prune.compact_zeros(m, min_fraction=0.0)
     assert stats["parameters_removed"] > 0 and torch.equal(_logits(m), ref)
     zeros_after = sum(int((p == 0).sum()) for n, p in m.named_parameters() if n.endswith("proj.weight"))
     # everything LLM Surgeon zeroed was a whole row or column: compaction leaves (almost) no zero behind
     assert zeros_before - zeros_after == stats["parameters_removed"]
     assert zeros_after <= 0.01 * zeros_before
+
+
+def test_compact_zeros_skips_projections_that_lose_too_little():
+    m = tiny_model("llama", num_hidden_layers=2).eval()
+    a = get_adapter(m).attention(0)
+    with torch.no_grad():
+        a.q_proj.weight[:2] = 0  # 2 of 64 rows: 3%
+        a.k_proj.weight[:16] = 0  # 16 of 32 rows: 50%
+    ref = _logits(m)
+    stats = hf_prune.compact_zeros(m)  # default min_fraction 0.05
+    assert stats == {"linears": 1, "parameters_removed": 16 * a.k_proj.in_features}
+    assert torch.equal(_logits(m), ref)
+    with pytest.raises(ValueError, match="min_fraction=1.5"):
+        hf_prune.compact_zeros(m, min_fraction=1.5)

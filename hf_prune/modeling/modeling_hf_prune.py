@@ -66,7 +66,7 @@ class CompactLinear(nn.Module):
         if self.weight.shape[0] == self.out_features:
             return y
         out = y.new_zeros(*y.shape[:-1], self.out_features)
-        return out.index_copy(out.dim() - 1, self.out_index, y)
+        return out.index_copy_(out.dim() - 1, self.out_index, y)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features} (kept {self.weight.shape[1]}), out_features={self.out_features} "
