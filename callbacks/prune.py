@@ -94,6 +94,7 @@ STAGE_PREFIX = "prune-stage-"
 BASE_MODEL_DIR = "base_model"
 STAGE_KEY = "prune/stage"
 COMPOSED_PLAN = "prune_plan_all_stages.json"
+METHOD_STATE = "prune_method_state.pt"  # the method's state_dict() after the stage (LLM Surgeon: zero patterns)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -358,6 +359,11 @@ class PruneCallback(TrainerCallback):
                 if len(plan.provenance.get("stages", [])) == self.stages_done or path == composed[0]:
                     self.plan = plan
                     break
+        for path in (Path(checkpoint) / METHOD_STATE,
+                     Path(checkpoint).parent / f"{STAGE_PREFIX}{self.stages_done}" / METHOD_STATE):
+            if self.stages_done and path.is_file():  # the method's state after the checkpoint's last stage
+                self.method.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+                break
         if not (Path(checkpoint) / "scheduler.pt").is_file():
             self._fast_forward_scheduler = True
 
@@ -617,6 +623,9 @@ class PruneCallback(TrainerCallback):
             plan.save(stage_dir)
             if self.plan is not None:
                 Path(stage_dir, COMPOSED_PLAN).write_text(self.plan.to_json(), encoding="utf-8")
+            state = self.method.state_dict()
+            if state:
+                torch.save(state, os.path.join(stage_dir, METHOD_STATE))
         if peft_config is not None:
             base_dir = os.path.abspath(os.path.join(stage_dir, BASE_MODEL_DIR))
             if trainer.args.should_save:

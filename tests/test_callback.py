@@ -551,3 +551,48 @@ def test_llm_surgeon_shots_get_their_weight_update_inside_plain_train(tmp_path):
     # training after the last shot moved every weight; the end of train() wrote back the zeros surgery kept
     n, z = prunable(trainer.model)
     assert z > 0 and (n0 - n + z) / n0 == pytest.approx(Counting.fractions[-1], abs=1e-9)
+
+
+def test_llm_surgeon_run_resumes_with_its_reference_count_and_zero_pattern(tmp_path):
+    """A resumed run gets the method's state from the stage checkpoint: the dense reference count (which a fresh
+    LLMSurgeon would not know at shot 2) and the zero pattern of shot 1, which training had filled."""
+    from hf_prune.kfac import decoder_linears
+    from hf_prune.methods import LLMSurgeon
+
+    def prunable(m) -> tuple[int, int]:
+        ws = [lin.weight for lin in decoder_linears(m).values()]
+        return sum(w.numel() for w in ws), sum(int((w == 0).sum()) for w in ws)
+
+    blocks = _blocks()
+    model = tiny_model("llama", num_hidden_layers=3).train()
+    n0, _ = prunable(model)
+
+    def trainer_for(m, method):
+        cb = PruneCallback(method, calibration=blocks[:4], schedule=PruneSchedule(every_n_epochs=1))
+        return cb, Trainer(model=m, args=_args(tmp_path, save_strategy="steps", save_steps=1),
+                           train_dataset=blocks_dataset(blocks), callbacks=[cb])
+
+    first = LLMSurgeon(target=0.3, shots=2, verbose=False, compute_dtype="float64")
+    _, trainer = trainer_for(model, first)
+    prune_and_train(trainer)
+    recs = _records(trainer.state.log_history)
+    assert [r["step"] for r in recs] == [0, 3]
+    assert (tmp_path / "prune-stage-1" / "prune_method_state.pt").is_file()
+    ckpt = tmp_path / "checkpoint-2"  # after shot 1 and two training steps: shot 1's zeros are filled
+    state = torch.load(tmp_path / "prune-stage-1" / "prune_method_state.pt", weights_only=True)
+    shot1_zero_rows = sum(int(p["rows"].sum()) for p in state["zero_patterns"].values())
+    resumed_model = load_for_resume(ckpt)
+    zero_rows_now = sum(int((lin.weight == 0).all(1).sum()) for lin in decoder_linears(resumed_model).values())
+    assert shot1_zero_rows > 0 and zero_rows_now < shot1_zero_rows  # training filled some of shot 1's zeros
+    fresh = LLMSurgeon(target=0.3, shots=2, verbose=False, compute_dtype="float64")
+    cb, resumed = trainer_for(resumed_model, fresh)
+    prune_and_train(resumed, resume_from_checkpoint=str(ckpt))
+    assert cb.stages_done == 2 and fresh.reference_numel == first.reference_numel
+    n, z = prunable(resumed.model)
+    shot2 = fresh.zero_patterns is not None and _records(resumed.state.log_history)[-1]
+    assert shot2 and (n0 - n + z) / n0 == pytest.approx(0.3, abs=0.02)
+    n1, z1 = prunable(trainer.model)
+    assert n0 - n + z == n0 - n1 + z1  # the same count as the uninterrupted run
+    original = trainer.model.state_dict()  # and the same model: shot 2 saw shot 1's zeros written back
+    for name, value in resumed.model.state_dict().items():
+        torch.testing.assert_close(value, original[name], msg=name)

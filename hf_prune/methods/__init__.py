@@ -129,5 +129,14 @@ class PruningMethod:
         must not change (no-op unless the method keeps such an invariant, as LLM Surgeon does with its zeros).
         PruneCallback calls it at the end of training and in its export."""
 
+    def state_dict(self) -> dict[str, Any]:
+        """What later stages need from earlier ones beyond the model and the config (tensors, numbers, strings,
+        None, nested in dicts). PruneCallback saves it in every stage checkpoint and gives it back through
+        `load_state_dict` when a run resumes. Empty unless the method keeps such state."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Take back what `state_dict` returned (no-op unless the method keeps state)."""
+
     def config_dict(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in fields(self)}

@@ -646,6 +646,22 @@ class LLMSurgeon(PruningMethod):
             self._log(f"restored {n:,} pruned zeros that training had filled")
         return n
 
+    def state_dict(self) -> dict[str, Any]:
+        """The reference parameter count and the zero patterns of the shots so far (for a resumed run)."""
+        patterns = {f"{i}:{short}": {"rows": p.rows, "cols": p.cols, "bias_zero": p.bias_zero, "elems": p.elems}
+                    for (i, short), p in (self.zero_patterns or {}).items()}
+        return {"reference_numel": self.reference_numel, "zero_patterns": patterns}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("reference_numel") is not None:
+            self.reference_numel = int(state["reference_numel"])
+            self._auto_reference = False
+        patterns = {}
+        for key, p in (state.get("zero_patterns") or {}).items():
+            layer, short = key.split(":")
+            patterns[(int(layer), short)] = ZeroPattern(p["rows"], p["cols"], p["bias_zero"], p["elems"])
+        self.zero_patterns = patterns or None
+
     def _patterns_after(self, model: nn.Module, plan: PrunePlan) -> dict[tuple[int, str], ZeroPattern]:
         ad = get_adapter(model)
         elements = self.mode != "structured"
