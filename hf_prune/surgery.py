@@ -212,6 +212,11 @@ def compact_zeros(model: nn.Module, min_fraction: float = 0.05) -> dict[str, int
     if not 0.0 <= min_fraction <= 1.0:
         raise ValueError(f"min_fraction={min_fraction}; valid: 0 <= min_fraction <= 1")
     model = unwrap_model(model)
+    from .modeling import SLICED_MODELS
+
+    if isinstance(model, tuple(SLICED_MODELS.values())):
+        raise ValueError(f"compact_zeros works on head/channel-pruned models, not on a sliced {type(model).__name__} "
+                         "(its widths are already the slicing's)")
     ad = get_adapter(model)
     old = getattr(model.config, "layer_compact_linears", None)
     compact = [dict(e) for e in old] if old else [{} for _ in range(ad.num_layers)]

@@ -401,3 +401,16 @@ def test_compact_zeros_skips_projections_that_lose_too_little():
     assert torch.equal(_logits(m), ref)
     with pytest.raises(ValueError, match="min_fraction=1.5"):
         hf_prune.compact_zeros(m, min_fraction=1.5)
+
+
+def test_compact_zeros_refuses_a_sliced_model():
+    from hf_prune.methods import get
+    from hf_prune.surgery import apply_slicing
+
+    m = tiny_model("llama", num_hidden_layers=2)
+    method = get("slicegpt", slicing=0.25, progress=False)
+    plan = method.plan(m, [{"input_ids": IDS}], 0)
+    method.update(m)
+    apply_slicing(m, plan)
+    with pytest.raises(ValueError, match="not on a sliced SlicedLlamaForCausalLM"):
+        hf_prune.compact_zeros(m)
