@@ -264,6 +264,10 @@ class PruneCallback(TrainerCallback):
         metadata: an `ExportMetadata` (or dict) with what the card should say beyond what the callback records
             (base model id and licence, recovery data, evaluations, the command); EvalCallback records are added
             when an EvalCallback is among the trainer's callbacks.
+        compact_zeros: in the export, after the merge and `method.finalize`, store the projections without their
+            zero rows and columns (`hf_prune.compact_zeros`: same outputs, fewer parameters; for LLM Surgeon's
+            q/k rows and residual-stream columns). Afterwards `trainer.model` is the compacted model, which PEFT no
+            longer wraps.
     """
 
     def __init__(
@@ -279,6 +283,7 @@ class PruneCallback(TrainerCallback):
         hub_private: bool = False,
         hub_revision: str | None = None,
         metadata: Any = None,
+        compact_zeros: bool = False,
     ):
         if not isinstance(method, PruningMethod):
             raise TypeError(f"method must be a hf_prune PruningMethod (e.g. ShortGPT(n_remove=2)), got {type(method)}")
@@ -304,6 +309,7 @@ class PruneCallback(TrainerCallback):
         self.hub_private = hub_private
         self.hub_revision = hub_revision
         self.metadata = metadata
+        self.compact_zeros = compact_zeros
         self.plan: PrunePlan | None = None  # every stage so far, composed, in the original model's indices
         self.before = None  # ModelStats of the model before the first stage
 
@@ -432,6 +438,13 @@ class PruneCallback(TrainerCallback):
         if _is_peft(model):
             model = trainer.model = model.merge_and_unload()
         self.method.finalize(unwrap_model(model))
+        if self.compact_zeros:
+            from hf_prune.surgery import compact_zeros
+
+            stats = compact_zeros(model)
+            if _is_main():
+                logger.info("compact_zeros: %d projections, %d parameters removed", stats["linears"],
+                            stats["parameters_removed"])
         folder = Path(self.export_dir or os.path.join(trainer.args.output_dir, "export"))
         if not _is_main():
             trainer.accelerator.wait_for_everyone()

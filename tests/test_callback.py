@@ -541,11 +541,21 @@ def test_llm_surgeon_shots_get_their_weight_update_inside_plain_train(tmp_path):
     n0, _ = prunable(model)
     method = Counting(target=0.3, shots=2, mode="structured", verbose=False, compute_dtype="float64")
     trainer = Trainer(model=model, args=_args(tmp_path), train_dataset=blocks_dataset(blocks))
-    trainer.add_callback(PruneCallback(method, calibration=blocks[:4], schedule=PruneSchedule(every_n_epochs=1)))
+    trainer.add_callback(PruneCallback(method, calibration=blocks[:4], schedule=PruneSchedule(every_n_epochs=1),
+                                       export_dir=tmp_path / "export", compact_zeros=True))
     trainer.train()
     recs = _records(trainer.state.log_history)
     assert [r["step"] for r in recs] == [0, 3] and Counting.updates == 2 and method.pending is None
-    assert recs[-1]["prune/num_parameters"] == sum(p.numel() for p in trainer.model.parameters()) <= dense
+    compacted = sum(p.numel() for p in trainer.model.parameters())  # the export compacted trainer.model
+    assert compacted < recs[-1]["prune/num_parameters"] <= dense
+    from hf_prune.modeling.modeling_hf_prune import CompactLinear
+
+    exported = AutoModelForCausalLM.from_pretrained(tmp_path / "export").eval()
+    assert any(isinstance(m, CompactLinear) for m in exported.modules())
+    assert sum(p.numel() for p in exported.parameters()) == compacted
+    with torch.no_grad():
+        torch.testing.assert_close(exported(input_ids=blocks[:2]).logits,
+                                   trainer.model.eval()(input_ids=blocks[:2]).logits)
     # each shot removes or zeroes its share of the decoder's linear parameters (linear schedule: 15%, then 30%)
     assert Counting.fractions == [pytest.approx(0.15, abs=0.02), pytest.approx(0.30, abs=0.02)]
     # training after the last shot moved every weight; the end of train() wrote back the zeros surgery kept

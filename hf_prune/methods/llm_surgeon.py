@@ -692,6 +692,9 @@ class LLMSurgeon(PruningMethod):
             raise ValueError(f"stage={stage}; valid stages are 0..{self.shots - 1} (shots={self.shots})")
         t0 = time.perf_counter()
         model = unwrap_model(model)
+        from ..surgery import _refuse_compacted
+
+        _refuse_compacted(model, "LLM Surgeon")
         ad = get_adapter(model)
         dtype = DTYPES[self.compute_dtype]
         linears = decoder_linears(model)
