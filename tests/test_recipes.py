@@ -177,7 +177,7 @@ def test_llm_surgeon_prunes_in_shots_with_or_without_recovery(env, tmp_path, mon
     saved = json.loads((out / "results.json").read_text())
     assert saved["pruned"] == report["pruned"]
     cfg = saved["plans"][0]["provenance"]["config"]
-    assert (cfg["damping_g"], cfg["damping_a"]) == (0.5, 0.01)  # the flag, and the method's default
+    assert (cfg["damping_g"], cfg["damping_a"]) == (0.5, 1.0)  # the flag, and the SmolLM2 config's value
     assert len(saved["plans"]) == 2 and len(updates) == 2  # every shot: a plan and its weight update
     if recovery_tokens:  # 8 blocks = 2 steps: shot 1 before step 1, shot 2 after it
         assert [h["prune/stage"] for h in saved["log_history"] if "prune/stage" in h] == [1, 2]
