@@ -289,7 +289,14 @@ def cmd_prune(args, argv: Sequence[str]) -> int:
     batches = [{k: v.to(args.device) for k, v in b.items()} for b in data.batches(blocks, args.batch_size)]
     plan = method.plan(model, batches, stage=0)
     plan.provenance.setdefault("method", args.method)
-    apply(model, plan)
+    method.update(model)  # a method's weight update (LLM Surgeon) goes in before surgery
+    if plan.residual_widths:
+        from .surgery import apply_slicing
+
+        apply_slicing(model, plan)
+    else:
+        apply(model, plan)
+    method.finalize(model)
     meta.evaluations += _measure(model, tokenizer, args, "pruned")
     out = save(model, tokenizer, args.output, plan=plan, metadata=meta)
     before, after = meta.before.num_parameters, sum(p.numel() for p in model.parameters())

@@ -206,3 +206,31 @@ def test_push_command_to_a_branch_and_after_a_failure(export_dir, monkeypatch, c
     out2, err2 = capfd.readouterr()
     for text in (out, err, out2, err2, caplog.text):
         assert TOKEN not in text
+
+
+@pytest.mark.parametrize("method,options", [("llm_surgeon", ["shots=1", "target=0.2", "verbose=false"]),
+                                            ("slicegpt", ["slicing=0.25", "progress=false"])])
+def test_prune_runs_methods_that_change_weights(method, options, model_dir, corpus, tmp_path, monkeypatch):
+    """One-shot methods whose plan comes with a weight change (LLM Surgeon's update, SliceGPT's rotation and
+    slicing) give a saved model whose perplexity is the one recorded, not a model pruned without it."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from hf_prune import methods
+    from hf_prune.evaluate import perplexity
+
+    updates = []
+    cls = type(methods.get(method))
+    update = cls.update
+    monkeypatch.setattr(cls, "update", lambda self, model: (updates.append(1), update(self, model))[1])
+    out = tmp_path / method
+    sets = [x for o in options for x in ("--set", o)]
+    assert main(["prune", "--method", method, *sets, "--model", str(model_dir), "--corpus", str(corpus),
+                 "--n-samples", "4", "--seq-len", "16", "--batch-size", "2", "-o", str(out),
+                 "--text", str(corpus), "--window", "16", "--max-tokens", "200"]) == 0
+    assert updates == [1]
+    meta = load_metadata(out)
+    assert meta.after.num_parameters < meta.before.num_parameters
+    loaded = AutoModelForCausalLM.from_pretrained(out).eval()
+    ppl = perplexity(loaded, AutoTokenizer.from_pretrained(out), [corpus.read_text()], window=16, max_tokens=200)
+    recorded = [e for e in meta.evaluations if e.stage == "pruned"][0].value
+    assert ppl["perplexity"] == pytest.approx(recorded, rel=1e-4)
