@@ -20,7 +20,7 @@ from llm_surgeon import _label  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 DEFAULT = ["llm_surgeon.json", "llm_surgeon_damping_0.1.json", "llm_surgeon_damping_1.0.json", "llm_surgeon_damping_10.json",
-           "llm_surgeon_damping_1.0_unstructured.json",
+           "llm_surgeon_damping_1.0_unstructured.json", "llm_surgeon_damping_1.0_24.json",
            "llm_surgeon_wiki_calibration.json", "llm_surgeon_ablation_no_update.json",
            "llm_surgeon_ablation_kobd_update.json"]
 
