@@ -28,6 +28,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from llm_surgeon import environment  # noqa: E402
+from slicing import decode_seconds  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -55,18 +56,6 @@ def file_bytes(model) -> int:
     with tempfile.TemporaryDirectory() as d:
         model.save_pretrained(d)
         return sum(f.stat().st_size for f in Path(d).glob("*.safetensors"))
-
-
-def decode_seconds(model, prompt, new_tokens: int) -> float:
-    import torch
-
-    with torch.no_grad():
-        t = time.perf_counter()
-        out = model.generate(prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
-                             pad_token_id=0)
-        s = time.perf_counter() - t
-    assert out.shape[1] == prompt.shape[1] + new_tokens
-    return s
 
 
 def speeds(models: dict, prompts: dict, args) -> dict:

@@ -506,9 +506,9 @@ def _kept_indices(ad, plan: PrunePlan, layer: int) -> dict[str, tuple[torch.Tens
     a, m = ad.attention(layer), ad.mlp(layer)
     q, kv = plan.resolved_heads(ad, layer)
     if len(q) < a.num_heads or len(kv) < a.num_kv_heads:
-        hd = a.head_dim
-        qr = torch.tensor([h * hd + d for h in q for d in range(hd)], dtype=torch.long)
-        kvr = torch.tensor([h * hd + d for h in kv for d in range(hd)], dtype=torch.long)
+        from ..surgery import _head_rows  # the rows surgery keeps for these heads
+
+        qr, kvr = _head_rows(q, a.head_dim), _head_rows(kv, a.head_dim)
         out.update(q_proj=(qr, None), k_proj=(kvr, None), v_proj=(kvr, None), o_proj=(None, qr))
     ch = plan.mlp_channels.get(layer)
     if ch is not None and len(ch) < m.intermediate_size:
