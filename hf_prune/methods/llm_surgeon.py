@@ -506,9 +506,9 @@ def _kept_indices(ad, plan: PrunePlan, layer: int) -> dict[str, tuple[torch.Tens
     a, m = ad.attention(layer), ad.mlp(layer)
     q, kv = plan.resolved_heads(ad, layer)
     if len(q) < a.num_heads or len(kv) < a.num_kv_heads:
-        from ..surgery import _head_rows  # the rows surgery keeps for these heads
+        from ..surgery.common import head_rows  # the rows surgery keeps for these heads
 
-        qr, kvr = _head_rows(q, a.head_dim), _head_rows(kv, a.head_dim)
+        qr, kvr = head_rows(q, a.head_dim), head_rows(kv, a.head_dim)
         out.update(q_proj=(qr, None), k_proj=(kvr, None), v_proj=(kvr, None), o_proj=(None, qr))
     ch = plan.mlp_channels.get(layer)
     if ch is not None and len(ch) < m.intermediate_size:
@@ -692,9 +692,9 @@ class LLMSurgeon(PruningMethod):
             raise ValueError(f"stage={stage}; valid stages are 0..{self.shots - 1} (shots={self.shots})")
         t0 = time.perf_counter()
         model = unwrap_model(model)
-        from ..surgery import _refuse_compacted
+        from ..surgery.common import refuse_compacted
 
-        _refuse_compacted(model, "LLM Surgeon")
+        refuse_compacted(model, "LLM Surgeon")
         ad = get_adapter(model)
         dtype = DTYPES[self.compute_dtype]
         linears = decoder_linears(model)

@@ -12,7 +12,7 @@ EMNLP 2024) picks d per layer from the layer redundancy LR_i = mean_t cos(h_i, h
                                                               the mean stays SP when a cap binds)
 
 `plan()` rotates the model in place (weights change, the function computed does not) and returns a PrunePlan whose
-`residual_widths["residual_dims"]` lists the 2L + 1 slot widths; `hf_prune.surgery.apply_slicing(model, plan)` then
+`residual_widths["residual_dims"]` lists the 2L + 1 slot widths; `hf_prune.apply(model, plan)` then
 cuts the shapes. Run `plan` on every rank with the same batches in multi-process jobs: the rotation is part of it.
 
 Where this implementation differs from the reference code (knobs, defaults say which):
