@@ -164,6 +164,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("methods", help="list the pruning methods and their options",
                    description="List the registered pruning methods with their config fields and help text.")
+
+    p = sub.add_parser("gguf", help="write an export folder as a GGUF file for llama.cpp (per-layer widths included)",
+                       description="Write DIR as a GGUF file: llama.cpp's own architecture when every layer has the "
+                                   "same widths, `deci` (per-layer head and MLP widths) when not. Refuses results "
+                                   "llama.cpp cannot run, naming the missing engine feature.")
+    p.add_argument("dir", type=_export_dir, metavar="DIR", help="export folder (written by `hf-prune prune` or save)")
+    p.add_argument("--output", "-o", required=True, metavar="FILE.gguf", help="GGUF file to write")
+    p.add_argument("--dtype", choices=("f32", "f16", "bf16", "q8_0"), default="f16",
+                   help="storage of the weight matrices (default f16; norms and biases stay f32; q8_0 falls back to "
+                        "f16 for rows that are not a multiple of 32)")
+    p.add_argument("--overwrite", action="store_true", help="replace FILE.gguf if it exists")
+    p.add_argument("--expand-compact", action="store_true",
+                   help="write CompactLinear projections dense with their zeros put back (exact, no saving)")
     return parser
 
 
@@ -364,6 +377,17 @@ def cmd_methods(args) -> int:
     return 0
 
 
+def cmd_gguf(args) -> int:
+    from .gguf import to_gguf
+
+    out = Path(args.output)
+    if out.exists() and not args.overwrite:
+        raise CLIError(f"{args.output!r} exists; pass --overwrite to replace it")
+    path = to_gguf(args.dir, out, dtype=args.dtype, overwrite=args.overwrite, expand_compact=args.expand_compact)
+    print(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB)")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
@@ -371,7 +395,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(asctime)s %(name)s: %(message)s")
     commands = {"prune": lambda: cmd_prune(args, argv), "eval": lambda: cmd_eval(args),
-                "card": lambda: cmd_card(args), "push": lambda: cmd_push(args), "methods": lambda: cmd_methods(args)}
+                "card": lambda: cmd_card(args), "push": lambda: cmd_push(args), "methods": lambda: cmd_methods(args),
+                "gguf": lambda: cmd_gguf(args)}
     try:
         return commands[args.command]()
     except CLIError as e:
