@@ -378,13 +378,25 @@ def test_smollm2_multiple_choice_above_chance(smollm2):
     assert out["acc"] > 0.5  # chance is 0.25
 
 
+# every method class exported by hf_prune.methods and the name it registers under
+METHOD_CLASSES = {
+    "IteRABRe": "iterabre", "ShortGPT": "shortgpt", "SliceGPT": "slicegpt", "DynamicSlicing": "dynamic_slicing",
+    "PIP": "pip", "LLMPruner": "llm_pruner", "MagnitudePruning": "magnitude", "LLMSurgeon": "llm_surgeon",
+}
+REQUIRED_OPTIONS = {"shortgpt": {"n_remove": 1}}  # config fields without a default
+
+
 def test_method_classes_import_from_the_methods_package():
+    """`from hf_prune.methods import X` gives the class that `get(name)` builds, for every exported class and name."""
     import hf_prune.methods as methods
 
-    for cls_name, reg_name in (("IteRABRe", "iterabre"), ("ShortGPT", "shortgpt"), ("SliceGPT", "slicegpt"),
-                               ("DynamicSlicing", "dynamic_slicing"), ("PIP", "pip"), ("LLMPruner", "llm_pruner"),
-                               ("MagnitudePruning", "magnitude"), ("LLMSurgeon", "llm_surgeon")):
-        assert methods._CLASSES[cls_name] in getattr(methods, cls_name).__module__
-        assert getattr(methods, cls_name).name == reg_name
+    exported = {n for n in methods.__all__ if n not in {"PruningMethod", "available", "get", "register"}}
+    assert exported == set(METHOD_CLASSES)
+    assert sorted(methods.available()) == sorted(METHOD_CLASSES.values())
+    for cls_name, reg_name in METHOD_CLASSES.items():
+        cls = getattr(methods, cls_name)
+        assert cls.__name__ == cls_name and issubclass(cls, methods.PruningMethod)
+        assert cls.name == reg_name
+        assert type(methods.get(reg_name, **REQUIRED_OPTIONS.get(reg_name, {}))) is cls
     with pytest.raises(AttributeError, match="NoSuchMethod"):
         methods.NoSuchMethod

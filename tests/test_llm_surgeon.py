@@ -509,11 +509,12 @@ def test_weight_update_switch_separates_costs_from_update(mode):
         steps[crit, upd] = m.prune_step(base, _batches(), 0)
     orig = {f"{n}.weight": lin.weight for n, lin in decoder_linears(base).items()}
     for key in (("surgeon", False), ("kobd", None)):  # no update: every weight is either kept as it was or zero
+        assert set(steps[key].updates) == set(orig), key  # one update per decoder linear, under its parameter name
         for name, W in steps[key].updates.items():
-            if name in orig:
-                assert bool(((W == orig[name]) | (W == 0)).all()), (key, name)
+            assert bool(((W == orig[name]) | (W == 0)).all()), (key, name)
     for a, b in ((("surgeon", None), ("surgeon", False)), (("kobd", True), ("kobd", None))):
         sa, sb = steps[a].updates, steps[b].updates
+        assert set(sa) == set(sb) == set(orig), (a, b)
         assert all(torch.equal(sa[n] == 0, sb[n] == 0) for n in sa)  # same selection
         assert any(not torch.allclose(sa[n], sb[n]) for n in sa)  # but the update moved the kept weights
     with pytest.raises(ValueError, match="weight_update=True needs the K-FAC curvature"):

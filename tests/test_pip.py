@@ -20,7 +20,7 @@ from hf_prune.methods.importance import (
     compute_importance,
     estimate_gradient_memory,
 )
-from hf_prune.methods.pip import prune_iteratively
+from hf_prune.pipeline import prune as _prune_all
 from hf_prune.perturb import CharPerturbation, EmbeddingNoise, add_perturbed_views, perturb_texts
 
 TEXT = " ".join(SENTENCES) * 20
@@ -181,9 +181,12 @@ def _grads(model, ids, mask=None):
 
 
 def _compare(model, layer, ours, expected):
-    for g in ours:
-        key = ("kv", g.kv_heads[0]) if g.kind == "attention" else ("ch", g.channels[0])
-        assert g.score == pytest.approx(expected[key], rel=1e-4, abs=1e-9)
+    """Every kv group and every channel of the layer is scored once, each as the hand-written sum."""
+    keys = [("kv", g.kv_heads[0]) if g.kind == "attention" else ("ch", g.channels[0]) for g in ours]
+    assert keys, f"no groups scored in layer {layer}"
+    assert sorted(keys) == sorted(expected), f"scored groups {sorted(set(keys) ^ set(expected))} differ"
+    for key, g in zip(keys, ours):
+        assert g.score == pytest.approx(expected[key], rel=1e-4, abs=1e-9), key
 
 
 def test_taylor_importance_equals_hand_computed(calib):
