@@ -26,6 +26,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .arch import get_adapter, unwrap_model
+from .checks import require_finite
 
 __all__ = ["LayerwiseRunner", "covariance", "masked_rows", "mean_cosine", "model_device"]
 
@@ -92,6 +93,8 @@ class LayerwiseRunner:
         batches: dicts with `input_ids` (b, t) and optionally `attention_mask` (b, t) (1 = real token).
         device: where each layer runs and the activations live (default: the model's device).
         progress: show tqdm bars in `layer_indices`.
+        method: named in errors (NonFiniteError when an embedding or a layer output holds NaN/inf at a real token).
+        stage: the method's stage, named in errors.
     """
 
     def __init__(
@@ -100,15 +103,22 @@ class LayerwiseRunner:
         batches: Iterable[Batch],
         device: torch.device | str | None = None,
         progress: bool = True,
+        method: str = "calibration",
+        stage: int | None = None,
     ):
         self.model = unwrap_model(model)
         self.adapter = get_adapter(self.model)
         self.device = torch.device(device) if device is not None else model_device(self.model)
         self.progress = progress
+        self.method, self.stage = method, stage
+        self.layer = 0  # the decoder layer `hidden` enters
         self.masks: list[torch.Tensor | None] = []
         self.hidden: list[torch.Tensor] = self._capture(batches)
         if not self.hidden:
-            raise ValueError("no calibration batches were given")
+            raise ValueError(f"{method}: no calibration batches were given")
+        if self.num_tokens == 0:
+            raise ValueError(f"{method}: the calibration batches hold no real token (every attention_mask entry is 0)")
+        self.require_finite(self.hidden, "the token embeddings (h_0)", layer=0)
 
     @torch.no_grad()
     def _capture(self, batches: Iterable[Batch]) -> list[torch.Tensor]:
@@ -155,6 +165,16 @@ class LayerwiseRunner:
     def token_mask(self, b: int) -> torch.Tensor | None:
         return self.masks[b]
 
+    @property
+    def num_tokens(self) -> int:
+        """Real (unpadded) calibration tokens over all batches."""
+        return sum(int(m.sum()) if m is not None else h.shape[0] * h.shape[1] for h, m in zip(self.hidden, self.masks))
+
+    def require_finite(self, signals: list[torch.Tensor], what: str, layer: int | None) -> None:
+        """NonFiniteError (naming the method, stage and layer) when a signal holds NaN/inf at a real token."""
+        for b, x in enumerate(signals):
+            require_finite(masked_rows(x, self.masks[b]), method=self.method, stage=self.stage, layer=layer, what=what)
+
     def layer_kwargs(self, b: int, i: int, hidden: torch.Tensor | None = None) -> dict:
         """Keyword arguments to call decoder layer i (or its attention) on batch b: mask, positions, rotary."""
         h = self.hidden[b] if hidden is None else hidden
@@ -182,4 +202,6 @@ class LayerwiseRunner:
         """Make `outputs` the inputs of the next layer."""
         if len(outputs) != len(self.hidden):
             raise ValueError(f"{len(outputs)} outputs for {len(self.hidden)} calibration batches")
+        self.require_finite(outputs, "the decoder layer's output", layer=self.layer)
         self.hidden = outputs
+        self.layer += 1

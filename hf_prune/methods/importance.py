@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..arch import ArchAdapter, get_adapter, unwrap_model
+from ..checks import check_optional_int_option, require_finite
 from ..perturb import EmbeddingNoise
 
 __all__ = [
@@ -51,6 +52,7 @@ __all__ = [
     "available_memory",
     "build_groups",
     "check_memory",
+    "check_removable",
     "compute_importance",
     "estimate_gradient_memory",
     "gradient_pass",
@@ -224,6 +226,50 @@ def build_groups(adapter: ArchAdapter, imp: LayerImportance, head_grouping: str 
         scores = imp.mlp_channels.tolist()
         groups.extend(Group("mlp", i, finish(s), per, channels=(c,)) for c, s in enumerate(scores))
     return groups
+
+
+def check_removable(adapter: ArchAdapter, layers: Sequence[int], head_grouping: str = "kv", attention: bool = True,
+                    mlp: bool = True, *, method: str = "pruning", allow_partial: bool = False) -> list[str]:
+    """What cannot be pruned as asked in decoder layers ``layers``: a ValueError naming the cause, before any
+    scoring, when a requested kind of structure has no removable group in any of them (one kv head with
+    ``head_grouping="kv"``: the last kv group always stays; one query head per kv group with "query"; one MLP
+    channel), or when nothing at all can be removed. With ``allow_partial`` a kind that cannot be pruned is returned
+    in the list (for the caller to record and warn about) instead, as long as something else can be removed.
+    """
+    if head_grouping not in HEAD_GROUPINGS:
+        raise ValueError(f"head_grouping={head_grouping!r} is not valid; use one of {HEAD_GROUPINGS}")
+    causes: list[str] = []
+    can_remove = False
+    if attention:
+        units = {i: (adapter.attention(i).group_size if head_grouping == "query" else adapter.attention(i).num_kv_heads)
+                 for i in layers}
+        if all(u <= 1 for u in units.values()):
+            if head_grouping == "kv":
+                causes.append(
+                    f"{method}: attention cannot be pruned: layers {list(layers)} have one kv head each, and with "
+                    "head_grouping='kv' no kv group can be removed (the last one always stays); use "
+                    "head_grouping='query' to remove query heads inside the group, or prune_attention=False"
+                )
+            else:
+                causes.append(
+                    f"{method}: attention cannot be pruned: layers {list(layers)} have one query head per kv group, "
+                    "and head_grouping='query' keeps at least one per group; use head_grouping='kv', or "
+                    "prune_attention=False"
+                )
+        else:
+            can_remove = True
+    if mlp:
+        if all(adapter.mlp(i).intermediate_size <= 1 for i in layers):
+            causes.append(f"{method}: the MLPs of layers {list(layers)} have one channel left; none can be removed")
+        else:
+            can_remove = True
+    if not can_remove:
+        asked = [k for k, on in (("attention", attention), ("MLP", mlp)) if on]
+        raise ValueError(" ".join(causes) or f"{method}: nothing to prune: {' and '.join(asked) or 'no structure'} "
+                         f"was asked for in layers {list(layers)}; the pruned model would equal the dense one")
+    if causes and not allow_partial:
+        raise ValueError("; ".join(causes) + " (or allow_partial=True to prune the rest and record what was not)")
+    return causes
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -427,6 +473,9 @@ def gradient_pass(
     micro_batch_size: int | None = None,
     gradient_checkpointing: bool = False,
     progress: bool = True,
+    *,
+    method: str = "gradient pass",
+    stage: int | None = None,
 ) -> dict[int, torch.Tensor]:
     """Gradients of the mean calibration loss w.r.t. ``params``, keyed by ``id(param)`` (fp32, on their device).
 
@@ -457,7 +506,9 @@ def gradient_pass(
             step = micro_batch_size or rows
             for s in range(0, rows, step):
                 ids, mask = (t[s : s + step].to(device) for t in _views(batch, False))
-                (_nll_sum(model, ids, mask, input_ids=ids) / n_clean).backward()
+                clean = _nll_sum(model, ids, mask, input_ids=ids)
+                require_finite(clean.detach(), method=method, stage=stage, layer=None, what="the calibration loss")
+                (clean / n_clean).backward()
                 if not difference:
                     continue
                 if embedding_noise is not None:
@@ -468,6 +519,8 @@ def gradient_pass(
                 else:
                     pids, pmask = (t[s : s + step].to(device) for t in _views(batch, True))
                     loss = _nll_sum(model, pids, pmask, input_ids=pids)
+                require_finite(loss.detach(), method=method, stage=stage, layer=None,
+                               what="the calibration loss on the perturbed view")
                 (-loss / n_pert).backward()
         return {id(p): (p.grad.detach().float() if p.grad is not None else torch.zeros_like(p, dtype=torch.float32))
                 for p in params}
@@ -483,16 +536,19 @@ def compute_importance(
     gradient_checkpointing: bool = False,
     memory_budget_gb: float | None = None,
     progress: bool = True,
+    *,
+    method: str | None = None,
+    stage: int | None = None,
 ) -> list[LayerImportance]:
     """Scores of every head and channel of decoder layers ``layers`` under ``criterion`` (see module docstring).
 
     For the gradient criteria the memory of the pass is estimated first and checked against ``memory_budget_gb``
     (None: the device's free memory); InsufficientMemoryError is raised before any forward pass if it won't fit.
+    A NaN/inf score raises NonFiniteError naming ``method`` (default: the criterion), ``stage`` and the layer.
     """
     if criterion not in CRITERIA:
         raise ValueError(f"criterion={criterion!r} is not valid; use one of {CRITERIA}")
-    if micro_batch_size is not None and micro_batch_size < 1:
-        raise ValueError(f"micro_batch_size={micro_batch_size} is not valid; use a positive integer or None")
+    micro_batch_size = check_optional_int_option("micro_batch_size", micro_batch_size, minimum=1)
     model = unwrap_model(model)
     ad = get_adapter(model)
     params = scored_parameters(ad, layers)
@@ -509,6 +565,11 @@ def compute_importance(
         check_memory(est, memory_budget_gb, what=f"{criterion!r} gradient pass")
         grads = gradient_pass(model, batches, params, difference=criterion == "pip", embedding_noise=embedding_noise,
                               micro_batch_size=micro_batch_size, gradient_checkpointing=gradient_checkpointing,
-                              progress=progress)
+                              progress=progress, method=method or criterion, stage=stage)
     with torch.no_grad():
-        return [layer_importance(ad, i, criterion, grads) for i in layers]
+        scores = [layer_importance(ad, i, criterion, grads) for i in layers]
+    name = method or criterion
+    for imp in scores:
+        for what, t in (("query head", imp.query_heads), ("kv head", imp.kv_heads), ("MLP channel", imp.mlp_channels)):
+            require_finite(t, method=name, stage=stage, layer=imp.layer, what=f"{criterion!r} {what} importance")
+    return scores

@@ -29,7 +29,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..arch import ArchAdapter, get_adapter, unwrap_model
-from ..plan import PrunePlan
+from ..checks import check_batches, check_choice, check_fraction, check_int_option, require_finite
+from ..plan import PrunePlan, architecture_of
 from . import Batch, PruningMethod, register
 
 __all__ = ["IteRABRe", "layer_removal_scores"]
@@ -58,31 +59,40 @@ def layer_removal_scores(
     similarity: str = "cosine",
     reference: nn.Module | None = None,
     progress: bool = True,
+    *,
+    method: str = "iterabre",
+    stage: int | None = None,
 ) -> list[float]:
     """s_j for every current layer j (see module docstring), with the prefix cache.
 
     `reference` is the model whose output the pruned candidates are compared with (default: `model` itself).
+    Empty or all-padding calibration raises ValueError; NaN/inf activations or scores raise NonFiniteError naming
+    `method`, `stage` and the layer.
     """
     model = unwrap_model(model)
     ad = get_adapter(model)
     ref_ad = get_adapter(reference) if reference is not None else None
     n = ad.num_layers
     sums, count = [0.0] * n, 0
-    batches = list(batches)
+    batches = check_batches(batches, model, method=method)
     bar = tqdm(total=len(batches) * n, desc="IteRABRe scoring", disable=not progress, leave=False)
     for batch in batches:
         dev = ad.embed_tokens.weight.device
         ids = batch["input_ids"].to(dev)
         mask = batch.get("attention_mask")
         mask = torch.ones_like(ids) if mask is None else mask.to(dev)
+        real = mask.bool()
         inputs = [ad.embed(ids)]  # inputs[j] = residual stream entering layer j
         for j in range(n):
             inputs.append(ad.run_layer(j, inputs[j], mask))
+            require_finite(inputs[-1][real], method=method, stage=stage, layer=j, what="the decoder layer's output")
         if ref_ad is None:
             ref = ad.final_hidden(inputs[n])
         else:
             ref = ref_ad.final_hidden(_run_all(ref_ad, ids.to(ref_ad.embed_tokens.weight.device), mask))
             ref = ref.to(dev)
+        require_finite(ref[real], method=method, stage=stage, layer=None,
+                       what="the reference model's final hidden state")
         for j in range(n):
             h = inputs[j]
             for k in range(j + 1, n):
@@ -90,9 +100,15 @@ def layer_removal_scores(
             s, c = _masked_mean(_similarity(ad.final_hidden(h), ref, ad, similarity), mask)
             sums[j] += s
             bar.update(1)
-        count += int(mask.bool().sum())
+        count += int(real.sum())
     bar.close()
-    return [s / count for s in sums]
+    if count == 0:  # check_batches refuses this; kept for callers of the bare function
+        raise ValueError(f"{method}: the calibration batches hold no real token (every attention_mask entry is 0)")
+    scores = [s / count for s in sums]
+    for j, score in enumerate(scores):
+        require_finite(score, method=method, stage=stage, layer=j,
+                       what=f"the {similarity} similarity without the layer")
+    return scores
 
 
 def _run_all(ad: ArchAdapter, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -135,12 +151,17 @@ class IteRABRe(PruningMethod):
     kd_temperature: float = field(default=1.0, metadata={"help": "Distillation temperature."})
 
     def __post_init__(self) -> None:
-        if self.n_remove < 1:
-            raise ValueError(f"n_remove={self.n_remove} must be at least 1")
-        if self.reference not in ("current", "teacher"):
-            raise ValueError(f"reference={self.reference!r} is not valid; use 'current' or 'teacher'")
-        if self.similarity not in ("cosine", "kl"):
-            raise ValueError(f"similarity={self.similarity!r} is not valid; use 'cosine' or 'kl'")
+        self.n_remove = check_int_option("n_remove", self.n_remove, minimum=1)
+        check_choice("reference", self.reference, ("current", "teacher"))
+        check_choice("similarity", self.similarity, ("cosine", "kl"))
+        self.protect_first = check_int_option("protect_first", self.protect_first, minimum=0)
+        self.protect_last = check_int_option("protect_last", self.protect_last, minimum=0)
+        self.total_tokens = check_int_option("total_tokens", self.total_tokens, minimum=self.n_remove)
+        self.lora_r = check_int_option("lora_r", self.lora_r, minimum=1)
+        self.lora_alpha = check_int_option("lora_alpha", self.lora_alpha, minimum=1)
+        self.kd_alpha = check_fraction("kd_alpha", self.kd_alpha, lo=0.0, hi=1.0, hi_inclusive=True)
+        self.kd_temperature = check_fraction("kd_temperature", self.kd_temperature, lo=0.0, hi=float("inf"),
+                                             lo_inclusive=False)
         self._teacher: nn.Module | None = None
         self._original_index: list[int] | None = None
 
@@ -155,6 +176,16 @@ class IteRABRe(PruningMethod):
     def plan(self, model: nn.Module, batches: Iterable[Batch], stage: int = 0) -> PrunePlan:
         model = unwrap_model(model)
         n = get_adapter(model).num_layers
+        stage = check_int_option("stage", stage, minimum=0, maximum=self.n_remove - 1)
+        still = self.n_remove - stage  # layers this stage and the later ones remove
+        removable = n - self.protect_first - self.protect_last
+        if still >= n or still > removable:
+            raise ValueError(
+                f"iterabre: n_remove={self.n_remove} stages cannot all run: stage {stage} and the later ones remove "
+                f"{still} of the model's {n} layers ({removable} removable with protect_first={self.protect_first}, "
+                f"protect_last={self.protect_last}); use n_remove <= {stage + min(n - 1, removable)}"
+            )
+        batches = check_batches(batches, model, method=self.name)
         if stage == 0 or self._original_index is None or len(self._original_index) != n:
             self._original_index = list(range(n)) if stage == 0 else [None] * n  # original numbering if known
         reference = None
@@ -162,7 +193,7 @@ class IteRABRe(PruningMethod):
             if self._teacher is None:
                 self._teacher = copy.deepcopy(model).eval().requires_grad_(False)
             reference = self._teacher
-        scores = layer_removal_scores(model, batches, self.similarity, reference)
+        scores = layer_removal_scores(model, batches, self.similarity, reference, method=self.name, stage=stage)
         candidates = [j for j in range(self.protect_first, n - self.protect_last)]
         if len(candidates) < 1 or n <= 1:
             raise ValueError(
@@ -173,6 +204,7 @@ class IteRABRe(PruningMethod):
         original = self._original_index[best]
         self._original_index = [o for j, o in enumerate(self._original_index) if j != best]
         return PrunePlan(
+            architecture=architecture_of(model),
             drop_layers=[best],
             provenance={
                 "method": "iterabre",

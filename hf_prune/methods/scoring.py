@@ -26,10 +26,12 @@ import torch
 from torch import nn
 
 from ..arch import ArchAdapter, get_adapter, unwrap_model
+from ..checks import require_finite
 
 __all__ = [
     "LayerStates",
     "LayerHook",
+    "require_finite_stream",
     "capture_layer_inputs",
     "collect_hidden_states",
     "eval_mode",
@@ -95,11 +97,24 @@ def _progress(iterable: Iterable, total: int, desc: str, enabled: bool):
     return tqdm(iterable, total=total, desc=desc, leave=False, file=sys.stderr, dynamic_ncols=True)
 
 
-def capture_layer_inputs(model: nn.Module, batches: Iterable[Batch]) -> LayerStates:
+def require_finite_stream(
+    hidden: Sequence[torch.Tensor], masks: Sequence["torch.Tensor | None"], *, method: str, stage: int | None,
+    layer: int | None, what: str,
+) -> None:
+    """NonFiniteError when the residual stream of any batch holds NaN/inf at a real (unpadded) token."""
+    for h, m in zip(hidden, masks):
+        rows = h if m is None else h[m.to(h.device).bool()]
+        require_finite(rows, method=method, stage=stage, layer=layer, what=what)
+
+
+def capture_layer_inputs(
+    model: nn.Module, batches: Iterable[Batch], *, method: str = "calibration", stage: int | None = None
+) -> LayerStates:
     """h_0 (the stream entering decoder layer 0) for every batch, on the model's device.
 
     Each batch is a dict with `input_ids` (batch, tokens) and optionally `attention_mask` (1 = real token).
-    Call it under `torch.no_grad()` (or `eval_mode(model)`) unless gradients are wanted.
+    Call it under `torch.no_grad()` (or `eval_mode(model)`) unless gradients are wanted. Non-finite embeddings raise
+    NonFiniteError naming `method` and `stage`.
     """
     ad = get_adapter(model)
     device = ad.embed_tokens.weight.device
@@ -123,7 +138,8 @@ def capture_layer_inputs(model: nn.Module, batches: Iterable[Batch]) -> LayerSta
         hidden.append(ad.embed(ids))
         masks.append(mask)
     if not hidden:
-        raise ValueError("no calibration batches were given; pass at least one batch with input_ids")
+        raise ValueError(f"{method}: no calibration batches were given; pass at least one batch with input_ids")
+    require_finite_stream(hidden, masks, method=method, stage=stage, layer=0, what="the token embeddings (h_0)")
     return LayerStates(hidden, masks, 0)
 
 
@@ -142,12 +158,15 @@ def run_layers(
     on_layer: LayerHook | None = None,
     progress: bool = False,
     desc: str = "layers",
+    method: str = "calibration",
+    stage: int | None = None,
 ) -> LayerStates:
     """Advance `states` from layer `states.layer` through layer `end - 1` (default: the last), layer-major.
 
     Layers in `skip` act as the identity (their output is their input; `on_layer` is not called for them).
     `on_layer(i, h_in, h_out, masks)` is called after layer i has run on every batch. Returns new states entering
     layer `end`; `states` itself is not modified. Call under `torch.no_grad()` unless gradients are wanted.
+    A layer output with NaN/inf at a real token raises NonFiniteError naming `method`, `stage` and the layer.
     """
     ad = get_adapter(model)
     n = ad.num_layers
@@ -162,6 +181,7 @@ def run_layers(
         if i in skip:
             continue
         out = [run_layer(ad, i, h, m) for h, m in zip(hidden, masks)]
+        require_finite_stream(out, masks, method=method, stage=stage, layer=i, what="the decoder layer's output")
         if on_layer is not None:
             on_layer(i, hidden, out, masks)
         hidden = out

@@ -19,17 +19,22 @@ from typing import Iterable
 from torch import nn
 
 from ..arch import get_adapter, unwrap_model
-from ..plan import PrunePlan
+from ..checks import check_batches, check_int_option, check_optional_int_option, require_finite
+from ..plan import PrunePlan, architecture_of
 from . import PruningMethod, register
 from .scoring import Batch, capture_layer_inputs, eval_mode, run_layers, token_cosines
 
 __all__ = ["ShortGPT", "block_influence"]
 
 
-def block_influence(model: nn.Module, batches: Iterable[Batch], progress: bool = True) -> tuple[list[float], int]:
+def block_influence(
+    model: nn.Module, batches: Iterable[Batch], progress: bool = True, *, method: str = "shortgpt",
+    stage: int | None = None,
+) -> tuple[list[float], int]:
     """(BI_i for every decoder layer i, number of calibration tokens), computed layer by layer without grad.
 
-    BI_i = 1 - mean over real tokens of cos(h_i, h_{i+1}); the mean is over all tokens of all batches.
+    BI_i = 1 - mean over real tokens of cos(h_i, h_{i+1}); the mean is over all tokens of all batches. Non-finite
+    activations or scores raise NonFiniteError naming `method`, `stage` and the layer.
     """
     model = unwrap_model(model)
     n_layers = get_adapter(model).num_layers
@@ -40,12 +45,16 @@ def block_influence(model: nn.Module, batches: Iterable[Batch], progress: bool =
         cos_sum[i] = sum(float(token_cosines(a, b, m).double().sum()) for a, b, m in zip(h_in, h_out, masks))
 
     with eval_mode(model):
-        states = capture_layer_inputs(model, batches)
+        states = capture_layer_inputs(model, batches, method=method, stage=stage)
         count = states.num_tokens
-        run_layers(model, states, on_layer=on_layer, progress=progress, desc="shortgpt: block influence")
-    if count == 0:
-        raise ValueError("the calibration batches hold no real token (every attention_mask entry is 0)")
-    return [1.0 - s / count for s in cos_sum], count
+        if count == 0:
+            raise ValueError(f"{method}: the calibration batches hold no real token (every attention_mask entry is 0)")
+        run_layers(model, states, on_layer=on_layer, progress=progress, desc="shortgpt: block influence",
+                   method=method, stage=stage)
+    scores = [1.0 - s / count for s in cos_sum]
+    for i, bi in enumerate(scores):
+        require_finite(bi, method=method, stage=stage, layer=i, what="block influence")
+    return scores, count
 
 
 @register("shortgpt")
@@ -65,10 +74,8 @@ class ShortGPT(PruningMethod):
     progress: bool = field(default=True, metadata={"help": "Show a progress bar while scoring layers."})
 
     def __post_init__(self) -> None:
-        if not isinstance(self.n_remove, int) or self.n_remove < 1:
-            raise ValueError(f"n_remove={self.n_remove!r} is not valid; remove at least 1 layer")
-        if self.per_stage is not None and not 1 <= self.per_stage <= self.n_remove:
-            raise ValueError(f"per_stage={self.per_stage!r} is not valid; use 1..n_remove={self.n_remove} or None")
+        self.n_remove = check_int_option("n_remove", self.n_remove, minimum=1)
+        self.per_stage = check_optional_int_option("per_stage", self.per_stage, minimum=1, maximum=self.n_remove)
 
     @property
     def stages(self) -> int:
@@ -87,15 +94,19 @@ class ShortGPT(PruningMethod):
         layer indices; `provenance` records the scores."""
         k = self.removed_at(stage)
         n_layers = get_adapter(model).num_layers
-        if k >= n_layers:
+        still = self.n_remove - sum(self.removed_at(s) for s in range(stage))  # this stage and the later ones
+        if still >= n_layers:
             raise ValueError(
-                f"stage {stage} would remove {k} of the model's {n_layers} layers; keep at least one "
-                f"(n_remove={self.n_remove}, per_stage={self.per_stage})"
+                f"n_remove={self.n_remove} cannot be reached: stage {stage} and the later ones would remove {still} "
+                f"of the model's {n_layers} layers (stage {stage}: {k}, per_stage={self.per_stage}); keep at least one "
+                f"layer: n_remove must be below the number of layers"
             )
-        scores, n_tokens = block_influence(model, batches, progress=self.progress)
+        batches = check_batches(batches, model, method=self.name)
+        scores, n_tokens = block_influence(model, batches, progress=self.progress, method=self.name, stage=stage)
         order = sorted(range(n_layers), key=lambda i: (scores[i], i))
         drop = sorted(order[:k])
         return PrunePlan(
+            architecture=architecture_of(model),
             drop_layers=drop,
             provenance={
                 "method": self.name,

@@ -43,8 +43,16 @@ from torch import nn
 
 from ..arch import unwrap_model
 from ..calibration import LayerwiseRunner, covariance, mean_cosine
+from ..checks import (
+    check_batches,
+    check_choice,
+    check_fraction,
+    check_int_option,
+    require_finite,
+    require_finite_weights,
+)
 from ..modeling.modeling_hf_prune_sliced import carry
-from ..plan import PrunePlan
+from ..plan import PrunePlan, architecture_of
 from ..rotation import make_rotation_invariant, num_slots, rotate, shortcuts, slot_readers, slot_widths, slot_writers
 from . import Batch, PruningMethod, register
 
@@ -161,6 +169,7 @@ class SliceGPT(PruningMethod):
     #: `plan()` rotates the model in place: a caller must run it on every rank (not broadcast the plan alone) and
     #: apply the plan with `hf_prune.surgery.apply_slicing`.
     runs_on_every_rank = True
+    _stage = None  # the stage plan() is running (named in errors)
 
     slicing: float = field(
         default=0.25, metadata={"help": "Fraction of the residual-stream width D to delete (SP), in [0, 1)."}
@@ -213,22 +222,18 @@ class SliceGPT(PruningMethod):
     progress: bool = field(default=True, metadata={"help": "Show progress bars."})
 
     def __post_init__(self) -> None:
-        if not 0.0 <= self.slicing < 1.0:
-            raise ValueError(f"slicing={self.slicing} must be in [0, 1)")
-        if self.round_to < 1:
-            raise ValueError(f"round_to={self.round_to} must be >= 1")
-        if not 0.0 < self.auto_max_size <= 1.0:
-            raise ValueError(f"auto_max_size={self.auto_max_size} must be in (0, 1]")
+        self.slicing = check_fraction("slicing", self.slicing, lo=0.0, hi=1.0)
+        self.round_to = check_int_option("round_to", self.round_to, minimum=1)
+        self.auto_max_size = check_fraction("auto_max_size", self.auto_max_size, lo=0.0, hi=1.0, lo_inclusive=False,
+                                            hi_inclusive=True)
         for name, value, valid in (
             ("basis", self.basis, BASES),
             ("head", self.head, HEADS),
             ("embedding_basis", self.embedding_basis, EMBEDDING_BASES),
             ("token_weighting", self.token_weighting, TOKEN_WEIGHTINGS),
         ):
-            if value not in valid:
-                raise ValueError(f"{name}={value!r} is not valid; choose one of {valid}")
-        if self.damping < 0:
-            raise ValueError(f"damping={self.damping} must be >= 0")
+            check_choice(name, value, valid)
+        self.damping = check_fraction("damping", self.damping, lo=0.0, hi=float("inf"))
 
     # ----- schedule -------------------------------------------------------------------------------------------------
     @property
@@ -254,9 +259,16 @@ class SliceGPT(PruningMethod):
     # ----- the method -------------------------------------------------------------------------------------------------
     @torch.no_grad()
     def plan(self, model: nn.Module, batches: Iterable[Batch], stage: int = 0) -> PrunePlan:
-        """Rotate `model` in place (rotation-invariant form, then per-slot PCA) and return the slicing plan."""
+        """Rotate `model` in place (rotation-invariant form, then per-slot PCA) and return the slicing plan.
+
+        The batches and the weights are checked before anything is rotated; a NaN/inf activation, covariance or
+        eigenvalue met later raises NonFiniteError naming the layer (the rotation done so far leaves the function
+        unchanged)."""
         start = time.perf_counter()
         tie = {"auto": None, "tied": True, "untied": False}[self.head]
+        batches = check_batches(batches, model, method=self.name)
+        self._stage = stage
+        require_finite_weights(model, method=self.name, stage=stage)
         model = make_rotation_invariant(unwrap_model(model), tie_head=tie)
         was_training = model.training
         model.eval()
@@ -266,7 +278,8 @@ class SliceGPT(PruningMethod):
                 f"the model is already sliced (slot widths {sorted(set(slot_widths(model)))}, hidden_size={hidden}); "
                 "slice the dense model once to the final target instead"
             )
-        runner = LayerwiseRunner(model, batches, device=self.device, progress=self.progress)
+        runner = LayerwiseRunner(model, batches, device=self.device, progress=self.progress, method=self.name,
+                                 stage=stage)
         n_layers = runner.num_layers
         tied = bool(model.config.head_projection)
         joint = tied and self.embedding_basis == "joint"
@@ -290,6 +303,7 @@ class SliceGPT(PruningMethod):
         model.train(was_training)
         seconds = time.perf_counter() - start
         return PrunePlan(
+            architecture=architecture_of(model),
             residual_widths={
                 "residual_dims": dims,
                 "layer_slicing": fractions,
@@ -310,8 +324,10 @@ class SliceGPT(PruningMethod):
             },
         )
 
-    def _cov(self, signals: list[torch.Tensor], masks: list) -> torch.Tensor:
-        return covariance(signals, masks, normalize_tokens=self.token_weighting == "norm")
+    def _cov(self, signals: list[torch.Tensor], masks: list, layer: int | None = None) -> torch.Tensor:
+        C = covariance(signals, masks, normalize_tokens=self.token_weighting == "norm")
+        require_finite(C, method=self.name, stage=self._stage, layer=layer, what="the residual-stream covariance")
+        return C
 
     @staticmethod
     def _kept(evals: torch.Tensor, d: int, C: torch.Tensor) -> float:
@@ -340,10 +356,12 @@ class SliceGPT(PruningMethod):
                     v = layer.mlp_update(m)
                     hm.append(m)
                     ho.append(carry(m, layer.mlp_shortcut, v.shape[-1]) + v)
+            runner.require_finite(ho, "the decoder layer's output", layer=i)
             redundancy.append(mean_cosine(h, ho, masks))
+            require_finite(redundancy[-1], method=self.name, stage=self._stage, layer=i, what="the layer redundancy")
             if need_slots:
-                add(self._cov(h, masks))
-                add(self._cov(hm, masks))
+                add(self._cov(h, masks, i))
+                add(self._cov(hm, masks, i))
             h = ho
         out: dict = {"redundancy": redundancy}
         if need_slots:
@@ -364,6 +382,8 @@ class SliceGPT(PruningMethod):
 
         def pca_rotate(C: torch.Tensor, slots: list[int]) -> torch.Tensor:
             evals, Q = pca(C, damp)
+            require_finite(evals, method=self.name, stage=self._stage, layer=min(slots[0] // 2, n_layers - 1),
+                           what=f"the covariance eigenvalues of residual slots {slots}")
             rotate(model, Q, slots, device=dev)
             for s in slots:
                 kept[s] = self._kept(evals, dims[s], C)
@@ -388,6 +408,7 @@ class SliceGPT(PruningMethod):
                 for x, k in zip(h, kw):
                     u = layer.attention_update(x, **k)
                     hm.append(carry(x, layer.attn_shortcut, u.shape[-1]) + u)
+                runner.require_finite(hm, "the attention sublayer's output", layer=i)
                 if self._basis == "sublayer":
                     Q = pca_rotate(self._cov(hm, masks), [2 * i + 1])
                     hm = _rotate_signals(hm, Q)
@@ -396,6 +417,7 @@ class SliceGPT(PruningMethod):
                 for x in hm:
                     v = layer.mlp_update(x)
                     ho.append(carry(x, layer.mlp_shortcut, v.shape[-1]) + v)
+                runner.require_finite(ho, "the decoder layer's output", layer=i)
             last = i == n_layers - 1
             if self._basis == "sublayer" or last:
                 Q = pca_rotate(self._cov(ho, masks), [2 * i + 2])
@@ -419,6 +441,8 @@ class DynamicSlicing(SliceGPT):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        self.base_slicing = check_fraction("base_slicing", self.base_slicing, lo=0.0, hi=1.0)
+        self.max_slicing = check_fraction("max_slicing", self.max_slicing, lo=0.0, hi=1.0)
         if not 0.0 <= self.base_slicing <= self.slicing:
             raise ValueError(f"base_slicing={self.base_slicing} must lie in [0, slicing={self.slicing}]")
         if not self.slicing <= self.max_slicing < 1.0:
