@@ -137,12 +137,12 @@ def make_method(name: str, args, tok):
 
 def prune_only(name: str, args, tok, calib) -> tuple[object, dict]:
     from hf_prune.assets import load_smollm2
-    from hf_prune.methods.pip import prune_iteratively
+    from hf_prune.pipeline import prune
 
     model, _ = load_smollm2()
     method = make_method(name, args, tok)
     t0 = time.perf_counter()
-    plans = prune_iteratively(method, model, calib)
+    plans = prune(model, method, calib).plans
     info = {"prune_seconds": round(time.perf_counter() - t0, 1), "stages": method.stages,
             "config": method.config_dict(), "plans": [p.provenance for p in plans]}
     return model, info

@@ -17,11 +17,11 @@ Design: one train() call per recovery stage.
     unpruned model is written at that step). `prune_and_train` then, between two `train()` calls:
 
     1. merges PEFT adapters into the weights (`merge_and_unload`),
-    2. scores the model on the main process and broadcasts the plan (`broadcast_object_list`); every rank applies the
-       same plan with `hf_prune.apply`, and the resulting architecture and a weight checksum are compared across ranks
-       (methods whose plan or update changes weights, `runs_on_every_rank` -- SliceGPT's rotation, LLM Surgeon's
-       correlated update -- run `plan` and `update` on every rank instead; slicing plans go through
-       `apply_slicing`),
+    2. runs the stage through `hf_prune.pipeline.run_stage` (the one stage runner): the plan is scored on the main
+       process and broadcast (`broadcast_object_list`); every rank applies the same plan with `hf_prune.apply`, and
+       the resulting architecture and a weight checksum are compared across ranks (methods whose plan changes
+       weights, `runs_on_every_rank` -- SliceGPT's rotation, LLM Surgeon's correlated update attached to its plan --
+       score on every rank instead),
     3. re-attaches a fresh adapter with the same LoraConfig (its `base_model_name_or_path` pointing at the saved,
        merged and pruned base) and sets `trainer.model`,
     4. rebuilds the optimizer with `trainer.create_optimizer()` (same class, fused/foreach flags, weight-decay groups),
@@ -84,7 +84,8 @@ from hf_prune.data import batches as make_batches
 from hf_prune.distill import DistillationLoss
 from hf_prune.methods import PruningMethod
 from hf_prune.plan import PrunePlan
-from hf_prune.surgery import apply, apply_slicing, layer_widths
+from hf_prune.pipeline import compose, finalize, run_stage
+from hf_prune.surgery import layer_widths
 
 __all__ = ["PruneCallback", "PruneSchedule", "load_for_resume", "prune_and_train", "STAGE_PREFIX"]
 
@@ -399,7 +400,7 @@ class PruneCallback(TrainerCallback):
                 logger.info("after merging the LoRA adapter, call `callback.method.finalize(model)` (%s restores "
                             "what training must not change, e.g. pruned zeros); export() does it", self.method.name)
         else:
-            self.method.finalize(unwrap_model(model))
+            finalize(model, self.method)
         if self._in_loop and (self.export_dir is not None or self.push_to_hub):
             self.export(self.trainer)
 
@@ -437,7 +438,7 @@ class PruneCallback(TrainerCallback):
         model = trainer.model
         if _is_peft(model):
             model = trainer.model = model.merge_and_unload()
-        self.method.finalize(unwrap_model(model))
+        finalize(model, self.method)
         if self.compact_zeros:
             from hf_prune.surgery import compact_zeros
 
@@ -478,15 +479,15 @@ class PruneCallback(TrainerCallback):
         return folder
 
     # ----- one stage -----------------------------------------------------------------------------------------------
-    def _plan(self, model: nn.Module) -> tuple[PrunePlan, float]:
-        """The plan for the current stage, computed on the main process and broadcast to every rank."""
-        t0 = time.perf_counter()
-        if self.method.runs_on_every_rank:  # the plan comes with weight changes every rank must make itself
-            return self.method.plan(model, self.calibration, stage=self.stages_done), time.perf_counter() - t0
+    def _planner(self, model: nn.Module, batches: Sequence[Mapping[str, torch.Tensor]], stage: int) -> PrunePlan:
+        """The plan for `stage`, computed on the main process and broadcast to every rank (`run_stage`'s planner)."""
+        if self.method.runs_on_every_rank or not _distributed():
+            # the plan comes with weight changes every rank must make itself (or there is one process)
+            return self.method.plan(model, batches, stage)
         payload: list[Any] = [None]
         if _is_main():
             try:
-                payload = [self.method.plan(model, self.calibration, stage=self.stages_done).to_json()]
+                payload = [self.method.plan(model, batches, stage).to_json()]
             except Exception as e:  # tell the other ranks instead of leaving them in the collective
                 if not _distributed():
                     raise
@@ -497,7 +498,7 @@ class PruneCallback(TrainerCallback):
             torch.distributed.broadcast_object_list(payload, src=0)
         if isinstance(payload[0], dict):
             raise RuntimeError(f"scoring failed on the main process: {payload[0]['error']}")
-        return PrunePlan.from_json(payload[0]), time.perf_counter() - t0
+        return PrunePlan.from_json(payload[0])
 
     def _verify_ranks(self, model: nn.Module) -> None:
         if not _distributed():
@@ -577,18 +578,13 @@ class PruneCallback(TrainerCallback):
         trainer.control.should_log = should_log
 
     def _apply_stage(self, base: nn.Module) -> tuple[PrunePlan, dict[str, Any]]:
-        """Score and prune the bare model `base` by one stage; update the stage count, the original-layer map and
-        the composed plan. Returns the stage's plan and its log record."""
-        plan, seconds = self._plan(base)
-        before = sum(p.numel() for p in base.parameters())
-        resolved = plan.resolve(base) if not plan.residual_widths else None
-        self.method.update(base)
-        if plan.residual_widths:
-            apply_slicing(base, plan)
-        else:
-            apply(base, plan)
+        """Score and prune the bare model `base` by one stage (`hf_prune.pipeline.run_stage`: plan, the plan's
+        weight update, surgery); update the stage count, the original-layer map and the composed plan. Returns the
+        stage's plan and its log record."""
+        record = run_stage(base, self.method, self.calibration, self.stages_done, planner=self._planner)
+        plan, seconds, before = record.plan, record.plan_seconds, record.parameters_before
         if self.stages_done == 0 or self.plan is not None:
-            self.plan = None if resolved is None else (resolved if self.plan is None else self.plan.then(resolved))
+            self.plan = compose(self.plan, record)
         after = sum(p.numel() for p in base.parameters())
         self._verify_ranks(base)
         dropped = set(plan.drop_layers)

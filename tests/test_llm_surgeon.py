@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from tiny import tiny_model
@@ -278,7 +280,6 @@ def _run(model, method: LLMSurgeon, batches) -> list:
     plans = []
     for stage in range(method.stages):
         plan = method.plan(model, batches, stage)
-        method.update(model)
         hf_prune.apply(model, plan)
         plans.append(plan)
     return plans
@@ -294,8 +295,7 @@ def test_registry_and_config_errors():
         LLMSurgeon(mode="rows")
     with pytest.raises(ValueError, match="criterion='obs'"):
         LLMSurgeon(criterion="obs")
-    with pytest.raises(RuntimeError, match="call plan"):
-        LLMSurgeon().update(tiny_model("llama"))
+    assert not hasattr(LLMSurgeon(), "update")  # the weight update travels with the plan; apply() writes it
 
 
 def test_multi_shot_unstructured_reaches_every_target_exactly():
@@ -305,7 +305,6 @@ def test_multi_shot_unstructured_reaches_every_target_exactly():
                         verbose=False)
     for stage in range(3):
         plan = method.plan(model, _batches(), stage)
-        method.update(model)
         hf_prune.apply(model, plan)
         n, z = _prunable(model)
         assert n0 - n + z == round((stage + 1) * 0.45 / 3 * n0)
@@ -403,9 +402,10 @@ def test_structured_surgeon_compacts_into_a_smaller_model_that_reloads(tmp_path,
     method = LLMSurgeon(target=0.35, shots=2, verbose=False)
     for stage in range(2):
         plan = method.plan(model, _batches(), stage)
-        method.update(model)
+        updated = copy.deepcopy(model)
+        hf_prune.surgery.weight_update_of(plan)(updated)  # the update alone, without the surgery
         with torch.no_grad():
-            zeroed = model(input_ids=ids).logits
+            zeroed = updated(input_ids=ids).logits
         hf_prune.apply(model, plan)
         with torch.no_grad():
             compacted = model(input_ids=ids).logits
@@ -450,7 +450,6 @@ def test_zeros_that_training_fills_are_restored_before_the_next_shot_and_at_the_
     n0, _ = _prunable(model)
     method = LLMSurgeon(target=target, shots=2, mode=mode, chunk_size=512, criterion="kobd", verbose=False)
     plan = method.plan(model, _batches(), 0)
-    method.update(model)
     hf_prune.apply(model, plan)
     after_shot = _zero_masks(model)
     _train_like(model, 0)
@@ -459,7 +458,6 @@ def test_zeros_that_training_fills_are_restored_before_the_next_shot_and_at_the_
     assert all(torch.equal(_zero_masks(model)[k], m) for k, m in after_shot.items())  # the very same zeros
     _train_like(model, 1)
     plan = method.plan(model, _batches(), 1)  # restores them itself before scoring
-    method.update(model)
     hf_prune.apply(model, plan)
     n, z = _prunable(model)
     reached = n0 - n + z

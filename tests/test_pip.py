@@ -20,7 +20,7 @@ from hf_prune.methods.importance import (
     compute_importance,
     estimate_gradient_memory,
 )
-from hf_prune.pipeline import prune as _prune_all
+from hf_prune.pipeline import prune
 from hf_prune.perturb import CharPerturbation, EmbeddingNoise, add_perturbed_views, perturb_texts
 
 TEXT = " ".join(SENTENCES) * 20
@@ -242,7 +242,7 @@ def test_gqa_group_sizes_stay_equal(grouping, tok):
     model = gqa_model()
     blocks = token_blocks(tok, SENTENCES * 4, n_samples=2, seq_len=16, seed=0)
     method = get("pip", target=0.08, steps=2, head_grouping=grouping, prune_mlp=False, tokenizer=tok, progress=False)
-    prune_iteratively(method, model, make_batches(blocks, 2))
+    prune(model, method, make_batches(blocks, 2)).plans
     ad = get_adapter(model)
     widths = hf_prune.surgery.layer_widths(model)
     assert any(nq < 8 for nq, _, _ in widths)  # attention was pruned
@@ -263,7 +263,7 @@ def test_iterative_pruning_hits_the_parameter_target(name, target_of, tok, calib
     method = get(name, target=0.2, target_of=target_of, steps=3, skip_first_layers=1, progress=False, **kw)
     a = ad.attention(1)
     largest_group = a.group_size * a.head_dim * (64 + 64) + 2 * a.head_dim * 64  # a kv head with its query heads
-    plans = prune_iteratively(method, model, calib)
+    plans = prune(model, method, calib).plans
     after = sum(p.numel() for p in model.parameters())
     base = dense if target_of == "all" else layers_total
     target = dense - round(0.2 * base)
@@ -278,7 +278,7 @@ def test_pruned_model_save_reloads_with_identical_logits(tmp_path, tok, calib):
     from transformers import AutoModelForCausalLM
 
     model = gqa_model(seed=4)
-    prune_iteratively(get("pip", target=0.25, steps=2, tokenizer=tok, progress=False), model, calib)
+    prune(model, get("pip", target=0.25, steps=2, tokenizer=tok, progress=False), calib).plans
     assert len(set(hf_prune.surgery.layer_widths(model))) > 1  # widths differ per layer
     model.save_pretrained(tmp_path)
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()

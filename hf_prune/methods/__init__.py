@@ -3,8 +3,11 @@
 Every method is a dataclass config (fields with help text) that is also the method object:
 
     method = hf_prune.methods.get("shortgpt", n_remove=6)
-    plan = method.plan(model, batches)      # never edits the model
-    hf_prune.apply(model, plan)             # surgery changes the shapes
+    result = hf_prune.prune(model, method, batches)   # every stage: plan, the plan's weight update, surgery, finalize
+
+or, one stage by hand: `plan = method.plan(model, batches); hf_prune.apply(model, plan)` (`apply` writes the weight
+update a method attached to its plan before the surgery). A config saves and loads on its own, as peft's do:
+`method.to_dict()`, `hf_prune.methods.from_dict(d)`, `method.save(dir)`, `hf_prune.methods.load(dir)`.
 
 Methods register themselves by name with `@register("name")`; `get(name, **kwargs)` builds one and
 `available()` lists the names.
@@ -12,8 +15,11 @@ Methods register themselves by name with `@register("name")`; `get(name, **kwarg
 
 from __future__ import annotations
 
+import functools
 import importlib
-from dataclasses import dataclass, field, fields
+import json
+from dataclasses import MISSING, dataclass, field, fields
+from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 import torch
@@ -22,7 +28,7 @@ from torch import nn
 from ..plan import PrunePlan
 
 __all__ = [
-    "PruningMethod", "available", "get", "register",
+    "CONFIG_FILENAME", "PruningMethod", "available", "from_dict", "get", "load", "register",
     "DynamicSlicing", "IteRABRe", "LLMPruner", "LLMSurgeon", "MagnitudePruning", "PIP", "ShortGPT", "SliceGPT",
 ]
 
@@ -39,6 +45,8 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 _REGISTRY: dict[str, type["PruningMethod"]] = {}
+
+CONFIG_FILENAME = "prune_method.json"
 
 # modules imported lazily by get()/available() so that registering a method is just writing its module
 _BUILTIN_MODULES = (
@@ -90,6 +98,67 @@ def get(name: str, **kwargs: Any) -> "PruningMethod":
     return cls(**kwargs)
 
 
+def method_class(name: str) -> type["PruningMethod"]:
+    """The class registered as `name`."""
+    _load_builtins()
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown pruning method {name!r}; available: {', '.join(sorted(_REGISTRY))}")
+    return _REGISTRY[name]
+
+
+def from_dict(d: Mapping[str, Any]) -> "PruningMethod":
+    """The method a `PruningMethod.to_dict()` describes (`{"method": name, **config fields}`)."""
+    if not isinstance(d, Mapping) or not isinstance(d.get("method"), str):
+        raise ValueError(f"a method config needs a 'method' name (one of {available()}); got {d!r:.120}")
+    options = {k: v for k, v in d.items() if k != "method"}
+    return get(d["method"], **options)
+
+
+def load(path: str | Path) -> "PruningMethod":
+    """The method saved with `method.save(directory)` (a directory holding prune_method.json, or the file)."""
+    p = Path(path)
+    if p.is_dir():
+        p = p / CONFIG_FILENAME
+    try:
+        d = json.loads(p.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{p}: not valid JSON ({e})") from None
+    return from_dict(d)
+
+
+def _checked_plan(plan_fn):
+    """Wrap a method's `plan` so that every method checks its inputs the same way before scoring and records the
+    architecture the plan was made for."""
+
+    @functools.wraps(plan_fn)
+    def plan(self: "PruningMethod", model: nn.Module, batches: Iterable[Batch] = (), stage: int = 0) -> PrunePlan:
+        from ..checks import check_batches
+        from ..plan import architecture_of
+
+        if getattr(self, "_in_plan", False):  # a subclass's plan calling super().plan(): checked once
+            return plan_fn(self, model, batches, stage)
+        if isinstance(stage, bool) or not isinstance(stage, int) or not 0 <= stage < self.stages:
+            raise ValueError(f"{self.name}: stage={stage!r}; valid stages are 0..{self.stages - 1}")
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"{self.name}: model must be a torch.nn.Module (a causal LM), got {type(model).__name__}")
+        batches = check_batches(batches, model, method=self.name, required=self.needs_calibration)
+        self._in_plan = True
+        try:
+            result = plan_fn(self, model, batches, stage)
+        finally:
+            self._in_plan = False
+        if not isinstance(result, PrunePlan):
+            raise TypeError(f"{self.name}.plan returned {type(result).__name__}, not a PrunePlan")
+        if getattr(result, "architecture", None) is None and not result.residual_widths:
+            result.architecture = architecture_of(model)
+        result.provenance.setdefault("method", self.name)
+        result.provenance.setdefault("method_config", self.to_dict())
+        return result
+
+    plan.hf_prune_checked = True
+    return plan
+
+
 Batch = Mapping[str, torch.Tensor]
 
 
@@ -98,12 +167,16 @@ class PruningMethod:
     """Base of every method. Subclasses are dataclasses whose fields carry `metadata={"help": ...}`.
 
     Contract:
-      - `plan(model, batches)` scores the model on calibration batches (dicts with `input_ids` and optionally
-        `attention_mask`) and returns a PrunePlan for one stage. It must not change the model's shapes; a method
-        whose algorithm updates weights does it in `update(model)`, which the caller runs after `plan` and before
-        surgery (a rotation that leaves the function unchanged may happen inside `plan`); such methods set
-        `runs_on_every_rank`.
+      - `plan(model, batches, stage)` scores the model on calibration batches (dicts with `input_ids` and optionally
+        `attention_mask`) and returns a PrunePlan for one stage. It must not change the model's shapes or its
+        function (a rotation that leaves the function unchanged may happen inside `plan`). A method whose algorithm
+        updates weights attaches the update to the plan (`hf_prune.surgery.attach_weight_update`); `apply` writes
+        it before the surgery. Such methods set `runs_on_every_rank`. Every subclass's `plan` is wrapped so that
+        its inputs are checked (`hf_prune.checks.check_batches`) and the plan records the architecture and the
+        method config it was made for.
       - `stages` is how many times a schedule should call `plan` to reach the method's target (1 for one-shot).
+      - The dataclass fields are the config (plain values: `to_dict` / `from_dict` / `save` / `load`); what a run
+        accumulates between stages (`state_dict`) is not config.
     """
 
     seed: int = field(default=0, metadata={"help": "Seed for anything random in scoring."})
@@ -113,16 +186,23 @@ class PruningMethod:
     # process must then run them itself (deterministically, on the same batches) instead of receiving the plan.
     runs_on_every_rank = False
 
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        own = cls.__dict__.get("plan")
+        if own is not None and not getattr(own, "hf_prune_checked", False):
+            cls.plan = _checked_plan(own)
+
     @property
     def stages(self) -> int:
         return 1
 
+    @property
+    def needs_calibration(self) -> bool:
+        """False for data-free methods (magnitude): they accept no calibration batches."""
+        return True
+
     def plan(self, model: nn.Module, batches: Iterable[Batch], stage: int = 0) -> PrunePlan:
         raise NotImplementedError
-
-    def update(self, model: nn.Module) -> None:
-        """Write the weight update that goes with the last `plan()` into `model`, before surgery (no-op unless the
-        method compensates weights, as LLM Surgeon does). Callers run `plan`, `update`, then surgery."""
 
     def finalize(self, model: nn.Module) -> None:
         """Run on the bare model after the last recovery training (a LoRA adapter merged first): restore what training
@@ -138,5 +218,21 @@ class PruningMethod:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Take back what `state_dict` returned (no-op unless the method keeps state)."""
 
+    # ----- config ----------------------------------------------------------------------------------------------
     def config_dict(self) -> dict[str, Any]:
+        """The config fields and their values."""
         return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    def to_dict(self) -> dict[str, Any]:
+        """`{"method": name, **config}`: plain JSON values; `hf_prune.methods.from_dict` rebuilds the method."""
+        return {"method": self.name, **self.config_dict()}
+
+    def save(self, directory: str | Path) -> Path:
+        """Write the config as `<directory>/prune_method.json` (strict JSON)."""
+        path = Path(directory) / CONFIG_FILENAME
+        path.write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True, allow_nan=False), encoding="utf-8")
+        return path
+
+    @classmethod
+    def field_defaults(cls) -> dict[str, Any]:
+        return {f.name: f.default for f in fields(cls) if f.default is not MISSING}

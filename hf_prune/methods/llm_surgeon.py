@@ -38,17 +38,15 @@ the last training. When no more training or surgery follows, `hf_prune.compact_z
 without its zero rows and columns (query/key rows inside heads, single value/output dimensions, residual-stream rows
 and columns): same outputs, fewer parameters.
 
-    method = LLMSurgeon(target=0.2, shots=5, mode="structured")
-    for stage in range(method.stages):
-        plan = method.plan(model, batches, stage)   # scores and remembers the weight update
-        method.update(model)                        # writes the update (before surgery)
-        apply(model, plan)                          # physically smaller model
+    result = hf_prune.prune(model, LLMSurgeon(target=0.2, shots=5, mode="structured"), batches)
+    # per shot: plan (scores; the weight update travels with the plan), apply (update, then surgery); finalize
 """
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, Iterable
 
 import torch
@@ -57,6 +55,7 @@ from torch import nn
 from ..arch import get_adapter, unwrap_model
 from ..kfac import collect_lm_kfac, damped, decoder_linears, factor_bytes
 from ..plan import PrunePlan
+from ..surgery import attach_weight_update
 from . import Batch, PruningMethod, register
 
 __all__ = [
@@ -528,10 +527,10 @@ def _kept_indices(ad, plan: PrunePlan, layer: int) -> dict[str, tuple[torch.Tens
 @dataclass
 class LLMSurgeon(PruningMethod):
     """LLM Surgeon: K-FAC OBS pruning of every decoder nn.Linear with a global threshold and multi-shot schedule
-    (van der Ouderaa et al., ICLR 2024). Each shot is one stage: `plan(model, batches, stage)`, then `update(model)`,
-    then `surgery.apply(model, plan)`."""
+    (van der Ouderaa et al., ICLR 2024). Each shot is one stage: `plan(model, batches, stage)`, then
+    `hf_prune.apply(model, plan)`, which writes the shot's weight update and then removes what surgery can."""
 
-    runs_on_every_rank = True  # `update` writes the correlated weight update: every process computes it itself
+    runs_on_every_rank = True  # the plan carries the correlated weight update: every process computes it itself
 
     target: float = field(default=0.2, metadata={"help": "Fraction of the decoder's linear-layer parameters "
                                                            "(weights and biases) removed after the last shot."})
@@ -581,13 +580,16 @@ class LLMSurgeon(PruningMethod):
                              "compute; use criterion 'surgeon' or 'kobd'")
         if self.chunk_size < 1:
             raise ValueError(f"chunk_size={self.chunk_size}; need at least 1")
-        self.pending: SurgeonStep | None = None
         # zeros of the shots so far that surgery could not remove, keyed by (layer, matrix), in the current indices
         self.zero_patterns: dict[tuple[int, str], ZeroPattern] | None = None
 
     @property
     def stages(self) -> int:
         return self.shots
+
+    @property
+    def needs_calibration(self) -> bool:
+        return self.criterion != "magnitude"
 
     @property
     def updates_weights(self) -> bool:
@@ -605,23 +607,22 @@ class LLMSurgeon(PruningMethod):
 
     # ----- PruningMethod interface --------------------------------------------------------------
     def plan(self, model: nn.Module, batches: Iterable[Batch], stage: int = 0) -> PrunePlan:
-        """Score the model for shot `stage` and return its PrunePlan; the weight update is kept in `self.pending`
-        for `update(model)`, which must run before the plan's surgery."""
+        """Score the model for shot `stage` and return its PrunePlan. The correlated weight update travels with the
+        plan (`hf_prune.surgery.attach_weight_update`): `hf_prune.apply(model, plan)` writes it before the surgery,
+        so no caller can skip it."""
         if stage == 0:
             self.zero_patterns = None
         else:
             self.restore_zeros(model)  # recovery training since the last shot filled them
-        self.pending = self.prune_step(model, batches, stage)
-        return self.pending.plan
+        step = self.prune_step(model, batches, stage)
+        attach_weight_update(step.plan, partial(self._write_step, step))
+        return step.plan
 
-    def update(self, model: nn.Module) -> None:
-        """Write the weight update of the last `plan()` into `model` (call before `surgery.apply`) and remember the
-        zeros that the plan's surgery will not remove, in the indices of the model after that surgery."""
-        if self.pending is None:
-            raise RuntimeError("LLMSurgeon.update() needs a pending step: call plan(model, batches, stage) first")
-        apply_updates(model, self.pending)
-        self.zero_patterns = self._patterns_after(unwrap_model(model), self.pending.plan)
-        self.pending = None
+    def _write_step(self, step: SurgeonStep, model: nn.Module) -> None:
+        """Write the weight update of `step` into `model` (before its surgery) and remember the zeros that the plan's
+        surgery will not remove, in the indices of the model after that surgery."""
+        apply_updates(model, step)
+        self.zero_patterns = self._patterns_after(unwrap_model(model), step.plan)
 
     def finalize(self, model: nn.Module) -> None:
         """After the last recovery training (LoRA merged): `restore_zeros`."""

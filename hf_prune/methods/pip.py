@@ -22,9 +22,7 @@ checked with ``hf_prune.surgery.predicted_num_parameters``.
 Use by hand or through ``PruneCallback`` (each step is a stage, recovery training in between)::
 
     method = hf_prune.methods.get("pip", target=0.2, steps=4, tokenizer=tok)
-    for stage in range(method.stages):
-        hf_prune.apply(model, method.plan(model, batches, stage))
-        ...  # recover
+    hf_prune.prune(model, method, batches, recover=lambda model, stage: ...)  # recovery between steps
 """
 
 from __future__ import annotations
@@ -38,7 +36,7 @@ from torch import nn
 from ..arch import ArchAdapter, get_adapter, unwrap_model
 from ..perturb import CHAR_OPS, CharPerturbation, EmbeddingNoise, add_perturbed_views
 from ..plan import PrunePlan
-from ..surgery import apply, predicted_num_parameters
+from ..surgery import predicted_num_parameters
 from . import PruningMethod, register
 from .importance import (
     HEAD_GROUPINGS,
@@ -51,7 +49,7 @@ from .importance import (
     scored_parameters,
 )
 
-__all__ = ["GroupPruning", "PIP", "LLMPruner", "MagnitudePruning", "prune_iteratively", "select_groups"]
+__all__ = ["GroupPruning", "PIP", "LLMPruner", "MagnitudePruning", "select_groups"]
 
 ALLOCATIONS = ("global", "per_layer")
 TARGETS_OF = ("all", "layers")
@@ -344,6 +342,10 @@ class MagnitudePruning(GroupPruning):
 
     criterion: ClassVar[str] = "magnitude"
 
+    @property
+    def needs_calibration(self) -> bool:
+        return False
+
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Selection
@@ -439,30 +441,3 @@ def _plan_from_groups(ad: ArchAdapter, chosen: list[Group]) -> PrunePlan:
         if drop_ch:
             plan.mlp_channels[i] = [c for c in range(m.intermediate_size) if c not in drop_ch]
     return plan
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# Driver for use without a Trainer
-# ---------------------------------------------------------------------------------------------------------------------
-
-
-def prune_iteratively(
-    method: PruningMethod,
-    model: nn.Module,
-    batches: Sequence | Callable[[int], Sequence],
-    recover: Callable[[nn.Module, int], None] | None = None,
-) -> list[PrunePlan]:
-    """Run every stage of `method` on `model` in place: plan, apply, then `recover(model, stage)` if given.
-
-    `batches` is a list reused at every stage or a function stage -> batches. Returns the plans (each in the indices
-    of the model it was applied to).
-    """
-    plans = []
-    for stage in range(method.stages):
-        stage_batches = batches(stage) if callable(batches) else batches
-        plan = method.plan(model, stage_batches, stage)
-        apply(model, plan)
-        plans.append(plan)
-        if recover is not None:
-            recover(model, stage)
-    return plans

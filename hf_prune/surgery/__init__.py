@@ -44,7 +44,7 @@ __all__ = [
     "apply_structured",
     "attach_weight_update",
     "compact_zeros",
-    "has_weight_update",
+    "weight_update_of",
     "is_rotation_invariant",
     "is_uniform",
     "layer_widths",
@@ -68,9 +68,11 @@ def attach_weight_update(plan: PrunePlan, update: WeightUpdate) -> None:
     _UPDATES[key] = (weakref.ref(plan, lambda _ref, k=key: _UPDATES.pop(k, None)), update)
 
 
-def has_weight_update(plan: PrunePlan) -> bool:
+def weight_update_of(plan: PrunePlan) -> WeightUpdate | None:
+    """The weight update attached to `plan` that `apply` has not written yet (None if there is none). Calling it
+    on a copy of the model shows the model between the update and the surgery (tests, diagnostics)."""
     entry = _UPDATES.get(id(plan))
-    return entry is not None and entry[0]() is plan
+    return entry[1] if entry is not None and entry[0]() is plan else None
 
 
 def _take_weight_update(plan: PrunePlan) -> WeightUpdate | None:
