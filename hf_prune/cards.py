@@ -45,6 +45,8 @@ __all__ = [
     "hub_license",
     "is_sliced",
     "layer_rows",
+    "GGUF_PER_LAYER_FAMILIES",
+    "GGUF_UNIFORM_FAMILIES",
     "llama_cpp_instructions",
     "load_instructions",
     "needs_custom_code",
@@ -241,9 +243,11 @@ def plot_layers(meta: ExportMetadata, plan: PrunePlan | None, path: str | os.Pat
     title = meta.model_name or "pruned model"
     if meta.before and meta.after:
         title += f": {_short(meta.before.num_parameters)} → {_short(meta.after.num_parameters)} parameters"
-    fig.suptitle(title, fontsize=10, x=0.02, ha="left")
-    fig.legend(handles=handles, loc="upper right", ncol=len(handles), fontsize=8, frameon=False)
-    fig.tight_layout(rect=(0, 0, 1, 0.95))
+    fig.suptitle(title, fontsize=10, x=0.02, y=0.995, ha="left", va="top")
+    top = 1 - 0.42 / fig.get_figheight()  # the title, then the legend under it, then the panels
+    fig.legend(handles=handles, loc="upper right", bbox_to_anchor=(0.99, top + 0.01), ncol=len(handles), fontsize=8,
+               frameon=False)
+    fig.tight_layout(rect=(0, 0, 1, top - 0.2 / fig.get_figheight()))
     path = Path(path)
     fig.savefig(path, dpi=110, format="png")
     plt.close(fig)
@@ -421,8 +425,13 @@ def load_instructions(config: dict[str, Any], repo_id: str | None = None) -> str
         )
     why = ("The residual stream has its own width at every layer (sliced), with shortcut matrices between widths"
            if is_sliced(config) else "The layers have different widths")
-    engines = ("Engines that only know the standard architectures (vLLM, llama.cpp) cannot load this sliced layout."
-               if is_sliced(config) else "vLLM cannot load this layout; llama.cpp can, after conversion (below).")
+    if is_sliced(config):
+        engines = "Engines that only know the standard architectures (vLLM, llama.cpp) cannot load this sliced layout."
+    elif llama_cpp_instructions(config) is not None:
+        engines = "vLLM cannot load this layout; llama.cpp can, after conversion (below)."
+    else:
+        engines = ("vLLM and llama.cpp cannot load this layout (llama.cpp's only architecture with per-layer widths, "
+                   "`deci`, has no place for this family's extra norms).")
     return (
         f"{why}, which no standard config can describe: the model type is "
         f"`{config.get('model_type')}`. Load it with hf_prune installed (importing it registers the classes with "
@@ -436,18 +445,33 @@ def load_instructions(config: dict[str, Any], repo_id: str | None = None) -> str
     )
 
 
+# the families `hf-prune gguf` writes (hf_prune.gguf: a uniform result as the family's own llama.cpp architecture, a
+# per-layer one as `deci`); kept here as data so that rendering a card never imports the GGUF writer
+GGUF_UNIFORM_FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
+GGUF_PER_LAYER_FAMILIES = ("llama", "mistral", "qwen2")
+
+
 def llama_cpp_instructions(config: dict[str, Any], repo_id: str | None = None) -> str | None:
-    """Markdown for running a per-layer (non-uniform) export in llama.cpp through `hf-prune gguf`; None for other
-    layouts (a standard config converts with llama.cpp's own tools; a sliced one has no llama.cpp architecture)."""
-    if not str(config.get("model_type", "")).startswith("pruned_"):
+    """Markdown for running the export in llama.cpp through `hf-prune gguf`, for the layouts it writes (uniform
+    llama/mistral/qwen2/qwen3, per-layer llama/mistral/qwen2); None for others (sliced models, per-layer Qwen3 and
+    Gemma-3, which no llama.cpp architecture runs, are said so in the loading section)."""
+    model_type = str(config.get("model_type", ""))
+    per_layer = model_type.startswith("pruned_")
+    family = str(config.get("base_model_type") or model_type.removeprefix("pruned_"))
+    if is_sliced(config) or family not in (GGUF_PER_LAYER_FAMILIES if per_layer else GGUF_UNIFORM_FAMILIES):
         return None
     folder = repo_id.split("/")[-1] if repo_id else "path/to/this/folder"
     fetch = f"hf download {repo_id} --local-dir {folder}\n" if repo_id else ""
-    return (
-        "llama.cpp runs models whose layers have different widths through its `deci` architecture (per-layer "
-        "query heads, kv heads and feed-forward lengths). Convert this folder to GGUF with hf-prune, then run it:\n\n"
-        f"```bash\n{fetch}hf-prune gguf {folder} -o model.gguf\nllama-cli -m model.gguf\n```"
-    )
+    compact = " --expand-compact" if any(config.get("layer_compact_linears") or []) else ""
+    what = ("llama.cpp runs models whose layers have different widths through its `deci` architecture (per-layer "
+            "query heads, kv heads and feed-forward lengths)" if per_layer else
+            f"llama.cpp runs this model as its own `{'llama' if family == 'mistral' else family}` architecture")
+    text = (f"{what}. Convert this folder to GGUF with hf-prune, then run it:\n\n"
+            f"```bash\n{fetch}hf-prune gguf {folder} -o model.gguf{compact}\nllama-cli -m model.gguf\n```")
+    if compact:
+        text += ("\n\nSome projections are stored without their zero rows and columns; llama.cpp multiplies dense "
+                 "matrices only, so `--expand-compact` writes them dense again (exact, without the saving).")
+    return text
 
 
 def _summary(meta: ExportMetadata, plan: PrunePlan | None, dims: list[int] | None = None,
@@ -461,7 +485,7 @@ def _summary(meta: ExportMetadata, plan: PrunePlan | None, dims: list[int] | Non
         what.append("attention heads or MLP channels removed")
     if dims:
         what.append(f"its residual stream sliced{f' from {full}' if full else ''} to {min(dims)}–{max(dims)} "
-                    "dimensions, a width per layer")
+                    "dimensions (a width per layer)")
     text = f"This model is {base} with {' and '.join(what) if what else 'its structure pruned'}"
     if meta.method:
         text += f" by the `{meta.method}` method"

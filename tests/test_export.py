@@ -192,6 +192,67 @@ def test_card_with_recovery_says_finetune_and_plain_loading(tmp_path):
     assert "| layer (original) |" not in card.text and "0, 2." in card.text
 
 
+def test_card_of_a_sliced_model_describes_the_slicing(tmp_path):
+    from huggingface_hub import ModelCard
+
+    from hf_prune.methods import get
+
+    model, tok = tiny_model("llama"), tiny_tokenizer()
+    meta = ExportMetadata(method="dynamic_slicing", before=ModelStats.of(model))
+    ids = torch.randint(4, 300, (4, 32), generator=torch.Generator().manual_seed(0))
+    plan = get("dynamic_slicing", slicing=0.3, base_slicing=0.1, progress=False).plan(
+        model, [{"input_ids": ids, "attention_mask": torch.ones_like(ids)}])
+    apply(model, plan)
+    dims = model.config.residual_dims
+    assert len(set(dims)) > 1
+    out = save(model, tok, tmp_path / "out", plan=plan, metadata=meta)
+    assert load_metadata(out).after.residual_widths == dims
+    text = ModelCard.load(out / "README.md").text
+    assert "keeps its widths" not in text
+    assert "residual stream sliced from 64" in text and "The residual stream was sliced" in text
+    assert "| layer (original) | status | residual width (into attention / MLP) |" in text
+    for i in range(4):
+        assert f"| {i} | sliced | 64 → {dims[2 * i]} / {dims[2 * i + 1]} | 4 | 2 | 128 |" in text
+    assert "cannot load this sliced layout" in text and "## Run it in llama.cpp" not in text
+
+
+def test_card_says_how_to_run_a_per_layer_export_in_llama_cpp(tmp_path):
+    model, tok, meta = _pruned(HETERO)
+    out = save(model, tok, tmp_path / "out", plan=HETERO, metadata=meta, repo_id="me/tiny-het")
+    text = (out / "README.md").read_text()
+    section = text.split("## Run it in llama.cpp", 1)[1].split("\n## ", 1)[0]
+    assert "`deci`" in section
+    assert "hf download me/tiny-het --local-dir tiny-het\nhf-prune gguf tiny-het -o model.gguf\n" \
+           "llama-cli -m model.gguf" in section
+
+
+def test_card_has_no_llama_cpp_section_for_layouts_llama_cpp_cannot_run():
+    from hf_prune.cards import llama_cpp_instructions, load_instructions
+
+    per_layer_qwen3 = {"model_type": "pruned_qwen3", "base_model_type": "qwen3", "auto_map": {"x": "y"}}
+    assert llama_cpp_instructions(per_layer_qwen3) is None
+    assert "vLLM and llama.cpp cannot load this layout" in load_instructions(per_layer_qwen3)
+    assert llama_cpp_instructions({"model_type": "sliced_llama", "residual_dims": [8, 8, 8]}) is None
+    assert llama_cpp_instructions({"model_type": "gemma3_text"}) is None
+    uniform = llama_cpp_instructions({"model_type": "mistral"})
+    assert "own `llama` architecture" in uniform and "hf-prune gguf path/to/this/folder -o model.gguf" in uniform
+    compact = {"model_type": "pruned_llama", "base_model_type": "llama", "layer_compact_linears": [{}, {"q_proj": [1]}]}
+    assert "-o model.gguf --expand-compact" in llama_cpp_instructions(compact)
+
+
+def test_large_files_are_fingerprinted_by_size_head_and_tail(tmp_path):
+    from hf_prune.record import fingerprint, foreign_files, record_written
+
+    big = tmp_path / "model.safetensors"
+    big.write_bytes(bytes(9 << 20))
+    record_written(tmp_path, ["model.safetensors"])
+    assert fingerprint(big).startswith("sha256-ends:") and foreign_files(tmp_path) == []
+    with open(big, "r+b") as f:
+        f.seek((9 << 20) - 1)
+        f.write(b"\x01")  # a rewrite that keeps the size changes the tail
+    assert foreign_files(tmp_path) == ["model.safetensors"]
+
+
 def test_card_validates_against_the_fake_hub_and_bad_metadata_is_rejected(tmp_path, monkeypatch):
     from huggingface_hub import ModelCard, constants
 
