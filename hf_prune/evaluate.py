@@ -14,7 +14,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from .data import tokenize_stream
+from .checks import NonFiniteError, check_int_option, check_optional_int_option
+from .data import adds_bos, load_mc_task, mc_context, tokenize_stream
 
 __all__ = ["perplexity", "multiple_choice", "load_mc_task", "mc_requests", "lm_eval"]
 
@@ -59,24 +60,30 @@ def perplexity(
     window: int = 512,
     batch_size: int = 4,
     max_tokens: int | None = None,
-) -> dict[str, float | int]:
+    bos: bool | None = None,
+) -> dict[str, float | int | bool]:
     """Perplexity over non-overlapping windows of the token stream.
 
     Documents are joined with ``"\\n\\n"`` and tokenized once without special tokens (the first ``max_tokens``
-    tokens are kept if given), then cut into windows of ``window`` tokens; a final shorter window is scored, one
-    shorter than 2 tokens is dropped. Each window predicts its tokens 2..n, so the mean NLL is over
-    ``tokens = sum(len(w) - 1)`` predictions. Returns ``{"perplexity", "nll", "tokens", "window"}``.
+    tokens are kept if given), then cut into windows. Without BOS (tokenizers that add none, e.g. SmolLM2's) a
+    window holds ``window`` stream tokens and predicts its tokens 2..n; a final shorter window is scored, one shorter
+    than 2 tokens is dropped; the mean NLL is over ``tokens = sum(len(w) - 1)`` predictions. With BOS (``bos=None``:
+    when ``tokenizer(text)`` adds one, as Llama's and Gemma's do; see `hf_prune.data.adds_bos`) every window is BOS
+    followed by ``window - 1`` stream tokens and predicts all of them, so ``tokens`` counts every stream token.
+    Returns ``{"perplexity", "nll", "tokens", "window", "bos"}``.
     """
-    if window < 2:
-        raise ValueError(f"window={window} is not valid; it must be >= 2.")
-    if batch_size < 1:
-        raise ValueError(f"batch_size={batch_size} is not valid; it must be >= 1.")
-    if max_tokens is not None and max_tokens < 2:
-        raise ValueError(f"max_tokens={max_tokens} is not valid; it must be >= 2 or None.")
+    window = check_int_option("window", window, minimum=2)
+    batch_size = check_int_option("batch_size", batch_size, minimum=1)
+    max_tokens = check_optional_int_option("max_tokens", max_tokens, minimum=2)
+    use_bos = adds_bos(tokenizer) if bos is None else bool(bos)
     stream = tokenize_stream(tokenizer, text)
     if max_tokens is not None:
         stream = stream[:max_tokens]
-    windows = [w for w in stream.split(window) if w.numel() >= 2]
+    if use_bos:
+        bos_id = torch.tensor([tokenizer.bos_token_id], dtype=stream.dtype)
+        windows = [torch.cat([bos_id, w]) for w in stream.split(window - 1)]
+    else:
+        windows = [w for w in stream.split(window) if w.numel() >= 2]
     if not windows:
         raise ValueError(f"The text has {stream.numel()} tokens; at least 2 are needed to measure perplexity.")
     # Full windows are batched together; the shorter tail (if any) goes alone in the last batch.
@@ -98,41 +105,15 @@ def perplexity(
             total_nll += nll.item()
             total_tokens += ids[:, 1:].numel()
     mean = total_nll / total_tokens
-    return {"perplexity": math.exp(mean), "nll": mean, "tokens": total_tokens, "window": window}
+    if not math.isfinite(mean):
+        raise NonFiniteError(f"perplexity: the mean NLL over {total_tokens} tokens is {mean}; the model's logits "
+                             "hold NaN/inf (check its weights, or evaluate in float32)")
+    return {"perplexity": math.exp(mean), "nll": mean, "tokens": total_tokens, "window": window, "bos": use_bos}
 
 
 # --------------------------------------------------------------------------------------------------------------------
 # Multiple choice
 # --------------------------------------------------------------------------------------------------------------------
-
-
-def load_mc_task(task: str | Path | dict | Sequence[dict]) -> dict[str, Any]:
-    """A BIG-bench-style task as a dict with an ``examples`` list; accepts a JSON path, a task dict or a list of
-    examples (each ``{"input": str, "target_scores": {choice: score}}``)."""
-    if isinstance(task, (str, Path)):
-        with open(task, encoding="utf-8") as f:
-            task = json.load(f)
-    if isinstance(task, dict):
-        if "examples" not in task:
-            raise KeyError(f"The task has no 'examples' list; its keys are {sorted(task)}.")
-        data = dict(task)
-    else:
-        data = {"examples": list(task)}
-    for i, ex in enumerate(data["examples"]):
-        if not isinstance(ex, dict) or "target_scores" not in ex:
-            raise ValueError(f"Example {i} is not a dict with 'input' and 'target_scores': {ex!r:.120}")
-        if len(ex["target_scores"]) < 2:
-            raise ValueError(f"Example {i} has {len(ex['target_scores'])} choice(s); at least 2 are needed.")
-    return data
-
-
-def _context(task: dict[str, Any], example: dict[str, Any]) -> str:
-    """``task_prefix + example_input_prefix + input + example_output_prefix`` (the prefixes only where the task
-    defines them), with trailing spaces removed (they move to the continuation)."""
-    prefix = task.get("task_prefix", "") or ""
-    in_prefix = task.get("example_input_prefix", "") or ""
-    out_prefix = task.get("example_output_prefix", "") or ""
-    return (prefix + in_prefix + str(example.get("input", "")) + out_prefix).rstrip(" ")
 
 
 def _encode(tokenizer, text: str) -> list[int]:
@@ -144,7 +125,9 @@ def mc_requests(tokenizer, context: str, choice: str) -> tuple[list[int], list[i
 
     The continuation is ``" " + choice`` (no space after a context ending in whitespace or an empty context). The
     whole string is tokenized once and the continuation is what follows the context's own tokens, so the ids are
-    exactly the tokenization of ``context + continuation``. An empty context becomes the BOS (else EOS) token.
+    exactly the tokenization of ``context + continuation``. An empty context becomes the BOS (else EOS) token. When
+    the tokenizer adds BOS to a text (`hf_prune.data.adds_bos`), the context ids start with it, as
+    ``tokenizer(context)`` does.
     """
     sep = "" if (not context or context[-1].isspace()) else " "
     continuation = sep + choice
@@ -153,11 +136,12 @@ def mc_requests(tokenizer, context: str, choice: str) -> tuple[list[int], list[i
         if prefix_id is None:
             raise ValueError("An empty context needs a tokenizer with a bos or eos token to condition on.")
         return [prefix_id], _encode(tokenizer, continuation)
+    prefix = [tokenizer.bos_token_id] if adds_bos(tokenizer) else []
     whole = _encode(tokenizer, context + continuation)
     ctx = _encode(tokenizer, context)
     if whole[: len(ctx)] == ctx and len(whole) > len(ctx):
-        return ctx, whole[len(ctx) :]
-    return ctx, _encode(tokenizer, continuation)
+        return prefix + ctx, whole[len(ctx) :]
+    return prefix + ctx, _encode(tokenizer, continuation)
 
 
 def _score(
@@ -236,7 +220,7 @@ def multiple_choice(
 
     requests, spans = [], []
     for ex in examples:
-        context = _context(task, ex)
+        context = mc_context(task, ex)
         start = len(requests)
         requests.extend(mc_requests(tokenizer, context, str(choice)) for choice in ex["target_scores"])
         spans.append((start, len(requests)))

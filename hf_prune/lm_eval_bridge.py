@@ -52,7 +52,7 @@ def bigbench_to_lm_eval(json_path: str | Path, out_dir: str | Path, name: str | 
 
     Each JSONL row is ``{"context", "choices", "gold"}`` with `gold` the indices of the choices with the highest
     target score (lm-eval counts a prediction in that list as correct)."""
-    from .evaluate import _context, load_mc_task
+    from .data import load_mc_task, mc_context
 
     json_path, out_dir = Path(json_path), Path(out_dir)
     task = load_mc_task(json_path)
@@ -62,7 +62,7 @@ def bigbench_to_lm_eval(json_path: str | Path, out_dir: str | Path, name: str | 
         choices = [str(c) for c in ex["target_scores"]]
         scores = [float(v) for v in ex["target_scores"].values()]
         best = max(scores)
-        rows.append({"context": _context(task, ex), "choices": choices,
+        rows.append({"context": mc_context(task, ex), "choices": choices,
                      "gold": [i for i, s in enumerate(scores) if s == best]})
     data = out_dir / f"{name}.jsonl"
     data.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
