@@ -279,6 +279,7 @@ def test_nan_evaluation_gives_strict_json_and_no_nan_in_the_card(export_dir, cor
     text = (export_dir / "README.md").read_text()
     assert ".nan" not in text and "NaN" not in text and "not finite" in text
     assert ModelCard(text).data.eval_results is None  # the only final-stage number was not finite
+    assert check_output_dir(export_dir) == export_dir  # what eval --record rewrote is still known as hf-prune's
 
 
 def test_non_finite_numbers_elsewhere_are_refused_naming_the_field(tmp_path):
