@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from dataclasses import dataclass
 from typing import Callable, Iterable, Mapping
 
@@ -31,6 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .arch import get_adapter, unwrap_model
+from .checks import require_finite
 
 __all__ = [
     "FISHER_KINDS",
@@ -240,6 +242,10 @@ class KFACCollector:
                     "(is the loss connected to this layer, and does the batch hold unmasked tokens?)"
                 )
             f = KFACFactor(A=self._A[name] / n, G=self._G[name] / n, has_bias=lin.bias is not None, n_tokens=n)
+            m = re.search(r"layers\.(\d+)\.", name)
+            for what, t in (("A (input activations)", f.A), ("G (output gradients)", f.G)):
+                require_finite(t, method="K-FAC", stage=None, layer=int(m.group(1)) if m else None,
+                               what=f"the factor {what} of {name}")
             out[name] = f.equalize_norms() if equalize else f
         return out
 
@@ -314,6 +320,7 @@ def collect_lm_kfac(model: nn.Module, batches: Iterable[Mapping[str, torch.Tenso
                 kc.token_mask = mask.reshape(-1).bool() if mask is not None else None
                 logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
                 loss = next_token_loss(logits, ids, mask, labels, fisher, gen)
+                require_finite(loss.detach(), method="K-FAC", stage=None, layer=None, what="the calibration loss")
                 loss.backward()
                 del logits, loss
             factors = kc.factors()
