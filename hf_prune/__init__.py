@@ -114,6 +114,8 @@ class _RegisteringLoader(importlib.abc.Loader):
         self._name = name
 
     def __getattr__(self, attr: str) -> Any:  # get_source, get_resource_reader, is_package, ...
+        if attr == "_loader":  # not set yet (a copy being built): no recursion
+            raise AttributeError(attr)
         return getattr(self._loader, attr)
 
     def create_module(self, spec):

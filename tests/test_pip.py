@@ -308,6 +308,7 @@ def test_embedding_perturbation_and_stage_bookkeeping(calib):
         get("pip", head_grouping="heads")
 
 
+@pytest.mark.slow  # a recipe run
 def test_recipe_prunes_with_lora_recovery_and_saves_a_loadable_model(tmp_path, tok, monkeypatch):
     import importlib.util
     import sys
