@@ -165,7 +165,9 @@ def choose_architecture(model: nn.Module, expand_compact: bool = False) -> GGUFA
         )
     heads, kv, ffn, head_dim = _widths(model)
     uniform = len(set(zip(heads, kv, ffn))) == 1
-    if uniform and family in _UNIFORM_ARCH:
+    if uniform and family == "qwen2" and heads[0] * head_dim != config.hidden_size:
+        name = "deci"  # llama.cpp's qwen2 loader assumes query width == hidden_size; deci takes any width and biases
+    elif uniform and family in _UNIFORM_ARCH:
         name = _UNIFORM_ARCH[family]
     elif not uniform and family in _PER_LAYER_FAMILIES:
         name = "deci"
@@ -467,7 +469,7 @@ def _write_tokenizer(w: gguf.GGUFWriter, tokenizer, vocab_size: int) -> None:
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def _load(folder_or_model, tokenizer, expand_compact: bool):
+def _load(folder_or_model, tokenizer):
     """(model, tokenizer, display name). A folder is checked for a writable architecture before weights load."""
     if isinstance(folder_or_model, nn.Module):
         model = unwrap_model(folder_or_model)
@@ -516,7 +518,7 @@ def to_gguf(folder_or_model: str | os.PathLike | nn.Module, path: str | os.PathL
         raise ValueError(f"{str(path)!r} exists and is not a file")
     if not path.parent.is_dir():
         raise ValueError(f"folder {str(path.parent)!r} does not exist")
-    model, tokenizer, name = _load(folder_or_model, tokenizer, expand_compact)
+    model, tokenizer, name = _load(folder_or_model, tokenizer)
     arch = choose_architecture(model, expand_compact)
     vocab_size = int(get_adapter(model).embed_tokens.weight.shape[0])
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)

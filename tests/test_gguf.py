@@ -72,11 +72,14 @@ def test_per_layer_result_is_deci_with_per_layer_arrays(tmp_path):
 
 
 def test_uniform_results_use_the_family_architecture(tmp_path):
-    cases = {"llama": ("llama", None), "mistral": ("llama", UNIFORM), "qwen2": ("qwen2", UNIFORM),
+    cases = {"llama": ("llama", None), "mistral": ("llama", UNIFORM), "qwen2": ("qwen2", DROPPED),
              "qwen3": ("qwen3", DROPPED)}
     for family, (arch, plan) in cases.items():
         assert choose_architecture(_model(family, plan)).name == arch, family
     assert choose_architecture(_model("qwen2", PER_LAYER)).name == "deci"
+    # llama.cpp's qwen2 loader needs query width == hidden_size: fewer query heads in every layer go to deci
+    assert choose_architecture(_model("qwen2", UNIFORM)).name == "deci"
+    assert choose_architecture(_model("qwen2", DROPPED)).name == "qwen2"
     assert choose_architecture(_model("mistral", PER_LAYER)).name == "deci"
 
 
@@ -226,10 +229,14 @@ def _hf_greedy(model, ids: list[int], n: int) -> list[int]:
     return out
 
 
+F32 = 0  # GGML_TYPE_F32: llama.cpp's default f16 KV cache alone moves these logits by ~0.03
+
+
 def _llama_cpp(path: Path):
     import llama_cpp
 
-    return llama_cpp.Llama(model_path=str(path), logits_all=True, n_ctx=128, n_threads=2, n_batch=64, verbose=False)
+    return llama_cpp.Llama(model_path=str(path), logits_all=True, n_ctx=128, n_threads=2, n_batch=64, verbose=False,
+                           type_k=F32, type_v=F32)
 
 
 def _cpp_logits(llm, ids: list[int]) -> np.ndarray:
@@ -253,7 +260,8 @@ CASES = {
     "heads_and_channels_per_layer": ("llama", PER_LAYER, {}),
     "mistral_per_layer": ("mistral", PER_LAYER, {}),
     "qwen2_per_layer_biases": ("qwen2", PER_LAYER, {}),
-    "qwen2_uniform": ("qwen2", UNIFORM, {}),
+    "qwen2_layers_removed": ("qwen2", DROPPED, {}),
+    "qwen2_uniform_heads_removed": ("qwen2", UNIFORM, {}),
     "qwen3_layers_removed": ("qwen3", DROPPED, {}),
     "untied_llama3_rope": ("llama", PER_LAYER, {"tie_word_embeddings": False, "rope_parameters": {
         "rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0,
@@ -287,11 +295,12 @@ def test_llama_cpp_runs_compacted_zeros_written_dense(tmp_path):
 @needs_llama_cpp
 @pytest.mark.parametrize("dtype", ["f16", "q8_0"])
 def test_llama_cpp_runs_reduced_precision(dtype, tmp_path):
-    model = _model("llama", PER_LAYER)
+    # the default initializer: with large random weights a 4-layer net amplifies q8_0 rounding beyond any bound
+    model = _model("llama", PER_LAYER, initializer_range=0.02)
     path = to_gguf(model, tmp_path / "m.gguf", dtype=dtype, tokenizer=tiny_tokenizer())
     ref, got = _hf_logits(model, IDS), _cpp_logits(_llama_cpp(path), IDS)
-    scale = np.abs(ref).max()
-    assert np.abs(got - ref).max() < 0.05 * scale
+    assert np.abs(got - ref).max() < 0.05 * np.abs(ref).max()
+    assert np.corrcoef(got.ravel(), ref.ravel())[0, 1] > 0.999
     assert (got.argmax(-1) == ref.argmax(-1)).mean() >= 0.9
 
 
