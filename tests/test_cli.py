@@ -92,7 +92,11 @@ def test_runs_as_module_and_console_script():
         (["prune", "--method", "shortgpt", "--set", "n_remove", "-o", "OUT"], "'n_remove' is not KEY=VALUE"),
         (["prune", "--method", "shortgpt", "--set", "bogus=1", "-o", "OUT"], "'bogus'"),
         (["prune", "--method", "shortgpt", "--set", "n_remove=two", "-o", "OUT"], "n_remove='two'"),
-        (["prune", "--method", "shortgpt", "--set", "n_remove=4", "--set", "per_stage=2", "-o", "OUT"], "2 stages"),
+        (["prune", "--method", "shortgpt", "--n_remove", "true", "-o", "OUT"], "n_remove='true'"),
+        (["prune", "--method", "shortgpt", "--n_remove", "1.7", "-o", "OUT"], "n_remove='1.7'"),
+        (["prune", "--method", "pip", "--n_remove", "2", "-o", "OUT"], "has no option 'n_remove'"),
+        (["prune", "--method", "pip", "--set", "tokenizer=gpt2", "-o", "OUT"], "'tokenizer'"),
+        (["prune", "--method", "shortgpt", "--model", "/no/such/model", "-o", "OUT"], "/no/such/model"),
         (["prune", "--method", "shortgpt", "--n-samples", "0", "-o", "OUT"], "0 is not valid"),
         (["prune", "--method", "shortgpt", "--dtype", "int3", "-o", "OUT"], "'int3'"),
         (["push", "EXPORT"], "--repo-id"),
@@ -208,26 +212,24 @@ def test_push_command_to_a_branch_and_after_a_failure(export_dir, monkeypatch, c
         assert TOKEN not in text
 
 
-@pytest.mark.parametrize("method,options", [("llm_surgeon", ["shots=1", "target=0.2", "verbose=false"]),
-                                            ("slicegpt", ["slicing=0.25", "progress=false"])])
-def test_prune_runs_methods_that_change_weights(method, options, model_dir, corpus, tmp_path, monkeypatch):
-    """One-shot methods whose plan comes with a weight change (LLM Surgeon's update, SliceGPT's rotation and
-    slicing) give a saved model whose perplexity is the one recorded, not a model pruned without it."""
+# every method with its defaults (only layer counts scaled to the 4-layer tiny model), all stages back to back
+@pytest.mark.parametrize("method,options", [
+    ("shortgpt", ["--n_remove", "2"]), ("iterabre", ["--n_remove", "2", "--total_tokens", "64"]),
+    ("slicegpt", []), ("dynamic_slicing", []), ("pip", []), ("llm_pruner", ["--skip_first_layers", "1"]), ("magnitude", []),
+    ("llm_surgeon", ["--verbose", "false"]),
+])
+def test_prune_runs_every_method_with_its_defaults(method, options, model_dir, corpus, tmp_path):
+    """Every method, multi-stage ones included, runs through the one stage runner (plan, the plan's weight update,
+    surgery, finalize) and gives a saved model whose perplexity is the one recorded, not a model pruned without
+    the method's weight change (LLM Surgeon's update, SliceGPT's rotation)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from hf_prune import methods
     from hf_prune.evaluate import perplexity
 
-    updates = []
-    cls = type(methods.get(method))
-    update = cls.update
-    monkeypatch.setattr(cls, "update", lambda self, model: (updates.append(1), update(self, model))[1])
     out = tmp_path / method
-    sets = [x for o in options for x in ("--set", o)]
-    assert main(["prune", "--method", method, *sets, "--model", str(model_dir), "--corpus", str(corpus),
+    assert main(["prune", "--method", method, *options, "--model", str(model_dir), "--corpus", str(corpus),
                  "--n-samples", "4", "--seq-len", "16", "--batch-size", "2", "-o", str(out),
                  "--text", str(corpus), "--window", "16", "--max-tokens", "200"]) == 0
-    assert updates == [1]
     meta = load_metadata(out)
     assert meta.after.num_parameters < meta.before.num_parameters
     loaded = AutoModelForCausalLM.from_pretrained(out).eval()

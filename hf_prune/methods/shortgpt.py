@@ -66,7 +66,7 @@ class ShortGPT(PruningMethod):
     stage takes the remainder); each stage re-scores the model as it is then.
     """
 
-    n_remove: int = field(metadata={"help": "Total number of decoder layers to remove (over all stages)."})
+    n_remove: int = field(default=6, metadata={"help": "Total number of decoder layers to remove (over all stages)."})
     per_stage: int | None = field(
         default=None,
         metadata={"help": "Layers removed per stage when pruning iteratively (None: all n_remove in one stage)."},
