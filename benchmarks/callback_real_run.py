@@ -84,7 +84,7 @@ def main(argv=None) -> dict:
     torch.set_num_threads(args.threads)
     from transformers import Trainer, TrainerCallback, TrainingArguments
 
-    from hf_prune import apply
+    from hf_prune import prune
     from hf_prune.assets import default_corpus, default_corpus_name, load_smollm2
     from hf_prune.callbacks import PruneCallback, PruneSchedule, prune_and_train
     from hf_prune.data import batches, blocks_dataset, token_blocks
@@ -134,12 +134,8 @@ def main(argv=None) -> dict:
     method = ShortGPT(n_remove=args.n_remove, per_stage=args.per_stage)
     t = time.perf_counter()
     no_recovery = copy.deepcopy(model)
-    removed = []
-    for stage in range(method.stages):
-        plan = method.plan(no_recovery, batches(calibration, 8), stage=stage)
-        removed.append(plan.drop_layers)
-        apply(no_recovery, plan)
-    result["no_recovery_removed_layers_per_stage"] = removed
+    pruned = prune(no_recovery, method, batches(calibration, 8))
+    result["no_recovery_removed_layers_per_stage"] = [s.plan.drop_layers for s in pruned.stages]
     result["wall_seconds"]["prune_no_recovery"] = round(time.perf_counter() - t, 1)
     measure("pruned_no_recovery", no_recovery)
     del no_recovery

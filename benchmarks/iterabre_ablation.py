@@ -28,7 +28,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from iterabre_vs_shortgpt import add_eval_arguments, evaluate, table  # noqa: E402
 from recipe_utils import DataArguments, calibration_blocks, run_info, write_json  # noqa: E402
 
-from hf_prune import PrunePlan, apply  # noqa: E402
+from hf_prune import PrunePlan, apply, prune  # noqa: E402
 from hf_prune.assets import load_smollm2  # noqa: E402
 from hf_prune.data import batches, read_texts  # noqa: E402
 from hf_prune.methods import get  # noqa: E402
@@ -36,15 +36,9 @@ from hf_prune.methods import get  # noqa: E402
 
 def iterative(method, model, calib) -> tuple[list[int], float]:
     """Run every stage of `method` back to back (no training); return the removed original layers and seconds."""
-    kept = list(range(len(model.model.layers)))
-    removed: list[int] = []
     t0 = time.perf_counter()
-    for stage in range(method.stages):
-        plan = method.plan(model, calib, stage)
-        removed += [kept[i] for i in plan.drop_layers]
-        kept = [k for i, k in enumerate(kept) if i not in set(plan.drop_layers)]
-        apply(model, plan)
-    return sorted(removed), time.perf_counter() - t0
+    result = prune(model, method, calib)
+    return sorted(result.plan.drop_layers), time.perf_counter() - t0
 
 
 def main() -> None:

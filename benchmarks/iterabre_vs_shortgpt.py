@@ -32,7 +32,7 @@ from recipe_utils import (  # noqa: E402
 )
 from transformers import TrainingArguments  # noqa: E402
 
-from hf_prune import apply  # noqa: E402
+from hf_prune import prune  # noqa: E402
 from hf_prune.assets import load_smollm2  # noqa: E402
 from hf_prune.data import batches, read_texts  # noqa: E402
 from hf_prune.evaluate import multiple_choice, perplexity  # noqa: E402
@@ -125,11 +125,9 @@ def main() -> None:
     # ShortGPT one-shot, no recovery
     calib = batches(calibration_blocks(tok, data, seed=0), 8)
     m = copy.deepcopy(dense)
-    t0 = time.perf_counter()
-    plan = get("shortgpt", n_remove=args.n_remove).plan(m, calib)
-    sel = time.perf_counter() - t0
-    apply(m, plan)
-    res["rows"]["shortgpt (no recovery)"] = {"layers": 30 - args.n_remove, "removed": plan.drop_layers,
+    pruned = prune(m, get("shortgpt", n_remove=args.n_remove), calib)
+    sel = sum(s.plan_seconds for s in pruned.stages)
+    res["rows"]["shortgpt (no recovery)"] = {"layers": 30 - args.n_remove, "removed": pruned.plan.drop_layers,
                                             "selection_seconds": sel, "eval": evaluate(m, tok, args, text)}
     save()
     del m

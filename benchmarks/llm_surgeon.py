@@ -178,7 +178,7 @@ def main(argv=None) -> dict:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from hf_prune import apply
+    from hf_prune.pipeline import run_stage
     from hf_prune.assets import load_smollm2
     from hf_prune.data import batches, read_texts, token_blocks
     from hf_prune.methods.llm_surgeon import LLMSurgeon
@@ -252,9 +252,7 @@ def main(argv=None) -> dict:
             seconds = []
             for stage in range(shots):
                 t = time.perf_counter()
-                plan = method.plan(model, calib, stage)
-                method.update(model)
-                apply(model, plan)
+                plan = run_stage(model, method, calib, stage).plan  # scores, the plan's weight update, surgery
                 seconds.append(time.perf_counter() - t)
                 reached = (stage + 1) * alpha / shots
                 hit = [x for x in evals if math.isclose(x, reached, abs_tol=1e-9)]

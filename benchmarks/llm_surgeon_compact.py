@@ -99,11 +99,12 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     import torch
 
-    from hf_prune import apply, compact_zeros
+    from hf_prune import compact_zeros
     from hf_prune.assets import load_smollm2
     from hf_prune.data import batches, read_texts, token_blocks
     from hf_prune.evaluate import perplexity
     from hf_prune.methods.llm_surgeon import LLMSurgeon
+    from hf_prune.pipeline import run_stage
 
     torch.set_num_threads(args.threads)
     data = Path(args.data_dir)
@@ -130,9 +131,7 @@ def main(argv=None) -> dict:
     method = LLMSurgeon(target=alpha, shots=args.shots, mode="structured", criterion="surgeon", seed=args.seed,
                         damping_g=args.damping_g, damping_a=args.damping_a)
     for stage in range(args.shots):
-        plan = method.plan(model, calib, stage)
-        method.update(model)
-        apply(model, plan)
+        run_stage(model, method, calib, stage)  # scores, the plan's weight update, surgery
         reached = (stage + 1) * alpha / args.shots
         hit = [t for t in targets if abs(t - reached) < 1e-9]
         if not hit:

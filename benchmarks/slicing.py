@@ -229,7 +229,8 @@ def main(argv=None) -> dict:
     from hf_prune import assets
     from hf_prune.data import batches, read_texts, token_blocks
     from hf_prune.methods import get
-    from hf_prune.surgery import apply_slicing, sliced_num_parameters
+    from hf_prune.pipeline import prune
+    from hf_prune.surgery import sliced_num_parameters
 
     data = Path(args.data_dir)
     out = Path(args.out)
@@ -262,8 +263,7 @@ def main(argv=None) -> dict:
     for v in variants(args):
         model = copy.deepcopy(dense)
         t = time.perf_counter()
-        plan = get(v["method"], progress=False, seed=args.seed, **v["options"]).plan(model, calib)
-        apply_slicing(model, plan)
+        plan = prune(model, get(v["method"], progress=False, seed=args.seed, **v["options"]), calib).stages[-1].plan
         seconds = time.perf_counter() - t
         path = model_dir / v["name"]
         model.save_pretrained(path)
