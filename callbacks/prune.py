@@ -312,6 +312,7 @@ class PruneCallback(TrainerCallback):
         self.metadata = metadata
         self.compact_zeros = compact_zeros
         self.plan: PrunePlan | None = None  # every stage so far, composed, in the original model's indices
+        self.stage_plans: list[PrunePlan] = []  # each stage's plan (in this process; not restored on resume)
         self.before = None  # ModelStats of the model before the first stage
 
     # ----- state ---------------------------------------------------------------------------------------------------
@@ -583,6 +584,7 @@ class PruneCallback(TrainerCallback):
         stage's plan and its log record."""
         record = run_stage(base, self.method, self.calibration, self.stages_done, planner=self._planner)
         plan, seconds, before = record.plan, record.plan_seconds, record.parameters_before
+        self.stage_plans.append(plan)
         if self.stages_done == 0 or self.plan is not None:
             self.plan = compose(self.plan, record)
         after = sum(p.numel() for p in base.parameters())

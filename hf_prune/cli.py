@@ -25,8 +25,6 @@ __all__ = ["main", "build_parser"]
 
 logger = logging.getLogger("hf_prune.cli")
 
-SMOLLM2_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
-SMOLLM2_LICENSE = "apache-2.0"
 DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -298,6 +296,8 @@ def _base_model_info(model_arg: str | None, args) -> tuple[str | None, str | Non
     """(base model Hub id, licence) for the card."""
     base, lic = args.base_model_id, args.license
     if model_arg is None:
+        from .assets import SMOLLM2_HUB_ID, SMOLLM2_LICENSE
+
         return base or SMOLLM2_HUB_ID, lic or SMOLLM2_LICENSE
     local = Path(model_arg)
     if base is None and not local.exists():

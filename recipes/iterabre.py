@@ -4,7 +4,9 @@
     python recipes/iterabre.py --n_remove 2 --total_tokens 8192 --output_dir runs/try
 
 CLI flags override the YAML. Defaults: the offline SmolLM2-135M-Instruct and the KJV corpus (pip-installable).
-Writes `<output_dir>/model` (pruned model, tokenizer, prune_plan.json), `train_log.json` and `eval.json`.
+Writes `<output_dir>/model` (an hf-prune export: pruned model, tokenizer, prune_plan.json, hf_prune.json, model card),
+`train_log.json` and `eval.json`. `--resume_from_checkpoint <output_dir>/prune-stage-k` (or a later checkpoint)
+resumes an interrupted run.
 """
 
 from __future__ import annotations
@@ -50,8 +52,10 @@ def main(method_name: str = METHOD, method_cls: type = METHOD_CLASS, argv: list[
     report.update({k: result[k] for k in ("selection_seconds", "recovery_seconds", "recovery_tokens")})
     report["plan"] = result["plan"].to_dict()
     if result["trainer"].accelerator.is_main_process:
-        save_outputs(targs.output_dir, result, run.tok, report)
-        print(f"pruned model, plan, train_log.json and eval.json written to {targs.output_dir}")
+        folder = save_outputs(run, result["model"], result["plan"], method, report, result["log_history"],
+                              result["recovery_tokens"])
+        print(f"pruned model (hf-prune export with plan and card) in {folder}; train_log.json and eval.json in "
+              f"{targs.output_dir}")
     result["trainer"].accelerator.wait_for_everyone()
     return report
 

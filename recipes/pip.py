@@ -81,8 +81,10 @@ def main(argv: list[str] | None = None) -> dict:
     report.update({k: result[k] for k in ("selection_seconds", "recovery_seconds", "recovery_tokens")})
     report["plan"] = result["plan"].to_dict()
     if result["trainer"].accelerator.is_main_process:
-        save_outputs(targs.output_dir, result, tok, report)
-        print(f"pruned model, plan, train_log.json and eval.json written to {targs.output_dir}")
+        folder = save_outputs(run, result["model"], result["plan"], method, report, result["log_history"],
+                              result["recovery_tokens"])
+        print(f"pruned model (hf-prune export with plan and card) in {folder}; train_log.json and eval.json in "
+              f"{targs.output_dir}")
     result["trainer"].accelerator.wait_for_everyone()
     return report
 

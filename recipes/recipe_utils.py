@@ -63,6 +63,16 @@ class EvalArguments:
     eval_dense: bool = field(default=True, metadata={"help": "Also evaluate the unpruned model first."})
 
 
+@dataclass
+class ExportArguments:
+    """Where and how the result is written: `<output_dir>/model` is an hf-prune export (weights, tokenizer,
+    prune_plan.json, hf_prune.json, model card), as `hf-prune prune` writes it."""
+
+    overwrite_export: bool = field(default=False, metadata={
+        "help": "Replace <output_dir>/model even when it holds files hf-prune did not write (an earlier, unchanged "
+                "hf-prune export is replaced without it; the model's own folder never is)."})
+
+
 def load_model_and_tokenizer(path: str | None, dtype: str | torch.dtype = torch.float32):
     """(model, tokenizer) from a Hub id or local path; the offline SmolLM2 when `path` is None."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -117,19 +127,15 @@ def recovery_dataset(tok, data: DataArguments, seed: int, tokens: int | None = N
 
 
 def method_arguments(method_cls: type, exclude: tuple[str, ...] = ()) -> type:
-    """A dataclass with the method config's fields (help text included) minus `seed`, which the Trainer's own
-    `--seed` provides, and minus `exclude` (fields another parsed dataclass owns), so that all parse side by side
-    in one TrlParser."""
+    """A dataclass with the method config's fields (`hf_prune.methods.config_fields`: the same typed options and help
+    as the CLI's method flags) minus `seed`, which the Trainer's own `--seed` provides, and minus `exclude` (fields
+    another parsed dataclass owns), so that all parse side by side in one TrlParser."""
     import dataclasses
-    import typing
 
-    hints = typing.get_type_hints(method_cls)
-    specs = []
-    for f in dataclasses.fields(method_cls):
-        if f.name == "seed" or f.name in exclude:
-            continue
-        default = f.default if f.default is not dataclasses.MISSING else None
-        specs.append((f.name, hints[f.name], field(default=default, metadata=dict(f.metadata))))
+    from hf_prune.methods import config_fields
+
+    specs = [(f.name, f.type, field(default=f.default, metadata={"help": f.help}))
+             for f in config_fields(method_cls, exclude=("seed", *exclude))]
     return dataclasses.make_dataclass(f"{method_cls.__name__}Arguments", specs)
 
 
@@ -158,6 +164,9 @@ class RecipeStart:
     model: "PreTrainedModel"
     tok: "PreTrainedTokenizerBase"
     report: dict[str, Any]  # {"info": run_info(...), "dense": evaluate_model(...) when eval_dense}
+    export: ExportArguments
+    before: Any  # hf_prune.export.ModelStats of the model before pruning
+    argv: list[str]
 
 
 def start_recipe(arg_types: Sequence[type], argv: Sequence[str] | None = None,
@@ -174,21 +183,27 @@ def start_recipe(arg_types: Sequence[type], argv: Sequence[str] | None = None,
     from transformers import TrainingArguments, set_seed
     from trl import TrlParser
 
-    parser = TrlParser((*arg_types, DataArguments, EvalArguments, TrainingArguments))
+    from hf_prune.export import ModelStats, check_output_dir
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = TrlParser((*arg_types, DataArguments, EvalArguments, ExportArguments, TrainingArguments))
     *parsed, from_config, from_cli = parser.parse_args_and_config(
-        list(sys.argv[1:] if argv is None else argv), return_remaining_strings=True, separate_remaining_strings=True
+        argv, return_remaining_strings=True, separate_remaining_strings=True
     )
     # TrlParser gives unknown YAML keys back as "--key", "value" pairs
     unknown = [k for k in from_config[::2] if k[2:] not in ignore_config_keys] + list(from_cli)
     if unknown:
         raise ValueError(f"unknown arguments {unknown}; see the recipe's --help")
-    *args, data, ev, targs = parsed
+    *args, data, ev, export, targs = parsed
+    # the export folder is checked before anything is loaded: no work for a run that could not save
+    check_output_dir(Path(targs.output_dir) / "model", model_path=data.model_name_or_path,
+                     overwrite=export.overwrite_export)
     set_seed(targs.seed)
     model, tok = load_model_and_tokenizer(data.model_name_or_path)
-    report: dict[str, Any] = {"info": run_info(None if argv is None else list(argv))}
+    report: dict[str, Any] = {"info": run_info(argv)}
     if ev.eval_dense:
         report["dense"] = evaluate_model(model.eval(), tok, data, ev)
-    return RecipeStart(tuple(args), data, ev, targs, model, tok, report)
+    return RecipeStart(tuple(args), data, ev, targs, model, tok, report, export, ModelStats.of(model), argv)
 
 
 def run_info(argv: list[str] | None = None) -> dict[str, Any]:
@@ -293,7 +308,7 @@ def run_prune_recover(method, model, tok, data: DataArguments, rec: RecoveryArgu
     cb = PruneCallback(method, calib, schedule, distillation=kd)
     trainer = Trainer(model=student, args=targs, train_dataset=train, processing_class=tok, callbacks=[cb])
     t0 = time.perf_counter()
-    prune_and_train(trainer)
+    prune_and_train(trainer, resume_from_checkpoint=targs.resume_from_checkpoint)
     seconds = time.perf_counter() - t0
     final = trainer.model.merge_and_unload() if hasattr(trainer.model, "merge_and_unload") else trainer.model
     if kd is not None:
@@ -306,8 +321,8 @@ def run_prune_recover(method, model, tok, data: DataArguments, rec: RecoveryArgu
     # every stage composed into original indices (layers, heads, channels); None only for slicing methods
     whole = cb.plan if cb.plan is not None else PrunePlan(drop_layers=dropped)
     plan = PrunePlan(drop_layers=whole.drop_layers, heads=whole.heads, kv_heads=whole.kv_heads,
-                     mlp_channels=whole.mlp_channels, provenance={
-        "method": method.name, "config": method.config_dict(), "stages": [
+                     mlp_channels=whole.mlp_channels, architecture=whole.architecture, provenance={
+        "method": method.name, "config": method.to_dict(), "stages": [
             {"removed_original_layers": _json.loads(h["prune/removed_original_layers"]), "step": h.get("step")}
             for h in stages],
         "recovery_tokens": tokens, "calibration_tokens": int(calib.numel()),
@@ -316,12 +331,37 @@ def run_prune_recover(method, model, tok, data: DataArguments, rec: RecoveryArgu
             "recovery_seconds": seconds - selection, "recovery_tokens": tokens, "trainer": trainer}
 
 
-def save_outputs(out_dir: str | Path, result: dict[str, Any], tok, evaluation: dict[str, Any]) -> None:
-    """Pruned model (surgery's format) + tokenizer + plan, the training log and the evaluation JSON."""
-    out = Path(out_dir)
-    model_dir = out / "model"
-    result["model"].save_pretrained(model_dir)
-    tok.save_pretrained(model_dir)
-    result["plan"].save(model_dir)
-    write_json(out / "train_log.json", result["log_history"])
+def save_outputs(run: RecipeStart, model, plan, method, evaluation: dict[str, Any],
+                 log_history: list[dict[str, Any]] | None = None, recovery_tokens: int = 0) -> Path:
+    """The one output layout of every recipe: `<output_dir>/model` written by `hf_prune.export.save` (weights,
+    tokenizer, prune_plan.json, hf_prune.json, model card: what `hf-prune prune` writes), `<output_dir>/eval.json`
+    (the recipe's report) and `<output_dir>/train_log.json` (the Trainer's log history, when it trained)."""
+    from hf_prune.assets import SMOLLM2_HUB_ID, SMOLLM2_LICENSE
+    from hf_prune.export import DataRecord, EvalRecord, ExportMetadata, redact, save
+
+    data, ev = run.data, run.ev
+    default_model = data.model_name_or_path is None
+    meta = ExportMetadata(
+        base_model=SMOLLM2_HUB_ID if default_model else data.model_name_or_path,
+        base_model_license=SMOLLM2_LICENSE if default_model else None,
+        method=method.name, method_config=method.to_dict(), before=run.before,
+        calibration=DataRecord(name=data.dataset_name or "default corpus (calibration split)",
+                               samples=data.calibration_samples, seq_len=data.calibration_seq_len,
+                               tokens=data.calibration_samples * data.calibration_seq_len),
+        recovery=DataRecord(name=data.dataset_name or "default corpus (calibration split)", tokens=recovery_tokens)
+        if recovery_tokens else None,
+        command=redact(" ".join(["python", sys.argv[0], *run.argv])),
+    )
+    for stage, key in (("base", "dense"), ("pruned", "pruned")):
+        ppl = (evaluation.get(key) or {}).get("perplexity")
+        if isinstance(ppl, dict) and "perplexity" in ppl:
+            meta.evaluations.append(EvalRecord(task=data.eval_text or "held-out default corpus", metric="perplexity",
+                                               value=float(ppl["perplexity"]), stage=stage,
+                                               tokens=ppl.get("tokens")))
+    out = Path(run.targs.output_dir)
+    folder = save(model, run.tok, out / "model", plan=plan, metadata=meta, overwrite=run.export.overwrite_export,
+                  model_path=data.model_name_or_path)
     write_json(out / "eval.json", evaluation)
+    if log_history is not None:
+        write_json(out / "train_log.json", log_history)
+    return folder

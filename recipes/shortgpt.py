@@ -5,8 +5,8 @@ LoRA and distillation as recipes/iterabre.py, so the two compare fairly.
     python recipes/shortgpt.py --n_remove 2 --recovery_tokens 8192 --output_dir runs/try
 
 The flags are recipes/iterabre.py's with ShortGPT's fields (`n_remove`, `per_stage`) as the method's, and
-`recovery_tokens` as the budget. Writes what recipes/iterabre.py writes: `<output_dir>/model` (pruned model,
-tokenizer, prune_plan.json), `train_log.json` and `eval.json`.
+`recovery_tokens` as the budget. Writes what recipes/iterabre.py writes: `<output_dir>/model` (an hf-prune export),
+`train_log.json` and `eval.json`.
 """
 
 from __future__ import annotations

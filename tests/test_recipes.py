@@ -97,6 +97,17 @@ def plan_matches(env, plan: PrunePlan, loaded: torch.nn.Module, compacted: int =
     assert sum(p.numel() for p in dense.parameters()) - compacted == sum(p.numel() for p in loaded.parameters())
 
 
+def assert_export(folder: Path, method: str) -> None:
+    """The recipe wrote what `hf-prune prune` writes: weights, plan, hf_prune.json (with the method) and a card."""
+    from hf_prune.export import load_metadata
+
+    for name in ("config.json", PLAN_FILENAME, "hf_prune.json", "README.md"):
+        assert (folder / name).is_file(), name
+    meta = load_metadata(folder)
+    assert meta.method == method and meta.method_config["method"] == method
+    assert meta.before is not None and meta.after.num_parameters < meta.before.num_parameters
+
+
 def recovery_steps(log: list[dict]) -> int:
     return sum(1 for h in log if "loss" in h)
 
@@ -111,6 +122,7 @@ def test_iterabre_removes_a_layer_per_stage_with_recovery_between(env, tmp_path,
     log = json.loads((out / "train_log.json").read_text())
     assert [h["prune/stage"] for h in log if "prune/stage" in h] == [1, 2]
     assert recovery_steps(log) == 2
+    assert_export(out / "model", "iterabre")
     plan = PrunePlan.load(out / "model" / PLAN_FILENAME)
     assert len(plan.drop_layers) == 2 and plan.to_dict() == saved["plan"]
     assert [len(s["removed_original_layers"]) for s in plan.provenance["stages"]] == [1, 1]
@@ -138,13 +150,14 @@ def test_dynamic_slicing_slices_and_recovers_with_lora(env, tmp_path, monkeypatc
     report = load_recipe("dynamic_slicing", monkeypatch).main(argv(
         env, out, "dynamic_slicing", slicing=0.25, base_slicing=0.1, basis="layer", calibration_batch_size=4, recovery_tokens=64,
         lora_r=4))
-    saved = json.loads((out / "results.json").read_text())
+    saved = json.loads((out / "eval.json").read_text())
     assert saved["sliced"] == report["sliced"] and saved["dense"]["params"] == env["params"]
-    assert recovery_steps(saved["log_history"]) == 1
-    plan = PrunePlan.load(out / PLAN_FILENAME)
+    assert recovery_steps(json.loads((out / "train_log.json").read_text())) == 1
+    assert_export(out / "model", "dynamic_slicing")
+    plan = PrunePlan.load(out / "model" / PLAN_FILENAME)
     dims = plan.residual_widths["residual_dims"]
     assert len(dims) == 2 * 4 + 1 and max(dims) < 64 and dims == saved["plan"]["residual_widths"]["residual_dims"]
-    loaded = check_model(env, out, saved["sliced"])
+    loaded = check_model(env, out / "model", saved["sliced"])
     assert saved["sliced_parameters"]["total"] == saved["sliced"]["params"]
     assert list(loaded.config.residual_dims) == dims
 
@@ -157,6 +170,7 @@ def test_pip_prunes_heads_and_channels_in_steps_and_saves_the_composed_plan(env,
     assert saved["pruned_recovered"] == report["pruned_recovered"]
     log = json.loads((out / "train_log.json").read_text())
     assert [h["prune/stage"] for h in log if "prune/stage" in h] == [1, 2] and recovery_steps(log) == 2
+    assert_export(out / "model", "pip")
     plan = PrunePlan.load(out / "model" / PLAN_FILENAME)
     assert plan.heads or plan.mlp_channels  # the widths, not only dropped layers
     loaded = check_model(env, out / "model", saved["pruned_recovered"])
@@ -165,28 +179,25 @@ def test_pip_prunes_heads_and_channels_in_steps_and_saves_the_composed_plan(env,
 
 @pytest.mark.parametrize("recovery_tokens", [0, 128])
 def test_llm_surgeon_prunes_in_shots_with_or_without_recovery(env, tmp_path, monkeypatch, recovery_tokens):
-    from hf_prune.methods.llm_surgeon import LLMSurgeon
-
-    updates = []
-    update = LLMSurgeon.update
-    monkeypatch.setattr(LLMSurgeon, "update", lambda self, model: (updates.append(1), update(self, model))[1])
     out = tmp_path / "llm_surgeon"
     report = load_recipe("llm_surgeon", monkeypatch).main(argv(
         env, out, "llm_surgeon", target=0.3, shots=2, calibration_batch_size=2, recovery_tokens=recovery_tokens, lora_r=4,
         damping_g=0.5, eval_dense="false"))
-    saved = json.loads((out / "results.json").read_text())
+    saved = json.loads((out / "eval.json").read_text())
     assert saved["pruned"] == report["pruned"]
+    assert_export(out / "model", "llm_surgeon")
     cfg = saved["plans"][0]["provenance"]["config"]
     assert (cfg["damping_g"], cfg["damping_a"]) == (0.5, 1.0)  # the flag, and the SmolLM2 config's value
-    assert len(saved["plans"]) == 2 and len(updates) == 2  # every shot: a plan and its weight update
+    assert len(saved["plans"]) == 2  # every shot
     if recovery_tokens:  # 8 blocks = 2 steps: shot 1 before step 1, shot 2 after it
-        assert [h["prune/stage"] for h in saved["log_history"] if "prune/stage" in h] == [1, 2]
-        assert recovery_steps(saved["log_history"]) == 2
+        log = json.loads((out / "train_log.json").read_text())
+        assert [h["prune/stage"] for h in log if "prune/stage" in h] == [1, 2]
+        assert recovery_steps(log) == 2
     else:
-        assert "log_history" not in saved
-    plan = PrunePlan.load(out / PLAN_FILENAME)
+        assert not (out / "train_log.json").exists()
+    plan = PrunePlan.load(out / "model" / PLAN_FILENAME)
     assert plan.heads or plan.mlp_channels or plan.drop_layers
-    loaded = check_model(env, out, saved["pruned"])
+    loaded = check_model(env, out / "model", saved["pruned"])
     removed = saved["compact_zeros"]["parameters_removed"]  # structured mode compacts the zeros by default
     assert removed > 0 and saved["compact_zeros"]["linears"] > 0
     plan_matches(env, plan, loaded, compacted=removed)
@@ -210,9 +221,8 @@ def test_llm_surgeon_two_four_with_recovery_keeps_the_pattern_exact(env, tmp_pat
     load_recipe("llm_surgeon", monkeypatch).main(argv(
         env, out, "llm_surgeon", mode="2:4", target=0.5, shots=2, criterion="kobd", recovery_tokens=128, lora_r=4,
         eval_dense="false"))
-    saved = json.loads((out / "results.json").read_text())
-    assert recovery_steps(saved["log_history"]) == 2
-    model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    assert recovery_steps(json.loads((out / "train_log.json").read_text())) == 2
+    model = AutoModelForCausalLM.from_pretrained(out / "model", dtype=torch.float32)
     for name, p in model.named_parameters():
         if ".layers." in name and name.endswith("proj.weight"):
             assert ((p.reshape(p.shape[0], -1, 4) == 0).sum(-1) == 2).all(), name
@@ -249,8 +259,10 @@ def test_llm_surgeon_recovery_under_torchrun_two_ranks(env, tmp_path):
     log = proc.stdout + proc.stderr
     assert proc.returncode == 0, log[-6000:]
     assert "ranks disagree" not in log and "weights differ across ranks" not in log
-    saved = json.loads((out / "results.json").read_text())
-    assert [h["prune/stage"] for h in saved["log_history"] if "prune/stage" in h] == [1, 2]
-    assert recovery_steps(saved["log_history"]) == 2  # 8 blocks / (2 ranks x 2 rows) per epoch
-    loaded = check_model(env, out, saved["pruned"])
-    plan_matches(env, PrunePlan.load(out / PLAN_FILENAME), loaded, compacted=saved["compact_zeros"]["parameters_removed"])
+    saved = json.loads((out / "eval.json").read_text())
+    log = json.loads((out / "train_log.json").read_text())
+    assert [h["prune/stage"] for h in log if "prune/stage" in h] == [1, 2]
+    assert recovery_steps(log) == 2  # 8 blocks / (2 ranks x 2 rows) per epoch
+    loaded = check_model(env, out / "model", saved["pruned"])
+    plan_matches(env, PrunePlan.load(out / "model" / PLAN_FILENAME), loaded,
+                 compacted=saved["compact_zeros"]["parameters_removed"])
