@@ -450,3 +450,13 @@ def test_one_kv_head_says_attention_cannot_be_pruned():
         check_removable(ad, [1, 2], "kv", attention=True, mlp=False, allow_partial=True)
     assert check_removable(ad, [1, 2], "query", attention=True, mlp=False) == []
     assert check_removable(get_adapter(tiny_model("llama")), [1, 2], "kv") == []
+
+
+def test_a_slicing_plan_records_the_width_it_was_made_for(tmp_path):
+    model = tiny_model("llama")
+    plan = methods.get("slicegpt", slicing=0.25, progress=False).plan(model, _batches())
+    assert plan.architecture is not None and plan.architecture["residual_dims"] is None  # made for full width
+    hf_prune.apply(model, plan)
+    with unchanged(model, tmp_path), pytest.raises(PlanError) as err:
+        plan.check_architecture(model)
+    assert "residual widths full" in str(err.value) and "48" in str(err.value)
