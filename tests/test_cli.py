@@ -216,7 +216,7 @@ def test_push_command_to_a_branch_and_after_a_failure(export_dir, monkeypatch, c
 @pytest.mark.parametrize("method,options", [
     ("shortgpt", ["--n_remove", "2"]), ("iterabre", ["--n_remove", "2", "--total_tokens", "64"]),
     ("slicegpt", []), ("dynamic_slicing", []), ("pip", []), ("llm_pruner", ["--skip_first_layers", "1"]), ("magnitude", []),
-    ("llm_surgeon", ["--verbose", "false"]),
+    ("llm_surgeon", ["--verbose", "false"]), ("angular_block", ["--n_remove", "2"]),
 ])
 def test_prune_runs_every_method_with_its_defaults(method, options, model_dir, corpus, tmp_path):
     """Every method, multi-stage ones included, runs through the one stage runner (plan, the plan's weight update,

@@ -382,6 +382,7 @@ def test_smollm2_multiple_choice_above_chance(smollm2):
 METHOD_CLASSES = {
     "IteRABRe": "iterabre", "ShortGPT": "shortgpt", "SliceGPT": "slicegpt", "DynamicSlicing": "dynamic_slicing",
     "PIP": "pip", "LLMPruner": "llm_pruner", "MagnitudePruning": "magnitude", "LLMSurgeon": "llm_surgeon",
+    "AngularBlock": "angular_block",
 }
 REQUIRED_OPTIONS = {"shortgpt": {"n_remove": 1}}  # config fields without a default
 

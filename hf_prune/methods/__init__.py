@@ -29,11 +29,13 @@ from ..plan import PrunePlan
 
 __all__ = [
     "CONFIG_FILENAME", "PruningMethod", "available", "from_dict", "get", "load", "register",
-    "DynamicSlicing", "IteRABRe", "LLMPruner", "LLMSurgeon", "MagnitudePruning", "PIP", "ShortGPT", "SliceGPT",
+    "AngularBlock", "DynamicSlicing", "IteRABRe", "LLMPruner", "LLMSurgeon", "MagnitudePruning", "PIP", "ShortGPT",
+    "SliceGPT",
 ]
 
 # method classes importable from here (`from hf_prune.methods import IteRABRe`), loaded on first access
 _CLASSES = {
+    "AngularBlock": "angular_block",
     "DynamicSlicing": "slicegpt", "IteRABRe": "iterabre", "LLMPruner": "pip", "LLMSurgeon": "llm_surgeon",
     "MagnitudePruning": "pip", "PIP": "pip", "ShortGPT": "shortgpt", "SliceGPT": "slicegpt",
 }
@@ -55,6 +57,7 @@ _BUILTIN_MODULES = (
     "slicegpt",
     "llm_surgeon",
     "pip",
+    "angular_block",
 )
 
 
