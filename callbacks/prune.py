@@ -66,6 +66,7 @@ import copy
 import inspect
 import json
 import logging
+import math
 import os
 import time
 import warnings
@@ -155,6 +156,16 @@ class PruneSchedule:
     def at_step(self, step: int) -> bool:
         """True if a stage is due after optimizer step `step` (> 0)."""
         return self.every_n_steps is not None and step % self.every_n_steps == 0
+
+    def boundaries(self, max_steps: int, steps_per_epoch: int, from_step: int = 0) -> int:
+        """How many stage boundaries a run of `max_steps` optimizer steps (`steps_per_epoch` per epoch) reaches from
+        step `from_step` on (the start counts when `from_step` is 0 and the schedule prunes at the start)."""
+        n = 1 if from_step == 0 and self.prunes_at_start else 0
+        if self.every_n_steps is not None:
+            return n + sum(1 for s in range(self.every_n_steps, max_steps, self.every_n_steps) if s > from_step)
+        per_epoch = max(1, steps_per_epoch)
+        epochs = range(1, -(-max_steps // per_epoch))  # boundaries before epochs 1 .. last, all inside the run
+        return n + sum(1 for e in epochs if e * per_epoch > from_step and self.before_epoch(e))
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -285,6 +296,7 @@ class PruneCallback(TrainerCallback):
         hub_revision: str | None = None,
         metadata: Any = None,
         compact_zeros: bool = False,
+        strict: bool = False,
     ):
         if not isinstance(method, PruningMethod):
             raise TypeError(f"method must be a hf_prune PruningMethod (e.g. ShortGPT(n_remove=2)), got {type(method)}")
@@ -311,6 +323,7 @@ class PruneCallback(TrainerCallback):
         self.hub_revision = hub_revision
         self.metadata = metadata
         self.compact_zeros = compact_zeros
+        self.strict = strict
         self.plan: PrunePlan | None = None  # every stage so far, composed, in the original model's indices
         self.stage_plans: list[PrunePlan] = []  # each stage's plan (in this process; not restored on resume)
         self.before = None  # ModelStats of the model before the first stage
@@ -319,6 +332,33 @@ class PruneCallback(TrainerCallback):
     @property
     def stages_left(self) -> int:
         return self.method.stages - self.stages_done
+
+    def check_schedule(self, max_steps: int, steps_per_epoch: int, from_step: int = 0) -> None:
+        """Refuse, before any training or pruning, a schedule whose boundaries cannot hold the method's stages."""
+        if max_steps <= 0 or self.stages_left <= 0:
+            return
+        reachable = self.schedule.boundaries(max_steps, steps_per_epoch, from_step)
+        if reachable < self.stages_left:
+            raise ValueError(
+                f"{self.method.name} needs {self.stages_left} more pruning stage(s) but {self.schedule} reaches only "
+                f"{reachable} boundary(ies) in this run ({max_steps} optimizer steps, {steps_per_epoch} per epoch, "
+                f"from step {from_step}); train longer, prune more often (e.g. PruneSchedule(every_n_steps="
+                f"{max(1, max_steps // max(1, self.stages_left))})) or configure fewer stages"
+            )
+
+    def report_missing_stages(self, trainer: Trainer) -> None:
+        """At the real end of training: fewer stages than configured is said loudly (log, Trainer logs and state;
+        an error with strict=True)."""
+        if self.stages_left <= 0:
+            return
+        msg = (f"training ended after {self.stages_done} of {self.method.stages} pruning stages of "
+               f"{self.method.name}: the model is pruned less than configured")
+        logger.warning(msg)
+        trainer.state.prune_stages_missing = self.stages_left  # saved with trainer_state.json
+        if _is_main():
+            trainer.log({"prune/stages_done": self.stages_done, "prune/stages_missing": self.stages_left})
+        if self.strict:
+            raise RuntimeError(msg + " (strict=True)")
 
     def bind(self, trainer: Trainer, own_optimizer_check: bool = True) -> None:
         """Check that `trainer` can be pruned between stages, and install the distillation loss."""
@@ -402,6 +442,8 @@ class PruneCallback(TrainerCallback):
                             "what training must not change, e.g. pruned zeros); export() does it", self.method.name)
         else:
             finalize(model, self.method)
+        if self._in_loop:
+            self.report_missing_stages(self.trainer)
         if self._in_loop and (self.export_dir is not None or self.push_to_hub):
             self.export(self.trainer)
 
@@ -542,6 +584,8 @@ class PruneCallback(TrainerCallback):
                            "prune_and_train(trainer, resume_from_checkpoint=...)")
         self._in_loop = True
         self.bind(trainer, own_optimizer_check=False)
+        epochs = max(1, math.ceil(trainer.args.num_train_epochs))
+        self.check_schedule(state.max_steps, max(1, state.max_steps // epochs), state.global_step)
         if self.schedule.prunes_at_start and self.stages_done == 0 and self.stages_left > 0:
             self.run_stage_in_loop(trainer, state)
 
@@ -728,8 +772,10 @@ def prune_and_train(trainer: Trainer, resume_from_checkpoint: str | bool | None 
             raise ValueError(f"resume_from_checkpoint=True but {trainer.args.output_dir} holds no checkpoint")
     if resume:
         cb.restore(resume)
-    elif cb.schedule.prunes_at_start and cb.stages_left > 0:
-        cb.run_stage(trainer, initial=True)
+    else:
+        cb.check_schedule(*_training_length(trainer))
+        if cb.schedule.prunes_at_start and cb.stages_left > 0:
+            cb.run_stage(trainer, initial=True)
     while True:
         cb._driver_active = True
         try:
@@ -740,9 +786,16 @@ def prune_and_train(trainer: Trainer, resume_from_checkpoint: str | bool | None 
             break
         cb._stop_requested = False
         resume = cb.run_stage(trainer)
+    cb.report_missing_stages(trainer)
     if cb.export_dir is not None or cb.push_to_hub:
         cb.export(trainer)
-    if cb.stages_left > 0:
-        logger.warning("training ended after %d of %d pruning stages: the schedule has fewer boundaries than the "
-                       "method has stages", cb.stages_done, cb.method.stages)
     return output
+
+
+def _training_length(trainer: Trainer) -> tuple[int, int]:
+    """(optimizer steps of the whole run, optimizer steps per epoch), as `Trainer.train` will count them."""
+    args = trainer.args
+    per_epoch = max(1, len(trainer.get_train_dataloader()) // max(1, args.gradient_accumulation_steps))
+    if args.max_steps and args.max_steps > 0:
+        return args.max_steps, per_epoch
+    return max(1, math.ceil(args.num_train_epochs * per_epoch)), per_epoch

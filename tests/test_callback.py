@@ -610,3 +610,56 @@ def test_llm_surgeon_run_resumes_with_its_reference_count_and_zero_pattern(tmp_p
     original = trainer.model.state_dict()  # and the same model: shot 2 saw shot 1's zeros written back
     for name, value in resumed.model.state_dict().items():
         torch.testing.assert_close(value, original[name], msg=name)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# schedules that cannot hold the method's stages, and runs that end with fewer stages
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("driver", ["prune_and_train", "train"])
+@pytest.mark.parametrize("stages,schedule", [
+    (1, PruneSchedule(every_n_steps=100, at_start=False)),  # never fires in 6 steps: 0 of 1
+    (3, PruneSchedule(epochs=[0])),                           # one boundary for three stages
+])
+def test_impossible_schedule_is_refused_before_any_work(tmp_path, driver, stages, schedule):
+    from hf_prune.methods import ShortGPT
+
+    model = tiny_model("llama", num_hidden_layers=4).train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    blocks = _blocks()
+    cb = PruneCallback(ShortGPT(n_remove=stages, per_stage=1, progress=False), calibration=blocks[:4],
+                       schedule=schedule)
+    trainer = Trainer(model=model, args=_args(tmp_path), train_dataset=blocks_dataset(blocks), callbacks=[cb])
+    with pytest.raises(ValueError, match=f"needs {stages} more pruning stage"):
+        prune_and_train(trainer) if driver == "prune_and_train" else trainer.train()
+    assert cb.stages_done == 0 and trainer.state.global_step == 0
+    after = model.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_fewer_stages_than_configured_is_reported_and_strict_raises(tmp_path, caplog):
+    from hf_prune.methods import ShortGPT
+
+    blocks = _blocks()
+
+    def run(strict: bool):
+        model = tiny_model("llama", num_hidden_layers=4).train()
+        cb = PruneCallback(ShortGPT(n_remove=2, per_stage=1, progress=False), calibration=blocks[:4],
+                           schedule=PruneSchedule(every_n_epochs=1), strict=strict)
+        trainer = Trainer(model=model, args=_args(tmp_path / str(strict)), train_dataset=blocks_dataset(blocks),
+                          callbacks=[cb])
+        # the schedule holds both stages; an early stop after the first stage leaves one undone
+        cb.check_schedule = lambda *a, **k: None
+        trainer.args.max_steps = 2
+        return cb, trainer
+
+    cb, trainer = run(False)
+    with caplog.at_level("WARNING"):
+        prune_and_train(trainer)
+    assert cb.stages_done == 1 and "1 of 2 pruning stages" in caplog.text
+    assert trainer.state.prune_stages_missing == 1
+    assert any(h.get("prune/stages_missing") == 1 for h in trainer.state.log_history)
+    cb, trainer = run(True)
+    with pytest.raises(RuntimeError, match="1 of 2 pruning stages"):
+        prune_and_train(trainer)
