@@ -245,7 +245,7 @@ def main(argv=None) -> dict:
                 print(f"[skip] {mode} {criterion}: in {out}", flush=True)
                 continue
             model, tok = load()
-            method = LLMSurgeon(target=alpha, shots=shots, mode=mode, criterion=criterion,
+            method = LLMSurgeon(target=alpha, target_of="linears", shots=shots, mode=mode, criterion=criterion,
                                 chunk_size=args.chunk_size, compute_dtype=args.compute_dtype, seed=args.seed,
                                 damping_g=args.damping_g, damping_a=args.damping_a,
                                 weight_update={"auto": None, "on": True, "off": False}[args.weight_update])

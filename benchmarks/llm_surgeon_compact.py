@@ -128,7 +128,8 @@ def main(argv=None) -> dict:
            "runs": []}
     targets = [float(x) for x in args.targets.split(",")]
     alpha = max(targets)
-    method = LLMSurgeon(target=alpha, shots=args.shots, mode="structured", criterion="surgeon", seed=args.seed,
+    method = LLMSurgeon(target=alpha, target_of="linears", shots=args.shots, mode="structured", criterion="surgeon",
+                        seed=args.seed,
                         damping_g=args.damping_g, damping_a=args.damping_a)
     for stage in range(args.shots):
         run_stage(model, method, calib, stage)  # scores, the plan's weight update, surgery

@@ -290,7 +290,7 @@ def test_registry_and_config_errors():
     assert isinstance(m, LLMSurgeon) and m.stages == 2 and m.damping == (0.1, 0.01)
     assert "magnitude" not in methods.available() or methods.get("magnitude").__class__ is not LLMSurgeon
     with pytest.raises(ValueError, match="target=0.6 for mode '2:4'"):
-        LLMSurgeon(target=0.6, mode="2:4")
+        LLMSurgeon(target_of="linears", target=0.6, mode="2:4")
     with pytest.raises(ValueError, match="mode='rows'"):
         LLMSurgeon(mode="rows")
     with pytest.raises(ValueError, match="criterion='obs'"):
@@ -301,7 +301,7 @@ def test_registry_and_config_errors():
 def test_multi_shot_unstructured_reaches_every_target_exactly():
     model = tiny_model("llama", num_hidden_layers=2)
     n0, _ = _prunable(model)
-    method = LLMSurgeon(target=0.45, shots=3, mode="unstructured", chunk_size=1024, compute_dtype="float32",
+    method = LLMSurgeon(target_of="linears", target=0.45, shots=3, mode="unstructured", chunk_size=1024, compute_dtype="float32",
                         verbose=False)
     for stage in range(3):
         plan = method.plan(model, _batches(), stage)
@@ -312,7 +312,7 @@ def test_multi_shot_unstructured_reaches_every_target_exactly():
 
 def test_two_four_pattern_is_exact():
     model = tiny_model("llama", num_hidden_layers=2)
-    method = LLMSurgeon(target=0.5, shots=2, mode="2:4", chunk_size=512, verbose=False)
+    method = LLMSurgeon(target_of="linears", target=0.5, shots=2, mode="2:4", chunk_size=512, verbose=False)
     _run(model, method, _batches())
     for name, lin in decoder_linears(model).items():
         zeros = (lin.weight.reshape(lin.out_features, -1, 4) == 0).sum(-1)
@@ -324,7 +324,7 @@ def test_structured_multi_shot_count_matches_the_compacted_model(criterion):
     """The removed-or-zero count each shot reports is what the compacted model really lost, never above target."""
     model = tiny_model("llama", num_hidden_layers=2)
     n0, _ = _prunable(model)
-    method = LLMSurgeon(target=0.3, shots=2, criterion=criterion, verbose=False)
+    method = LLMSurgeon(target_of="linears", target=0.3, shots=2, criterion=criterion, verbose=False)
     for stage, plan in enumerate(_run(model, method, _batches())):
         pass
     n, z = _prunable(model)
@@ -336,7 +336,7 @@ def test_structured_multi_shot_count_matches_the_compacted_model(criterion):
 def test_structured_paper_count_without_compaction_is_within_one_structure():
     model = tiny_model("llama", num_hidden_layers=2)
     n0, _ = _prunable(model)
-    method = LLMSurgeon(target=0.3, shots=2, compact=False, verbose=False)
+    method = LLMSurgeon(target_of="linears", target=0.3, shots=2, compact=False, verbose=False)
     _run(model, method, _batches())
     n, z = _prunable(model)
     assert n == n0  # nothing compacted
@@ -399,7 +399,7 @@ def test_structured_surgeon_compacts_into_a_smaller_model_that_reloads(tmp_path,
     model = tiny_model(model_type, num_hidden_layers=2)
     n_before = model.num_parameters()
     ids = _ids(2, 10, seed=9)
-    method = LLMSurgeon(target=0.35, shots=2, verbose=False)
+    method = LLMSurgeon(target_of="linears", target=0.35, shots=2, verbose=False)
     for stage in range(2):
         plan = method.plan(model, _batches(), stage)
         updated = copy.deepcopy(model)
@@ -421,7 +421,7 @@ def test_structured_surgeon_compacts_into_a_smaller_model_that_reloads(tmp_path,
 
 def test_apply_updates_checks_names_and_shapes():
     model = tiny_model("llama", num_hidden_layers=2)
-    step = LLMSurgeon(target=0.2, shots=1, criterion="magnitude", verbose=False).prune_step(model, [], 0)
+    step = LLMSurgeon(target_of="linears", target=0.2, shots=1, criterion="magnitude", verbose=False).prune_step(model, [], 0)
     name = next(iter(step.updates))
     with pytest.raises(ValueError, match=name.replace(".", r"\.")):
         apply_updates(model, {name: torch.zeros(3, 3)})
@@ -448,7 +448,7 @@ def _zero_masks(model) -> dict[str, torch.Tensor]:
 def test_zeros_that_training_fills_are_restored_before_the_next_shot_and_at_the_end(mode, target):
     model = tiny_model("llama", num_hidden_layers=2)
     n0, _ = _prunable(model)
-    method = LLMSurgeon(target=target, shots=2, mode=mode, chunk_size=512, criterion="kobd", verbose=False)
+    method = LLMSurgeon(target_of="linears", target=target, shots=2, mode=mode, chunk_size=512, criterion="kobd", verbose=False)
     plan = method.plan(model, _batches(), 0)
     hf_prune.apply(model, plan)
     after_shot = _zero_masks(model)
@@ -517,3 +517,24 @@ def test_weight_update_switch_separates_costs_from_update(mode):
         assert any(not torch.allclose(sa[n], sb[n]) for n in sa)  # but the update moved the kept weights
     with pytest.raises(ValueError, match="weight_update=True needs the K-FAC curvature"):
         LLMSurgeon(criterion="magnitude", weight_update=True)
+
+
+def test_target_is_a_fraction_of_all_parameters_by_default_in_structured_mode():
+    """One meaning of `target` across methods: in structured mode LLM Surgeon removes that fraction of every
+    parameter of the model (as pip, llm_pruner and magnitude do); target_of='linears' keeps the paper's count."""
+    model = tiny_model("llama", num_hidden_layers=2)
+    total = sum(p.numel() for p in model.parameters())
+    n0, _ = _prunable(model)
+    method = LLMSurgeon(target=0.2, shots=1, verbose=False)
+    assert method.target_counts_all and not LLMSurgeon(mode="unstructured", target=0.5).target_counts_all
+    _run(model, method, _batches())
+    n, z = _prunable(model)
+    removed = n0 - n + z
+    assert removed <= round(0.2 * total) and removed > round(0.2 * n0)  # more than 20% of the linears alone
+    assert removed >= 0.15 * total
+    with pytest.raises(ValueError, match="target_of='all' does not fit mode '2:4'"):
+        LLMSurgeon(mode="2:4", target=0.5, target_of="all")
+    with pytest.raises(ValueError, match="target_of='rows'"):
+        LLMSurgeon(target_of="rows")
+    with pytest.raises(ValueError, match="more than the decoder's"):
+        _run(tiny_model("llama", num_hidden_layers=2), LLMSurgeon(target=0.99, shots=1, verbose=False), _batches())

@@ -77,6 +77,7 @@ __all__ = [
 
 CRITERIA = ("surgeon", "kobd", "magnitude")
 MODES = ("structured", "2:4", "unstructured")
+TARGET_OF = ("auto", "all", "linears")
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 
@@ -532,8 +533,13 @@ class LLMSurgeon(PruningMethod):
 
     runs_on_every_rank = True  # the plan carries the correlated weight update: every process computes it itself
 
-    target: float = field(default=0.2, metadata={"help": "Fraction of the decoder's linear-layer parameters "
-                                                           "(weights and biases) removed after the last shot."})
+    target: float = field(default=0.2, metadata={"help": "Fraction removed after the last shot, of what target_of "
+                                                           "names."})
+    target_of: str = field(default="auto", metadata={
+        "help": "What target is a fraction of: all (every parameter of the model, tied embeddings once: the meaning "
+                "`target` has in pip, llm_pruner and magnitude), linears (the decoder's linear weights and biases: "
+                "the paper's), or auto (all in structured mode; linears for 2:4 and unstructured, whose target is a "
+                "per-weight sparsity as in SparseGPT and Wanda)."})
     shots: int = field(default=5, metadata={"help": "Number of shots T; the target after shot t is t * target / T, "
                                                      "with the curvature recomputed every shot (paper: 40)."})
     mode: str = field(default="structured", metadata={"help": f"What is removed: one of {MODES}."})
@@ -568,8 +574,13 @@ class LLMSurgeon(PruningMethod):
             raise ValueError(f"mode={self.mode!r}; valid: {MODES}")
         if self.criterion not in CRITERIA:
             raise ValueError(f"criterion={self.criterion!r}; valid: {CRITERIA}")
+        if self.target_of not in TARGET_OF:
+            raise ValueError(f"target_of={self.target_of!r}; valid: {TARGET_OF}")
+        if self.mode == "2:4" and self.target_of == "all":
+            raise ValueError("target_of='all' does not fit mode '2:4': its target is the fraction of each linear's "
+                             "weights (at most 0.5); use target_of='linears' or 'auto'")
         hi = 0.5 if self.mode == "2:4" else 1.0
-        if not 0.0 < self.target <= hi:
+        if isinstance(self.target, bool) or not isinstance(self.target, (int, float)) or not 0.0 < self.target <= hi:
             raise ValueError(f"target={self.target} for mode {self.mode!r}; valid: 0 < target <= {hi}")
         if self.shots < 1:
             raise ValueError(f"shots={self.shots}; need at least 1")
@@ -590,6 +601,11 @@ class LLMSurgeon(PruningMethod):
     @property
     def needs_calibration(self) -> bool:
         return self.criterion != "magnitude"
+
+    @property
+    def target_counts_all(self) -> bool:
+        """Whether `target` is a fraction of every parameter of the model (else of the decoder's linears)."""
+        return self.target_of == "all" or (self.target_of == "auto" and self.mode == "structured")
 
     @property
     def updates_weights(self) -> bool:
@@ -651,12 +667,15 @@ class LLMSurgeon(PruningMethod):
         """The reference parameter count and the zero patterns of the shots so far (for a resumed run)."""
         patterns = {f"{i}:{short}": {"rows": p.rows, "cols": p.cols, "bias_zero": p.bias_zero, "elems": p.elems}
                     for (i, short), p in (self.zero_patterns or {}).items()}
-        return {"reference_numel": self.reference_numel, "zero_patterns": patterns}
+        return {"reference_numel": self.reference_numel, "reference_total": getattr(self, "reference_total", None),
+                "zero_patterns": patterns}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state.get("reference_numel") is not None:
             self.reference_numel = int(state["reference_numel"])
             self._auto_reference = False
+        if state.get("reference_total") is not None:
+            self.reference_total = int(state["reference_total"])
         patterns = {}
         for key, p in (state.get("zero_patterns") or {}).items():
             layer, short = key.split(":")
@@ -706,13 +725,26 @@ class LLMSurgeon(PruningMethod):
             self._auto_reference = True
         elif stage == 0 and getattr(self, "_auto_reference", False):
             self.reference_numel = current
+        if stage == 0:
+            self.reference_total = sum(p.numel() for p in model.parameters())
         if self.reference_numel is None:
             raise ValueError(
                 f"stage={stage} > 0 but reference_numel is unknown; run stage 0 first on the dense model or set "
                 "reference_numel to the dense model's prunable parameter count"
             )
         fraction = (stage + 1) * self.target / self.shots
-        goal = round(fraction * self.reference_numel)
+        if self.target_counts_all:
+            if getattr(self, "reference_total", None) is None:
+                raise ValueError(f"stage={stage} > 0 but the dense model's parameter count is unknown (target_of="
+                                 f"{self.target_of!r}); run stage 0 first or load the method state of a stage checkpoint")
+            goal = round(fraction * self.reference_total)
+            if goal > self.reference_numel:
+                raise ValueError(
+                    f"target={self.target} of all {self.reference_total:,} parameters asks for {goal:,}, more than the "
+                    f"decoder's {self.reference_numel:,} linear parameters LLM Surgeon can remove; lower target "
+                    f"(at most {self.reference_numel / self.reference_total:.3f})")
+        else:
+            goal = round(fraction * self.reference_numel)
         already = self.reference_numel - current  # removed physically by earlier shots
         want = max(0, goal - already)
         self._log(f"shot {stage + 1}/{self.shots}: {self.mode} {self.criterion}, target {fraction:.4f} of "
@@ -853,6 +885,8 @@ class LLMSurgeon(PruningMethod):
             "selected": removed,
             "removed_before": already,
             "removed_fraction": (effective + already) / self.reference_numel,
+            "removed_fraction_of_model": (effective + already) / getattr(self, "reference_total", None)
+            if getattr(self, "reference_total", None) else None,
             "zeros": zeros,
             "compacted": compacted,
             "zeros_left": left,
