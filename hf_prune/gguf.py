@@ -340,8 +340,10 @@ def _storage_type(shape: tuple[int, ...], dtype: str) -> gguf.GGMLQuantizationTy
     return qtype
 
 
-def _encode(t: torch.Tensor, qtype: gguf.GGMLQuantizationType) -> np.ndarray:
+def _encode(name: str, t: torch.Tensor, qtype: gguf.GGMLQuantizationType) -> np.ndarray:
     data = t.detach().to(torch.float32).cpu().contiguous().numpy()
+    if not np.isfinite(data).all():
+        raise ValueError(f"tensor {name} has non-finite values; refusing to write it")
     return gguf.quants.quantize(data, qtype)
 
 
@@ -363,20 +365,17 @@ def _write_tensors(w: gguf.GGUFWriter, tensors: list[tuple[str, TensorSource]], 
     Returns how many tensors went into each storage type."""
     plans = []
     for name, source in tensors:
-        t = source()
-        shape = tuple(t.shape)
-        if not torch.isfinite(t).all():
-            raise ValueError(f"tensor {name} has non-finite values; refusing to write it")
+        shape = tuple(source().shape)
         qtype = _storage_type(shape, dtype)
         info_shape, np_dtype, nbytes = _byte_shape(shape, qtype)
         w.add_tensor_info(name, info_shape, np_dtype, nbytes, raw_dtype=qtype)
-        plans.append((source, qtype, nbytes))
+        plans.append((name, source, qtype, nbytes))
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_ti_data_to_file()
     counts: dict[str, int] = {}
-    for source, qtype, nbytes in plans:
-        data = _encode(source(), qtype)
+    for name, source, qtype, nbytes in plans:
+        data = _encode(name, source(), qtype)
         if data.nbytes != nbytes:
             raise RuntimeError(f"encoded {qtype.name} tensor has {data.nbytes} bytes, expected {nbytes}")
         w.write_tensor_data(data)

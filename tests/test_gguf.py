@@ -169,6 +169,11 @@ def test_refuses_what_llama_cpp_cannot_run(tmp_path):
         to_gguf(_model(), tmp_path / "x.gguf", dtype="q4_0", tokenizer=tiny_tokenizer())
     with pytest.raises(ValueError, match="pass the tokenizer"):
         to_gguf(_model(), tmp_path / "x.gguf")
+    broken = _model()
+    with torch.no_grad():
+        broken.model.layers[1].mlp.up_proj.weight[0, 0] = float("nan")
+    with pytest.raises(ValueError, match="blk.1.ffn_up.weight has non-finite values"):
+        to_gguf(broken, tmp_path / "nan.gguf", tokenizer=tiny_tokenizer())
     assert not list(tmp_path.glob("*.gguf")) and not list(tmp_path.glob(".*.tmp"))
 
 

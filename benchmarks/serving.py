@@ -1,0 +1,415 @@
+"""Serving the formats hf-prune writes: transformers vs llama.cpp (GGUF), speed against the ideal, logit agreement.
+
+Models (offline SmolLM2-135M-Instruct, fp32): the dense model; an LLM-Pruner result (`llm_pruner`, target 0.1:
+per-layer heads and MLP channels, saved as `pruned_llama`, written as GGUF `deci`); a ShortGPT result (`shortgpt`,
+n_remove=6: layers removed, standard `llama` config and GGUF). Each is saved as a folder and loaded back from it, then
+written with `hf_prune.gguf.to_gguf` in f32 (agreement and speed) and f16 (speed).
+
+Speed: prefill and decode tokens/s at batch 1 and 8 in transformers (fp32, KV cache, greedy), at batch 1 in llama.cpp
+(llama-cpp-python; its high-level API serves one sequence), each next to the dense model in the same run. The ideal
+time of a pruned model is dense time x parameter ratio (parameters counted once when tied), so
+`ratio = ideal time / measured time` (1.0 = the speed-up the parameter count promises). Best of `--repeats`.
+
+Agreement (f32 GGUF vs transformers on the same token ids, windows of the default corpus' evaluation split): max
+|logit difference|, top-1 agreement, perplexity in each engine and its relative difference, and whether 32 greedy
+tokens are equal.
+
+    nice -n 10 python benchmarks/serving.py               # ~5-10 min on 2 shared cores
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import shlex
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--prompt-len", type=int, default=128, help="prefill tokens per sequence")
+    p.add_argument("--decode-tokens", type=int, default=32, help="decoded tokens per sequence")
+    p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8], help="transformers batch sizes")
+    p.add_argument("--repeats", type=int, default=3, help="timing repeats, models in turn (best is reported)")
+    p.add_argument("--eval-windows", type=int, default=4, help="agreement windows of --eval-len tokens")
+    p.add_argument("--eval-len", type=int, default=256)
+    p.add_argument("--calib-samples", type=int, default=8)
+    p.add_argument("--calib-len", type=int, default=128)
+    p.add_argument("--threads", type=int, default=2, help="threads for torch and llama.cpp")
+    p.add_argument("--work-dir", default=None,
+                   help="keep the pruned folders and GGUF files here and reuse pruned folders already in it "
+                        "(default: a temporary folder, removed)")
+    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "serving.json"))
+    return p.parse_args(argv)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Models
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def num_parameters(model: torch.nn.Module) -> int:
+    """Parameters, a tied embedding / head counted once (model.parameters() deduplicates shared tensors)."""
+    return sum(p.numel() for p in model.parameters())
+
+
+def prune_variants(folder: Path, args) -> dict[str, Path]:
+    """Save dense, LLM-Pruner and ShortGPT results as folders; return {name: folder}."""
+    from hf_prune import apply, assets, data, methods
+
+    out = {}
+    model, tok = assets.load_smollm2()
+    blocks = data.token_blocks(tok, assets.default_corpus("calibration"), args.calib_samples, args.calib_len)
+    batches = data.batches(blocks, 4)
+    for name, method in (("dense", None), ("llm_pruner_0.1", methods.get("llm_pruner", target=0.1)),
+                         ("shortgpt_6", methods.get("shortgpt", n_remove=6))):
+        if (folder / name / "config.json").is_file():
+            print(f"reusing {folder / name}", flush=True)
+            out[name] = folder / name
+            continue
+        m, _ = assets.load_smollm2()
+        if method is not None:
+            apply(m, method.plan(m, batches))
+        path = folder / name
+        m.save_pretrained(path)
+        tok.save_pretrained(path)
+        out[name] = path
+        del m
+    del model
+    return out
+
+
+def load_hf(folder: Path):
+    from transformers import AutoModelForCausalLM
+
+    import hf_prune  # noqa: F401  (registers the pruned classes)
+
+    return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Timing
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def best_of(fn: Callable[[], tuple[float, float]], repeats: int) -> tuple[float, float]:
+    """(best prefill seconds, best decode seconds) over `repeats` calls of fn."""
+    runs = [fn() for _ in range(repeats)]
+    return min(r[0] for r in runs), min(r[1] for r in runs)
+
+
+def hf_timing(model, ids: torch.Tensor, n_decode: int) -> tuple[float, float]:
+    """Seconds for the prefill of `ids` (batch x prompt) and for `n_decode` greedy steps with the KV cache."""
+    with torch.inference_mode():
+        t0 = time.perf_counter()
+        res = model(ids, use_cache=True, logits_to_keep=1)
+        t1 = time.perf_counter()
+        past, nxt = res.past_key_values, res.logits[:, -1].argmax(-1, keepdim=True)
+        for _ in range(n_decode):
+            res = model(nxt, past_key_values=past, use_cache=True)
+            past, nxt = res.past_key_values, res.logits[:, -1].argmax(-1, keepdim=True)
+        t2 = time.perf_counter()
+    return t1 - t0, t2 - t1
+
+
+def cpp_timing(llm, ids: list[int], n_decode: int) -> tuple[float, float]:
+    llm.reset()
+    t0 = time.perf_counter()
+    llm.eval(ids)
+    t1 = time.perf_counter()
+    for _ in range(n_decode):
+        nxt = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+        llm.eval([nxt])
+    t2 = time.perf_counter()
+    return t1 - t0, t2 - t1
+
+
+def open_llama(path: Path, n_ctx: int, logits_all: bool, threads: int, f32_kv_cache: bool = False):
+    """llama.cpp on `path`; `f32_kv_cache` replaces its default f16 KV cache (which alone moves logits by ~0.03)."""
+    import llama_cpp
+
+    kv = {"type_k": 0, "type_v": 0} if f32_kv_cache else {}  # 0 = GGML_TYPE_F32
+    return llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, n_batch=512, logits_all=logits_all, n_threads=threads,
+                           n_threads_batch=threads, verbose=False, **kv)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Agreement
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def log_softmax(x: np.ndarray) -> np.ndarray:
+    x = x - x.max(-1, keepdims=True)
+    return x - np.log(np.exp(x).sum(-1, keepdims=True))
+
+
+def agreement(model, llm, windows: list[list[int]], tokenizer) -> dict[str, Any]:
+    """Max |logit diff|, top-1 agreement and perplexity (next-token NLL over the windows) in both engines."""
+    max_diff, agree, total, nll_hf, nll_cpp, n_nll = 0.0, 0, 0, 0.0, 0.0, 0
+    for ids in windows:
+        with torch.no_grad():
+            ref = model(torch.tensor([ids])).logits[0].float().numpy()
+        llm.reset()
+        llm.eval(ids)
+        got = np.array(llm.scores[: len(ids)], dtype=np.float32)
+        max_diff = max(max_diff, float(np.abs(got - ref).max()))
+        agree += int((got.argmax(-1) == ref.argmax(-1)).sum())
+        total += len(ids)
+        target = np.array(ids[1:])
+        nll_hf -= float(log_softmax(ref[:-1])[np.arange(len(target)), target].sum())
+        nll_cpp -= float(log_softmax(got[:-1])[np.arange(len(target)), target].sum())
+        n_nll += len(target)
+    ppl_hf, ppl_cpp = math.exp(nll_hf / n_nll), math.exp(nll_cpp / n_nll)
+    prompt = windows[0][:16]
+    hf_gen = greedy_hf(model, prompt, 32)
+    cpp_gen = greedy_cpp(llm, prompt, 32)
+    return {"max_abs_logit_diff": max_diff, "top1_agreement": agree / total, "positions": total,
+            "ppl_transformers": ppl_hf, "ppl_llama_cpp": ppl_cpp, "ppl_rel_diff": abs(ppl_cpp - ppl_hf) / ppl_hf,
+            "greedy32_equal": hf_gen == cpp_gen, "greedy32_text": tokenizer.decode(cpp_gen)}
+
+
+def greedy_hf(model, ids: list[int], n: int) -> list[int]:
+    out, past, inp = [], None, torch.tensor([ids])
+    with torch.no_grad():
+        for _ in range(n):
+            res = model(inp, past_key_values=past, use_cache=True)
+            past = res.past_key_values
+            out.append(int(res.logits[0, -1].argmax()))
+            inp = torch.tensor([[out[-1]]])
+    return out
+
+
+def greedy_cpp(llm, ids: list[int], n: int) -> list[int]:
+    out = []
+    for tok in llm.generate(ids, top_k=1, top_p=1.0, min_p=0.0, temp=0.0, repeat_penalty=1.0, reset=True):
+        out.append(int(tok))
+        if len(out) == n:
+            break
+    return out
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Report
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def machine() -> dict[str, Any]:
+    cpu = ""
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    load = os.getloadavg() if hasattr(os, "getloadavg") else None
+    return {"platform": platform.platform(), "cpu": cpu, "cpus": os.cpu_count(), "load_avg_at_start": load,
+            "python": platform.python_version()}
+
+
+def versions() -> dict[str, str]:
+    import gguf
+    import llama_cpp
+    import transformers
+
+    try:
+        commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
+                                text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        commit = "unknown"
+    return {"torch": torch.__version__, "transformers": transformers.__version__, "gguf": gguf.__version__
+            if hasattr(gguf, "__version__") else _dist_version("gguf"), "llama_cpp_python": llama_cpp.__version__,
+            "hf_prune_commit": commit}
+
+
+def _dist_version(name: str) -> str:
+    from importlib.metadata import version
+
+    return version(name)
+
+
+def markdown(result: dict[str, Any]) -> str:
+    lines = [
+        "# Serving: transformers vs llama.cpp (GGUF written by hf-prune)",
+        "",
+        f"Command: `{result['command']}`  ",
+        f"Machine: {result['machine']['cpu']} ({result['machine']['cpus']} CPUs, load average at start "
+        f"{result['machine']['load_avg_at_start']}); {result['threads']} threads per engine.  ",
+        "Versions: " + ", ".join(f"{k} {v}" for k, v in result["versions"].items()) + ".  ",
+        f"Date: {result['date']}; wall time {result['wall_seconds']:.0f} s.",
+        "",
+        "**The CPU is shared with other jobs (2 cores, several engineers) and this ran under `nice`: absolute "
+        "tokens/s are noisy; each figure is the best of "
+        f"{result['repeats']} repeats and every ratio compares with the dense model measured in the same run.**",
+        "",
+        "## Logit agreement (f32 GGUF in llama.cpp vs transformers fp32, same token ids)",
+        "",
+        f"{result['eval_windows']} windows x {result['eval_len']} tokens of the default corpus' evaluation split; "
+        "llama.cpp with an f32 KV cache (its default f16 cache: second table).",
+        "",
+        "| model | GGUF arch | max abs logit diff | top-1 agreement | ppl transformers | ppl llama.cpp | ppl rel. diff "
+        "| greedy 32 equal |",
+        "|---|---|---:|---:|---:|---:|---:|---|",
+    ]
+    for name, r in result["models"].items():
+        a = r["agreement"]
+        lines.append(f"| {name} | {r['gguf_arch']} | {a['max_abs_logit_diff']:.4f} | {a['top1_agreement']:.4f} | "
+                     f"{a['ppl_transformers']:.3f} | {a['ppl_llama_cpp']:.3f} | {100 * a['ppl_rel_diff']:.3f}% | "
+                     f"{a['greedy32_equal']} |")
+    lines += ["", "With llama.cpp's default f16 KV cache (what a user gets without `type_k`/`type_v`):", "",
+              "| model | max abs logit diff | top-1 agreement | ppl rel. diff | greedy 32 equal |",
+              "|---|---:|---:|---:|---|"]
+    for name, r in result["models"].items():
+        a = r["agreement_f16_kv_cache"]
+        lines.append(f"| {name} | {a['max_abs_logit_diff']:.4f} | {a['top1_agreement']:.4f} | "
+                     f"{100 * a['ppl_rel_diff']:.3f}% | {a['greedy32_equal']} |")
+    lines += [
+        "",
+        "## Speed (tokens/s) and ratio to the ideal (dense time x parameter ratio; 1.0 = ideal)",
+        "",
+        f"Prefill: {result['prompt_len']} tokens per sequence; decode: {result['decode_tokens']} greedy tokens with "
+        "the KV cache.",
+        "",
+        "| model | params | param ratio | engine | batch | prefill tok/s | prefill ratio | decode tok/s | "
+        "decode ratio |",
+        "|---|---:|---:|---|---:|---:|---:|---:|---:|",
+    ]
+    for name, r in result["models"].items():
+        for s in r["speed"]:
+            lines.append(f"| {name} | {r['parameters']:,} | {r['param_ratio']:.3f} | {s['engine']} | {s['batch']} | "
+                         f"{s['prefill_tok_s']:.0f} | {s['prefill_ratio']:.2f} | {s['decode_tok_s']:.1f} | "
+                         f"{s['decode_ratio']:.2f} |")
+    lines += ["", "## Notes", ""] + [f"- {n}" for n in result["notes"]] + [""]
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Main
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def interleaved_best(timers: dict[str, Callable[[], tuple[float, float]]], repeats: int) -> dict[str, tuple]:
+    """Best (prefill s, decode s) of each timer, the timers run in turn `repeats` times (dense, pruned, ..., dense,
+    pruned, ...) so that load from other jobs on the machine falls on all models alike."""
+    runs: dict[str, list[tuple[float, float]]] = {name: [] for name in timers}
+    for _ in range(repeats):
+        for name, timer in timers.items():
+            runs[name].append(timer())
+    return {name: (min(r[0] for r in rs), min(r[1] for r in rs)) for name, rs in runs.items()}
+
+
+def speed_rows(hf_models: dict[str, Any], gguf_files: dict[str, dict[str, Path]], args,
+               prompt: list[int]) -> dict[str, list[dict[str, Any]]]:
+    """{model name: rows of (engine, batch, prefill s, decode s, tokens/s)}, every model timed in the same loop."""
+    rows: dict[str, list[dict[str, Any]]] = {name: [] for name in hf_models}
+    for b in args.batch_sizes:
+        ids = torch.tensor([prompt] * b)
+        for m in hf_models.values():
+            hf_timing(m, ids[:, :16], 2)  # warm-up
+        best = interleaved_best({n: (lambda m=m: hf_timing(m, ids, args.decode_tokens))
+                                 for n, m in hf_models.items()}, args.repeats)
+        for n, (pre, dec) in best.items():
+            rows[n].append({"engine": "transformers fp32", "batch": b, "prefill_s": pre, "decode_s": dec})
+    for dtype in ("f32", "f16"):
+        llms = {n: open_llama(f[dtype], args.prompt_len + args.decode_tokens + 8, False, args.threads)
+                for n, f in gguf_files.items()}
+        for llm in llms.values():
+            cpp_timing(llm, prompt[:16], 2)  # warm-up
+        best = interleaved_best({n: (lambda llm=llm: cpp_timing(llm, prompt, args.decode_tokens))
+                                 for n, llm in llms.items()}, args.repeats)
+        for n, (pre, dec) in best.items():
+            rows[n].append({"engine": f"llama.cpp {dtype}", "batch": 1, "prefill_s": pre, "decode_s": dec})
+        for llm in llms.values():
+            llm.close()
+    for rs in rows.values():
+        for r in rs:
+            r["prefill_tok_s"] = r["batch"] * args.prompt_len / r["prefill_s"]
+            r["decode_tok_s"] = r["batch"] * args.decode_tokens / r["decode_s"]
+    return rows
+
+
+def add_ratios(models: dict[str, dict[str, Any]]) -> None:
+    dense = {(s["engine"], s["batch"]): s for s in models["dense"]["speed"]}
+    for r in models.values():
+        for s in r["speed"]:
+            d = dense[(s["engine"], s["batch"])]
+            s["prefill_ratio"] = d["prefill_s"] * r["param_ratio"] / s["prefill_s"]
+            s["decode_ratio"] = d["decode_s"] * r["param_ratio"] / s["decode_s"]
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    from hf_prune import assets
+    from hf_prune.gguf import choose_architecture, to_gguf
+
+    start = time.time()
+    result: dict[str, Any] = {
+        "command": "python " + shlex.join([os.path.relpath(__file__, ROOT), *sys.argv[1:]]),
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "machine": machine(),
+        "versions": versions(), "threads": args.threads, "repeats": args.repeats, "prompt_len": args.prompt_len,
+        "decode_tokens": args.decode_tokens, "eval_windows": args.eval_windows, "eval_len": args.eval_len,
+        "models": {},
+    }
+    _, tok = assets.load_smollm2()
+    stream = tok("\n\n".join(assets.default_corpus("evaluation")), return_tensors="pt").input_ids[0].tolist()
+    windows = [stream[i * args.eval_len:(i + 1) * args.eval_len] for i in range(args.eval_windows)]
+    prompt = stream[-args.prompt_len:]
+    with tempfile.TemporaryDirectory(prefix="hf_prune_serving-") as tmp:
+        if args.work_dir:
+            tmp = args.work_dir
+            Path(tmp).mkdir(parents=True, exist_ok=True)
+        folders = prune_variants(Path(tmp), args)
+        dense_params = None
+        hf_models, gguf_files = {}, {}
+        for name, folder in folders.items():
+            model = load_hf(folder)
+            params = num_parameters(model)
+            dense_params = dense_params or params
+            files = {d: to_gguf(folder, Path(tmp) / f"{name}.{d}.gguf", dtype=d, overwrite=True)
+                     for d in ("f32", "f16")}
+            entry = {"gguf_arch": choose_architecture(model).name, "parameters": params,
+                     "param_ratio": params / dense_params, "config_model_type": model.config.model_type,
+                     "gguf_mib": {d: p.stat().st_size / 2**20 for d, p in files.items()}}
+            for key, f32_kv in (("agreement", True), ("agreement_f16_kv_cache", False)):
+                llm = open_llama(files["f32"], args.eval_len + 64, True, args.threads, f32_kv_cache=f32_kv)
+                entry[key] = agreement(model, llm, windows, tok)
+                llm.close()
+            result["models"][name] = entry
+            hf_models[name], gguf_files[name] = model, files
+            print(name, json.dumps(entry), flush=True)
+        for name, rows in speed_rows(hf_models, gguf_files, args, prompt).items():
+            result["models"][name]["speed"] = rows
+    add_ratios(result["models"])
+    result["wall_seconds"] = time.time() - start
+    result["notes"] = [
+        "Ratios compare each model with the dense one in the same engine, dtype and batch; the models are timed in "
+        "turn (dense, pruned, pruned, dense, ...) and the best of the repeats is kept, so the shared CPU affects all "
+        "alike; absolute tokens/s vary with the other jobs on the machine.",
+        "llama.cpp pads its KV cache to the widest layer for `deci` files (per-layer kv heads); with 2 query / 1 kv "
+        "heads removed in few layers the padding is small.",
+        "Parameter counts include the tied embedding / head once; the embedding lookup costs nothing but the head "
+        "matmul costs as much as its parameters, so the ideal is a compute-proportional one.",
+    ]
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2, allow_nan=False))
+    out.with_suffix(".md").write_text(markdown(result))
+    print(markdown(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
