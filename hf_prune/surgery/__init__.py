@@ -22,6 +22,7 @@ from ..arch import unwrap_model
 from ..plan import PlanError, PrunePlan
 from .common import refuse_compacted
 from .compact import compact_zeros
+from .peft import refuse_unsupported_peft_plan
 from .slicing import (
     NotRotationInvariantError,
     apply_slicing,
@@ -65,7 +66,7 @@ def attach_weight_update(plan: PrunePlan, update: WeightUpdate) -> None:
     """Make `apply(model, plan)` call `update(model)` before the surgery (once). A method whose algorithm
     compensates weights (LLM Surgeon) calls this from `plan()`, so no caller can skip the update."""
     key = id(plan)
-    _UPDATES[key] = (weakref.ref(plan, lambda _ref, k=key: _UPDATES.pop(k, None)), update)
+    _UPDATES[key] = (weakref.ref(plan, lambda _ref, k=key, updates=_UPDATES: updates.pop(k, None)), update)
 
 
 def weight_update_of(plan: PrunePlan) -> WeightUpdate | None:
@@ -86,9 +87,12 @@ def _take_weight_update(plan: PrunePlan) -> WeightUpdate | None:
 def apply(model: nn.Module, plan: PrunePlan) -> nn.Module:
     """Apply `plan` to `model` in place: the plan's weight update (if its method attached one), then slicing
     (`plan.residual_widths`) or structured surgery. Validates first: an invalid plan raises and leaves every weight
-    untouched. Returns the (unwrapped) model."""
+    untouched. A PEFT model (PeftModel, or LoRA layers injected) keeps its LoRA adapters, pruned with the base
+    weights, so the result equals "merge, then prune"; what cannot be pruned exactly (slicing plans, a weight update,
+    DoRA, other adapters on pruned projections) is refused before anything changes. Returns the (unwrapped) model."""
     if not isinstance(plan, PrunePlan):
         raise TypeError(f"apply(model, plan) needs a hf_prune.PrunePlan, got {type(plan).__name__}")
+    refuse_unsupported_peft_plan(model, plan, has_weight_update=weight_update_of(plan) is not None)
     model = unwrap_model(model)
     refuse_compacted(model, "surgery")
     if plan.residual_widths:

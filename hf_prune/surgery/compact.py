@@ -8,6 +8,7 @@ from torch import nn
 from ..arch import get_adapter, unwrap_model
 from ..modeling import SLICED_MODELS
 from ..modeling.modeling_hf_prune import CompactLinear
+from .peft import refuse_peft
 from .structured import set_layer_widths_config
 
 __all__ = ["compact_zeros"]
@@ -24,6 +25,7 @@ def compact_zeros(model: nn.Module, min_fraction: float = 0.05) -> dict[str, int
     saving with 40% of the projections). Returns {"linears": projections compacted, "parameters_removed": ...}."""
     if not 0.0 <= min_fraction <= 1.0:
         raise ValueError(f"min_fraction={min_fraction}; valid: 0 <= min_fraction <= 1")
+    refuse_peft(model, "compact_zeros")
     model = unwrap_model(model)
     if isinstance(model, tuple(SLICED_MODELS.values())):
         raise ValueError(f"compact_zeros works on head/channel-pruned models, not on a sliced {type(model).__name__} "

@@ -16,7 +16,15 @@ from torch import nn
 from ..arch import ArchAdapter, base_model_type, get_adapter, unwrap_model
 from ..modeling import PRUNED_CONFIGS, PRUNED_MODELS
 from ..plan import PrunePlan
-from .common import head_rows, refuse_compacted, select_cols, select_rows, swap_config
+from .common import head_rows, refuse_compacted, swap_config
+from .peft import (
+    adapter_numel_per_col,
+    adapter_numel_per_row,
+    refuse_unsupported_peft_projections,
+    remap_adapter_layers,
+    select_cols_with_adapters,
+    select_rows_with_adapters,
+)
 
 __all__ = ["apply_structured", "drop_layers", "is_uniform", "layer_widths", "predicted_num_parameters",
            "set_layer_widths_config"]
@@ -29,10 +37,10 @@ def prune_attention(ad: ArchAdapter, layer: int, q_keep: list[int], kv_keep: lis
     hd = a.head_dim
     q_rows, kv_rows = head_rows(q_keep, hd), head_rows(kv_keep, hd)
     m = a.module
-    m.q_proj = select_rows(a.q_proj, q_rows)
-    m.k_proj = select_rows(a.k_proj, kv_rows)
-    m.v_proj = select_rows(a.v_proj, kv_rows)
-    m.o_proj = select_cols(a.o_proj, q_rows)
+    m.q_proj = select_rows_with_adapters(a.q_proj, q_rows)
+    m.k_proj = select_rows_with_adapters(a.k_proj, kv_rows)
+    m.v_proj = select_rows_with_adapters(a.v_proj, kv_rows)
+    m.o_proj = select_cols_with_adapters(a.o_proj, q_rows)
     # q_norm / k_norm (Qwen3, Gemma3) normalise over head_dim with weights shared by all heads: nothing to cut.
     m.num_key_value_groups = len(q_keep) // len(kv_keep)
 
@@ -44,9 +52,9 @@ def prune_mlp(ad: ArchAdapter, layer: int, keep: list[int]) -> None:
     idx = torch.tensor(sorted(keep), dtype=torch.long)
     m = p.module
     if p.gate_proj is not None:
-        m.gate_proj = select_rows(p.gate_proj, idx)
-    m.up_proj = select_rows(p.up_proj, idx)
-    m.down_proj = select_cols(p.down_proj, idx)
+        m.gate_proj = select_rows_with_adapters(p.gate_proj, idx)
+    m.up_proj = select_rows_with_adapters(p.up_proj, idx)
+    m.down_proj = select_cols_with_adapters(p.down_proj, idx)
     if hasattr(m, "intermediate_size"):
         m.intermediate_size = len(keep)
 
@@ -67,6 +75,7 @@ def drop_layers(ad: ArchAdapter, drop: set[int]) -> list[int]:
         cfg.layer_types = [cfg.layer_types[i] for i in kept]
     if hasattr(cfg, "max_window_layers") and isinstance(cfg.max_window_layers, int):
         cfg.max_window_layers = sum(1 for i in kept if i < cfg.max_window_layers)
+    remap_adapter_layers(ad.model, kept)  # a LoRA config's layers_to_transform follows the renumbering
     return kept
 
 
@@ -138,10 +147,12 @@ def set_layer_widths_config(model: nn.Module, compact_linears: list[dict[str, li
 
 def apply_structured(model: nn.Module, plan: PrunePlan) -> nn.Module:
     """Remove what `plan` names from `model`, in place. Validates first: an invalid plan raises PlanError and
-    leaves every weight untouched. Returns the (unwrapped) model."""
+    leaves every weight untouched. LoRA adapters on the projections are pruned with them (hf_prune.surgery.peft).
+    Returns the (unwrapped) model."""
     model = unwrap_model(model)
     refuse_compacted(model, "surgery")
     plan.validate(model)
+    refuse_unsupported_peft_projections(model, plan)
     ad = get_adapter(model)
     for layer in range(ad.num_layers):
         if layer in plan.drop_layers:
@@ -171,15 +182,16 @@ def predicted_num_parameters(model: nn.Module, plan: PrunePlan) -> int:
         q, kv = plan.resolved_heads(ad, i)
         hd = a.head_dim
         dq, dkv = (a.num_heads - len(q)) * hd, (a.num_kv_heads - len(kv)) * hd
-        removed += dq * (a.q_proj.in_features + (a.q_proj.bias is not None))
-        removed += dkv * (a.k_proj.in_features + (a.k_proj.bias is not None))
-        removed += dkv * (a.v_proj.in_features + (a.v_proj.bias is not None))
-        removed += dq * a.o_proj.out_features
+        removed += dq * (a.q_proj.in_features + (a.q_proj.bias is not None) + adapter_numel_per_row(a.q_proj))
+        removed += dkv * (a.k_proj.in_features + (a.k_proj.bias is not None) + adapter_numel_per_row(a.k_proj))
+        removed += dkv * (a.v_proj.in_features + (a.v_proj.bias is not None) + adapter_numel_per_row(a.v_proj))
+        removed += dq * (a.o_proj.out_features + adapter_numel_per_col(a.o_proj))
         if i in plan.mlp_channels:
             dc = m.intermediate_size - len(plan.mlp_channels[i])
-            per = m.up_proj.in_features + (m.up_proj.bias is not None) + m.down_proj.out_features
+            per = m.up_proj.in_features + (m.up_proj.bias is not None) + adapter_numel_per_row(m.up_proj)
+            per += m.down_proj.out_features + adapter_numel_per_col(m.down_proj)
             if m.gate_proj is not None:
-                per += m.gate_proj.in_features + (m.gate_proj.bias is not None)
+                per += m.gate_proj.in_features + (m.gate_proj.bias is not None) + adapter_numel_per_row(m.gate_proj)
             removed += dc * per
     return total - removed
 
