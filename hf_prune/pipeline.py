@@ -29,6 +29,7 @@ from .arch import unwrap_model
 from .methods import Batch, PruningMethod
 from .plan import PrunePlan
 from .surgery import apply
+from .surgery.peft import refuse_peft
 
 __all__ = ["PruneResult", "StageResult", "compose", "finalize", "prune", "run_stage"]
 
@@ -83,6 +84,8 @@ def run_stage(
     """Prune `model` in place by stage `stage` of `method`: plan, then apply (the plan's weight update, then its
     surgery). `planner(model, batches, stage)` replaces `method.plan` where the plan is computed elsewhere (the
     callback broadcasts the main process's plan to the other ranks); it must return the method's plan."""
+    if method.runs_on_every_rank:  # its plan changes weights (rotation, compensating update): no adapter survives
+        refuse_peft(model, f"{method.name} (its plan changes the weights)")
     model = unwrap_model(model)
     if not 0 <= stage < method.stages:
         raise ValueError(f"stage={stage}; {method.name} runs stages 0..{method.stages - 1}")

@@ -245,3 +245,21 @@ def test_ia3_on_projections_the_plan_keeps_is_fine():
 
 def test_plain_models_do_not_count_as_peft():
     assert not is_peft_model(tiny_model("llama"))
+
+
+def test_the_runner_refuses_weight_changing_methods_on_a_peft_model_before_scoring():
+    """SliceGPT rotates and LLM Surgeon updates weights inside the stage: the runner refuses a PEFT model before any
+    scoring, and nothing changes."""
+    from peft import LoraConfig, get_peft_model
+
+    import hf_prune
+    from hf_prune.methods import get
+    from hf_prune.surgery.peft import PeftSurgeryError
+
+    for name in ("slicegpt", "llm_surgeon"):
+        model = get_peft_model(tiny_model("llama"), LoraConfig(r=2, target_modules="all-linear"))
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        with pytest.raises(PeftSurgeryError, match="merge_and_unload"):
+            hf_prune.prune(model, get(name), [{"input_ids": torch.randint(0, 100, (2, 8))}])
+        after = model.state_dict()
+        assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)

@@ -376,8 +376,7 @@ def test_compact_zeros_after_head_and_channel_surgery_of_an_llm_surgeon_run():
     batches = [{"input_ids": IDS[:, :12]}]
     for stage in range(2):
         plan = method.plan(m, batches, stage)
-        method.update(m)
-        apply(m, plan)
+        apply(m, plan)  # the plan's weight update, then surgery
     linears = [p for n, p in m.named_parameters() if n.endswith("proj.weight")]
     zeros_before = sum(int((w == 0).sum()) for w in linears)
     ref, n0 = _logits(m), sum(p.numel() for p in m.parameters())
@@ -405,12 +404,10 @@ def test_compact_zeros_skips_projections_that_lose_too_little():
 
 def test_compact_zeros_refuses_a_sliced_model():
     from hf_prune.methods import get
-    from hf_prune.surgery import apply_slicing
 
     m = tiny_model("llama", num_hidden_layers=2)
     method = get("slicegpt", slicing=0.25, progress=False)
     plan = method.plan(m, [{"input_ids": IDS}], 0)
-    method.update(m)
-    apply_slicing(m, plan)
+    apply(m, plan)
     with pytest.raises(ValueError, match="not on a sliced SlicedLlamaForCausalLM"):
         hf_prune.compact_zeros(m)

@@ -39,6 +39,7 @@ from ..plan import PrunePlan
 from ..surgery import predicted_num_parameters
 from . import PruningMethod, register
 from .importance import (
+    check_removable,
     HEAD_GROUPINGS,
     Group,
     LayerImportance,
@@ -118,6 +119,10 @@ class GroupPruning(PruningMethod):
                   "(set it when resuming at a later stage with a fresh method object)."},
     )
     progress: bool = field(default=True, metadata={"help": "Show progress bars."})
+    allow_partial: bool = field(default=False, metadata={
+        "help": "Accept a result that prunes less than asked (a kind of structure that cannot be removed, e.g. "
+                "attention with one kv head; a target the limits cannot reach): recorded and warned about instead "
+                "of an error."})
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.target < 1.0:
@@ -198,7 +203,12 @@ class GroupPruning(PruningMethod):
                     f"head_grouping='query' removes query heads inside kv groups, but layers {mha} have one query "
                     "head per kv head (multi-head attention); use head_grouping='kv'"
                 )
+        not_pruned = check_removable(ad, layers, self.head_grouping, self.prune_attention, self.prune_mlp,
+                                     method=self.name, allow_partial=self.allow_partial) if stage == 0 else []
+        for cause in not_pruned:
+            warnings.warn(cause + " (allow_partial=True: pruning the rest)", stacklevel=2)
         provenance: dict[str, Any] = {
+            "not_pruned": not_pruned,
             "method": self.name,
             "criterion": self.criterion,
             "stage": stage,
@@ -227,11 +237,13 @@ class GroupPruning(PruningMethod):
             raise RuntimeError(f"plan removes {now - after} parameters but its groups add up to {removed}")
         largest = max(g.num_params for g in groups)
         if after - target > largest:
-            warnings.warn(
-                f"{self.name} stage {stage}: the plan keeps {after} parameters, {after - target} above the target "
-                f"{target}; max_layer_prune_fraction={self.max_layer_prune_fraction} and the protected layers leave "
-                "too little to remove", stacklevel=2,
-            )
+            msg = (f"{self.name} stage {stage}: the plan keeps {after} parameters, {after - target} above the target "
+                   f"{target}; max_layer_prune_fraction={self.max_layer_prune_fraction} and the protected layers "
+                   "leave too little to remove")
+            if not self.allow_partial:
+                raise ValueError(msg + "; raise max_layer_prune_fraction, protect fewer layers, lower target, or "
+                                 "pass allow_partial=True to accept it")
+            warnings.warn(msg, stacklevel=2)
         provenance.update(
             num_parameters_after=after,
             removed_groups={

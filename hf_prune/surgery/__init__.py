@@ -96,6 +96,7 @@ def apply(model: nn.Module, plan: PrunePlan) -> nn.Module:
     model = unwrap_model(model)
     refuse_compacted(model, "surgery")
     if plan.residual_widths:
+        plan.check_architecture(model)  # a slicing plan made for another width (or applied twice) is refused
         if not is_rotation_invariant(model):
             raise PlanError(
                 "the plan slices the residual stream (residual_widths) but the model is not in rotation-invariant "
