@@ -1,9 +1,11 @@
 """Config classes for structurally pruned models whose layers differ in width.
 
 Self-contained on purpose: this file is copied next to saved weights so that `trust_remote_code=True` loads them in a
-process where hf_prune is not installed. It may import only torch, transformers and huggingface_hub.
+process where hf_prune is not installed. It may import only torch, transformers and huggingface_hub (and its
+sibling files, which are copied with it).
 
-Each class extends its family's standard config. The global fields (num_attention_heads, num_key_value_heads,
+Each class extends its family's standard config; `make_pruned_config` makes one per entry of FAMILIES
+(families_hf_prune.py). The global fields (num_attention_heads, num_key_value_heads,
 intermediate_size) keep the *original* values so that every piece of family code that reads them still works; the
 per-layer widths live in three lists. `layer_compact_linears` (per layer: {projection name: [kept rows, kept
 columns]}) names projections stored without their zero rows and columns (CompactLinear in modeling_hf_prune.py). transformers' own `per_layer_config` is not used for these widths: the family
@@ -13,7 +15,8 @@ layer from the global config anyway.
 """
 
 from huggingface_hub.dataclasses import strict
-from transformers import Gemma3TextConfig, LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
+
+from .families_hf_prune import FAMILIES, family_class, name_class
 
 
 COMPACT_LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -43,79 +46,35 @@ def _check_per_layer(cfg) -> None:
                 raise ValueError(f"layer {i}: {a} query heads is not a multiple of {b} kv heads")
 
 
-@strict
-class PrunedLlamaConfig(LlamaConfig):
-    model_type = "pruned_llama"
-    base_model_type: str = "llama"
-    layer_num_attention_heads: list[int] | None = None
-    layer_num_key_value_heads: list[int] | None = None
-    layer_intermediate_size: list[int] | None = None
-    layer_compact_linears: list[dict[str, list[int]]] | None = None
+def make_pruned_config(family: str, base_config_cls: type, name: str | None = None, module: str = __name__) -> type:
+    """The pruned config class of `family`: `base_config_cls` (the family's standard config) with `model_type`
+    `pruned_<family>`, `base_model_type` = `family` and the per-layer width lists, checked on validation. Named
+    `Pruned` + the base class's name unless `name` says otherwise; `module` is where it is published (its file is
+    the one written next to the weights)."""
+    model_type_name = f"pruned_{family}"
 
-    def validate_architecture(self):
-        super().validate_architecture()
-        _check_per_layer(self)
+    @strict
+    class PrunedConfig(base_config_cls):
+        model_type = model_type_name
+        base_model_type: str = family
+        layer_num_attention_heads: list[int] | None = None
+        layer_num_key_value_heads: list[int] | None = None
+        layer_intermediate_size: list[int] | None = None
+        layer_compact_linears: list[dict[str, list[int]]] | None = None
 
+        def validate_architecture(self):
+            super().validate_architecture()
+            _check_per_layer(self)
 
-@strict
-class PrunedMistralConfig(MistralConfig):
-    model_type = "pruned_mistral"
-    base_model_type: str = "mistral"
-    layer_num_attention_heads: list[int] | None = None
-    layer_num_key_value_heads: list[int] | None = None
-    layer_intermediate_size: list[int] | None = None
-    layer_compact_linears: list[dict[str, list[int]]] | None = None
-
-    def validate_architecture(self):
-        _check_per_layer(self)
-
-
-@strict
-class PrunedQwen2Config(Qwen2Config):
-    model_type = "pruned_qwen2"
-    base_model_type: str = "qwen2"
-    layer_num_attention_heads: list[int] | None = None
-    layer_num_key_value_heads: list[int] | None = None
-    layer_intermediate_size: list[int] | None = None
-    layer_compact_linears: list[dict[str, list[int]]] | None = None
-
-    def validate_architecture(self):
-        _check_per_layer(self)
+    PrunedConfig.__doc__ = (f"{base_config_cls.__name__} with per-layer attention heads, kv heads and MLP widths "
+                            "(see hf_prune's configuration_hf_prune.py).")
+    cls = name_class(PrunedConfig, name or f"Pruned{base_config_cls.__name__}", module)
+    cls.register_for_auto_class()
+    return cls
 
 
-@strict
-class PrunedQwen3Config(Qwen3Config):
-    model_type = "pruned_qwen3"
-    base_model_type: str = "qwen3"
-    layer_num_attention_heads: list[int] | None = None
-    layer_num_key_value_heads: list[int] | None = None
-    layer_intermediate_size: list[int] | None = None
-    layer_compact_linears: list[dict[str, list[int]]] | None = None
-
-    def validate_architecture(self):
-        _check_per_layer(self)
-
-
-@strict
-class PrunedGemma3TextConfig(Gemma3TextConfig):
-    model_type = "pruned_gemma3_text"
-    base_model_type: str = "gemma3_text"
-    layer_num_attention_heads: list[int] | None = None
-    layer_num_key_value_heads: list[int] | None = None
-    layer_intermediate_size: list[int] | None = None
-    layer_compact_linears: list[dict[str, list[int]]] | None = None
-
-    def validate_architecture(self):
-        _check_per_layer(self)
-
-
-PRUNED_CONFIGS = {
-    "llama": PrunedLlamaConfig,
-    "mistral": PrunedMistralConfig,
-    "qwen2": PrunedQwen2Config,
-    "qwen3": PrunedQwen3Config,
-    "gemma3_text": PrunedGemma3TextConfig,
-}
-
-for _cls in PRUNED_CONFIGS.values():
-    _cls.register_for_auto_class()
+# family -> its pruned config class, each also a module attribute under its own name (PrunedLlamaConfig, ...)
+PRUNED_CONFIGS = {}
+for _family, _spec in FAMILIES.items():
+    _cls = PRUNED_CONFIGS[_family] = make_pruned_config(_family, family_class(_spec, "config"))
+    globals()[_cls.__name__] = _cls

@@ -1,7 +1,8 @@
 """Config classes for residual-stream-sliced models (SliceGPT, Dynamic Slicing).
 
 Self-contained on purpose: this file is copied next to saved weights so that `trust_remote_code=True` loads them in a
-process where hf_prune is not installed. It may import only torch, transformers and huggingface_hub.
+process where hf_prune is not installed. It may import only torch, transformers and huggingface_hub (and its
+sibling files, which are copied with it).
 
 A sliced model is its family's model in "rotation-invariant form" (Ashkboos et al., SliceGPT, ICLR 2024): every norm
 is a scale-free RMS norm (its scale folded into the linears that read it), and the residual stream has its own width
@@ -18,10 +19,13 @@ projection into the embedding's basis so that the head stays tied to the (sliced
 
 `hidden_size` keeps the ORIGINAL width D: the scale-free norms average the squared entries over D, as the unsliced
 model did (SliceGPT's RMSN), and family code that reads hidden_size (head_dim defaults, rotary) is unaffected.
+
+`make_sliced_config` makes one class per entry of FAMILIES (families_hf_prune.py).
 """
 
 from huggingface_hub.dataclasses import strict
-from transformers import Gemma3TextConfig, LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
+
+from .families_hf_prune import FAMILIES, family_class, name_class
 
 
 def _check_sliced(cfg) -> None:
@@ -47,79 +51,34 @@ def _check_sliced(cfg) -> None:
         )
 
 
-@strict
-class SlicedLlamaConfig(LlamaConfig):
-    model_type = "sliced_llama"
-    base_model_type: str = "llama"
-    residual_dims: list[int] | None = None
-    attn_shortcuts: list[bool] | None = None
-    mlp_shortcuts: list[bool] | None = None
-    head_projection: bool = False
+def make_sliced_config(family: str, base_config_cls: type, name: str | None = None, module: str = __name__) -> type:
+    """The sliced config class of `family`: `base_config_cls` (the family's standard config) with `model_type`
+    `sliced_<family>`, `base_model_type` = `family` and the residual widths and shortcut flags, checked on validation.
+    Named `Sliced` + the base class's name unless `name` says otherwise; `module` is where it is published."""
+    model_type_name = f"sliced_{family}"
 
-    def validate_architecture(self):
-        super().validate_architecture()
-        _check_sliced(self)
+    @strict
+    class SlicedConfig(base_config_cls):
+        model_type = model_type_name
+        base_model_type: str = family
+        residual_dims: list[int] | None = None
+        attn_shortcuts: list[bool] | None = None
+        mlp_shortcuts: list[bool] | None = None
+        head_projection: bool = False
 
+        def validate_architecture(self):
+            super().validate_architecture()
+            _check_sliced(self)
 
-@strict
-class SlicedMistralConfig(MistralConfig):
-    model_type = "sliced_mistral"
-    base_model_type: str = "mistral"
-    residual_dims: list[int] | None = None
-    attn_shortcuts: list[bool] | None = None
-    mlp_shortcuts: list[bool] | None = None
-    head_projection: bool = False
-
-    def validate_architecture(self):
-        _check_sliced(self)
-
-
-@strict
-class SlicedQwen2Config(Qwen2Config):
-    model_type = "sliced_qwen2"
-    base_model_type: str = "qwen2"
-    residual_dims: list[int] | None = None
-    attn_shortcuts: list[bool] | None = None
-    mlp_shortcuts: list[bool] | None = None
-    head_projection: bool = False
-
-    def validate_architecture(self):
-        _check_sliced(self)
+    SlicedConfig.__doc__ = (f"{base_config_cls.__name__} with a residual stream of its own width at every slot "
+                            "(see hf_prune's configuration_hf_prune_sliced.py).")
+    cls = name_class(SlicedConfig, name or f"Sliced{base_config_cls.__name__}", module)
+    cls.register_for_auto_class()
+    return cls
 
 
-@strict
-class SlicedQwen3Config(Qwen3Config):
-    model_type = "sliced_qwen3"
-    base_model_type: str = "qwen3"
-    residual_dims: list[int] | None = None
-    attn_shortcuts: list[bool] | None = None
-    mlp_shortcuts: list[bool] | None = None
-    head_projection: bool = False
-
-    def validate_architecture(self):
-        _check_sliced(self)
-
-
-@strict
-class SlicedGemma3TextConfig(Gemma3TextConfig):
-    model_type = "sliced_gemma3_text"
-    base_model_type: str = "gemma3_text"
-    residual_dims: list[int] | None = None
-    attn_shortcuts: list[bool] | None = None
-    mlp_shortcuts: list[bool] | None = None
-    head_projection: bool = False
-
-    def validate_architecture(self):
-        _check_sliced(self)
-
-
-SLICED_CONFIGS = {
-    "llama": SlicedLlamaConfig,
-    "mistral": SlicedMistralConfig,
-    "qwen2": SlicedQwen2Config,
-    "qwen3": SlicedQwen3Config,
-    "gemma3_text": SlicedGemma3TextConfig,
-}
-
-for _cls in SLICED_CONFIGS.values():
-    _cls.register_for_auto_class()
+# family -> its sliced config class, each also a module attribute under its own name (SlicedLlamaConfig, ...)
+SLICED_CONFIGS = {}
+for _family, _spec in FAMILIES.items():
+    _cls = SLICED_CONFIGS[_family] = make_sliced_config(_family, family_class(_spec, "config"))
+    globals()[_cls.__name__] = _cls

@@ -10,27 +10,17 @@ with scale-free RMS norms (x / sqrt(sum(x^2) / D + eps), D = the original hidden
 reading and writing the residual widths the config lists. Gemma 3's sandwich norms on the sublayer outputs become
 a scale-free norm followed by a projection (`NormThenProject`), because their (1 + w) scale sits between a
 normalisation and the residual add, where no linear can absorb it. The state-dict keys are the family's own plus
-`attn_shortcut`, `mlp_shortcut`, `norm.proj` (tied head) and `*_layernorm.proj` (Gemma 3).
+`attn_shortcut`, `mlp_shortcut`, `norm.proj` (tied head) and `*_layernorm.proj` (Gemma 3). The classes are generated
+by `make_sliced_backbone` and `make_sliced_model`, one pair per entry of FAMILIES (families_hf_prune.py).
 """
 
 import torch
 from torch import nn
 from torch.nn import functional as F
-from transformers import Gemma3ForCausalLM, LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM
 from transformers.modeling_layers import GradientCheckpointingLayer
-from transformers.models.gemma3.modeling_gemma3 import Gemma3Attention, Gemma3MLP, Gemma3TextModel
-from transformers.models.llama.modeling_llama import LlamaAttention, LlamaMLP, LlamaModel
-from transformers.models.mistral.modeling_mistral import MistralAttention, MistralMLP, MistralModel
-from transformers.models.qwen2.modeling_qwen2 import Qwen2Attention, Qwen2MLP, Qwen2Model
-from transformers.models.qwen3.modeling_qwen3 import Qwen3Attention, Qwen3MLP, Qwen3Model
 
-from .configuration_hf_prune_sliced import (
-    SlicedGemma3TextConfig,
-    SlicedLlamaConfig,
-    SlicedMistralConfig,
-    SlicedQwen2Config,
-    SlicedQwen3Config,
-)
+from .configuration_hf_prune_sliced import SLICED_CONFIGS
+from .families_hf_prune import FAMILIES, family_class, name_class
 
 
 class ScaleFreeNorm(nn.Module):
@@ -234,99 +224,52 @@ class _SlicedMixin:
         self.post_init()
 
 
-# ----- Llama ---------------------------------------------------------------------------------------------------------
-class SlicedLlamaModel(LlamaModel):
-    config_class = SlicedLlamaConfig
-    _can_record_outputs = {"hidden_states": SlicedDecoderLayer, "attentions": LlamaAttention}
+def make_sliced_backbone(base_backbone_cls: type, config_cls: type, attention_cls: type, name: str | None = None,
+                         module: str = __name__) -> type:
+    """The sliced decoder stack of a family: `base_backbone_cls` (the family's `*Model`) recording the hidden states of
+    its SlicedDecoderLayers. Never built on its own: the sliced causal LM builds the family's stack and gives it this
+    class. Named `Sliced` + the base class's name unless `name` says otherwise."""
+
+    class SlicedBackbone(base_backbone_cls):
+        config_class = config_cls
+        _can_record_outputs = {"hidden_states": SlicedDecoderLayer, "attentions": attention_cls}
+
+    return name_class(SlicedBackbone, name or f"Sliced{base_backbone_cls.__name__}", module)
 
 
-class SlicedLlamaForCausalLM(_SlicedMixin, LlamaForCausalLM):
-    config_class = SlicedLlamaConfig
-    backbone_class = SlicedLlamaModel
-    attention_class, mlp_class = LlamaAttention, LlamaMLP
+def make_sliced_model(base_model_cls: type, config_cls: type, backbone_cls: type, attention_cls: type,
+                      mlp_cls: type, sandwich_norms: bool = False, name: str | None = None,
+                      module: str = __name__) -> type:
+    """The sliced causal LM of a family: `base_model_cls` (the family's standard causal LM) whose stack becomes
+    `backbone_cls` (make_sliced_backbone) with SlicedDecoderLayers around `attention_cls` and `mlp_cls`, at the widths
+    `config_cls` lists; `sandwich_norms` for families that norm the sublayer outputs (Gemma). Named `Sliced` + the
+    base class's name unless `name` says otherwise; `module` is where it is published."""
 
-    def __init__(self, config):
-        super().__init__(config)
-        self.model.__class__ = SlicedLlamaModel
-        self._finish_init()
+    class SlicedForCausalLM(_SlicedMixin, base_model_cls):
+        config_class = config_cls
+        backbone_class = backbone_cls
+        attention_class, mlp_class = attention_cls, mlp_cls
 
+        def __init__(self, config):
+            super().__init__(config)
+            self.model.__class__ = backbone_cls
+            self._finish_init()
 
-# ----- Mistral -------------------------------------------------------------------------------------------------------
-class SlicedMistralModel(MistralModel):
-    config_class = SlicedMistralConfig
-    _can_record_outputs = {"hidden_states": SlicedDecoderLayer, "attentions": MistralAttention}
-
-
-class SlicedMistralForCausalLM(_SlicedMixin, MistralForCausalLM):
-    config_class = SlicedMistralConfig
-    backbone_class = SlicedMistralModel
-    attention_class, mlp_class = MistralAttention, MistralMLP
-
-    def __init__(self, config):
-        super().__init__(config)
-        self.model.__class__ = SlicedMistralModel
-        self._finish_init()
+    SlicedForCausalLM.sandwich_norms = bool(sandwich_norms)
+    cls = name_class(SlicedForCausalLM, name or f"Sliced{base_model_cls.__name__}", module)
+    cls.register_for_auto_class("AutoModelForCausalLM")
+    return cls
 
 
-# ----- Qwen2 ---------------------------------------------------------------------------------------------------------
-class SlicedQwen2Model(Qwen2Model):
-    config_class = SlicedQwen2Config
-    _can_record_outputs = {"hidden_states": SlicedDecoderLayer, "attentions": Qwen2Attention}
-
-
-class SlicedQwen2ForCausalLM(_SlicedMixin, Qwen2ForCausalLM):
-    config_class = SlicedQwen2Config
-    backbone_class = SlicedQwen2Model
-    attention_class, mlp_class = Qwen2Attention, Qwen2MLP
-
-    def __init__(self, config):
-        super().__init__(config)
-        self.model.__class__ = SlicedQwen2Model
-        self._finish_init()
-
-
-# ----- Qwen3 ---------------------------------------------------------------------------------------------------------
-class SlicedQwen3Model(Qwen3Model):
-    config_class = SlicedQwen3Config
-    _can_record_outputs = {"hidden_states": SlicedDecoderLayer, "attentions": Qwen3Attention}
-
-
-class SlicedQwen3ForCausalLM(_SlicedMixin, Qwen3ForCausalLM):
-    config_class = SlicedQwen3Config
-    backbone_class = SlicedQwen3Model
-    attention_class, mlp_class = Qwen3Attention, Qwen3MLP
-
-    def __init__(self, config):
-        super().__init__(config)
-        self.model.__class__ = SlicedQwen3Model
-        self._finish_init()
-
-
-# ----- Gemma 3 (text) -------------------------------------------------------------------------------------------------
-class SlicedGemma3TextModel(Gemma3TextModel):
-    config_class = SlicedGemma3TextConfig
-    _can_record_outputs = {"hidden_states": SlicedDecoderLayer, "attentions": Gemma3Attention}
-
-
-class SlicedGemma3ForCausalLM(_SlicedMixin, Gemma3ForCausalLM):
-    config_class = SlicedGemma3TextConfig
-    backbone_class = SlicedGemma3TextModel
-    attention_class, mlp_class = Gemma3Attention, Gemma3MLP
-    sandwich_norms = True
-
-    def __init__(self, config):
-        super().__init__(config)
-        self.model.__class__ = SlicedGemma3TextModel
-        self._finish_init()
-
-
-SLICED_MODELS = {
-    "llama": SlicedLlamaForCausalLM,
-    "mistral": SlicedMistralForCausalLM,
-    "qwen2": SlicedQwen2ForCausalLM,
-    "qwen3": SlicedQwen3ForCausalLM,
-    "gemma3_text": SlicedGemma3ForCausalLM,
-}
-
-for _cls in SLICED_MODELS.values():
-    _cls.register_for_auto_class("AutoModelForCausalLM")
+# family -> its sliced causal LM; each class (and its stack) also a module attribute under its own name
+# (SlicedLlamaForCausalLM, SlicedLlamaModel, ...)
+SLICED_MODELS = {}
+for _family, _spec in FAMILIES.items():
+    _attention = family_class(_spec, "attention")
+    _backbone = make_sliced_backbone(family_class(_spec, "backbone"), SLICED_CONFIGS[_family], _attention)
+    _cls = SLICED_MODELS[_family] = make_sliced_model(
+        family_class(_spec, "causal_lm"), SLICED_CONFIGS[_family], _backbone, _attention,
+        family_class(_spec, "mlp"), _spec.sandwich_norms,
+    )
+    globals()[_backbone.__name__] = _backbone
+    globals()[_cls.__name__] = _cls
