@@ -214,6 +214,9 @@ def build_parser(method_options: bool = False) -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace FILE.gguf if it exists")
     p.add_argument("--expand-compact", action="store_true",
                    help="write CompactLinear projections dense with their zeros put back (exact, no saving)")
+    p.add_argument("--pad-ffn-to", type=_positive_int, default=32, metavar="N",
+                   help="write MLP widths rounded up to a multiple of N with zero channels (exact; default 32 keeps "
+                        "llama.cpp on its fast matmul paths and lets q8_0 quantize every matrix; 1 = no padding)")
     return parser
 
 
@@ -470,7 +473,7 @@ def cmd_methods(args) -> int:
     if not names:
         print("no pruning method is registered")
     for name in names:
-        cls = methods._REGISTRY[name]
+        cls = methods.method_class(name)
         doc = (cls.__doc__ or "").strip().splitlines()
         print(f"{name}: {doc[0] if doc else cls.__name__}")
         for f in dataclasses.fields(cls):
@@ -485,7 +488,8 @@ def cmd_gguf(args) -> int:
     out = Path(args.output)
     if out.exists() and not args.overwrite:
         raise CLIError(f"{args.output!r} exists; pass --overwrite to replace it")
-    path = to_gguf(args.dir, out, dtype=args.dtype, overwrite=args.overwrite, expand_compact=args.expand_compact)
+    path = to_gguf(args.dir, out, dtype=args.dtype, overwrite=args.overwrite, expand_compact=args.expand_compact,
+                   pad_ffn_to=args.pad_ffn_to)
     print(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB)")
     return 0
 

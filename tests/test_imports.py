@@ -224,15 +224,11 @@ def test_reader_resolves_relative_and_function_level_imports():
     assert import_cycles({"a": {"b"}, "b": set()}) == []
 
 
-@pytest.mark.xfail(strict=False, reason="issue 14: the import circles are being removed while this lands; "
-                                        "remove this mark once it passes")
 def test_no_import_circle(house):
     cycles = import_cycles(_edges({n: m for n, m in house.items() if n.startswith("hf_prune")}))
     assert not cycles, "import circles: " + "; ".join(" -> ".join(c) for c in cycles)
 
 
-@pytest.mark.xfail(strict=False, reason="issue 14: private names are still used across modules "
-                                        "(hf_prune/cli.py: methods._REGISTRY); remove this mark once it passes")
 def test_no_private_name_imported_from_another_module(house):
     found = [f"{m.path.relative_to(REPO)} {p}" for m in house.values() for p in m.private]
     assert not found, "private names used outside their module:\n" + "\n".join(found)
