@@ -20,7 +20,9 @@ their zeros put back, which is exact but keeps no saving).
 Conventions follow llama.cpp's converter (convert_hf_to_gguf.py, gguf-py): q and k rows are permuted from the
 Hugging Face rotate-half RoPE layout into GGML's interleaved one for `llama` / `deci` (`qwen2` / `qwen3` use NEOX RoPE
 and keep the Hugging Face order); 1-D tensors (norms, biases) stay f32; `q8_0` falls back to f16 for matrices whose
-rows are not a multiple of 32 values (pruned widths often are not). The tokenizer (byte-level BPE vocabulary,
+rows are not a multiple of 32 values. MLP widths are written rounded up to a multiple of 32 (`pad_ffn_to`) with
+zero channels, which is exact and keeps ggml on its fast matmul paths (pruned widths such as 1237 are not). The
+tokenizer (byte-level BPE vocabulary,
 token types, merges, special token ids, add-bos/eos flags) and the chat template go into the file.
 """
 
@@ -149,8 +151,16 @@ def _widths(model: nn.Module) -> tuple[list[int], list[int], list[int], int]:
     return heads, kv, ffn, ad.attention(0).head_dim
 
 
-def choose_architecture(model: nn.Module, expand_compact: bool = False) -> GGUFArchitecture:
-    """The llama.cpp architecture `model` is written as; raises ValueError naming what llama.cpp lacks."""
+def padded_width(width: int, multiple: int) -> int:
+    """`width` rounded up to a multiple of `multiple` (1 = unchanged)."""
+    if multiple < 1:
+        raise ValueError(f"pad_ffn_to={multiple} is not valid; use 1 (no padding) or a positive multiple such as 32")
+    return -(-width // multiple) * multiple
+
+
+def choose_architecture(model: nn.Module, expand_compact: bool = False, pad_ffn_to: int = 1) -> GGUFArchitecture:
+    """The llama.cpp architecture `model` is written as, with MLP widths padded to a multiple of `pad_ffn_to`;
+    raises ValueError naming what llama.cpp lacks."""
     model = unwrap_model(model)
     config = model.config
     _refuse_sliced(config)
@@ -164,6 +174,7 @@ def choose_architecture(model: nn.Module, expand_compact: bool = False) -> GGUFA
             "convert it with llama.cpp's own convert_hf_to_gguf.py"
         )
     heads, kv, ffn, head_dim = _widths(model)
+    ffn = [padded_width(f, pad_ffn_to) for f in ffn]
     uniform = len(set(zip(heads, kv, ffn))) == 1
     if uniform and family == "qwen2" and heads[0] * head_dim != config.hidden_size:
         name = "deci"  # llama.cpp's qwen2 loader assumes query width == hidden_size; deci takes any width and biases
@@ -275,6 +286,19 @@ def _dense_weight(lin: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
     return full, b
 
 
+def _zero_pad(t: torch.Tensor, dim: int, size: int) -> torch.Tensor:
+    """`t` with zeros appended along `dim` up to `size`. Zero MLP channels are exact: silu(0) * 0 = 0 reaches a zero
+    column of the down projection."""
+    missing = size - t.shape[dim]
+    if missing < 0:
+        raise ValueError(f"cannot pad dimension {dim} of size {t.shape[dim]} to {size}")
+    if missing == 0:
+        return t
+    shape = list(t.shape)
+    shape[dim] = missing
+    return torch.cat([t, t.new_zeros(shape)], dim=dim)
+
+
 def _tensor_name(kind: gguf.MODEL_TENSOR, suffix: str, layer: int | None = None) -> str:
     base = gguf.TENSOR_NAMES[kind]
     return f"{base.format(bid=layer) if layer is not None else base}.{suffix}"
@@ -307,10 +331,13 @@ def _layer_tensors(model: nn.Module, arch: GGUFArchitecture, i: int) -> Iterator
         yield _tensor_name(T.ATTN_Q_NORM, "weight", i), lambda: a.q_norm.weight.detach()
         yield _tensor_name(T.ATTN_K_NORM, "weight", i), lambda: a.k_norm.weight.detach()
     yield _tensor_name(T.FFN_NORM, "weight", i), lambda: ad.mlp_norm(i).weight.detach()
+    width = arch.ffn[i]
     for kind, lin in ((T.FFN_GATE, m.gate_proj), (T.FFN_UP, m.up_proj), (T.FFN_DOWN, m.down_proj)):
-        yield _tensor_name(kind, "weight", i), lambda lin=lin: _dense_weight(lin)[0]
+        dim = 1 if kind == T.FFN_DOWN else 0  # the channel dimension: down's columns, gate's and up's rows
+        yield _tensor_name(kind, "weight", i), lambda lin=lin, dim=dim: _zero_pad(_dense_weight(lin)[0], dim, width)
         if lin.bias is not None:
-            yield _tensor_name(kind, "bias", i), lambda lin=lin: _dense_weight(lin)[1]
+            bias_width = width if dim == 0 else lin.bias.shape[0]
+            yield _tensor_name(kind, "bias", i), lambda lin=lin: _zero_pad(_dense_weight(lin)[1], 0, bias_width)
 
 
 def _model_tensors(model: nn.Module, arch: GGUFArchitecture) -> Iterator[tuple[str, TensorSource]]:
@@ -502,14 +529,18 @@ def _load_tokenizer(source: str | Path):
 
 
 def to_gguf(folder_or_model: str | os.PathLike | nn.Module, path: str | os.PathLike, dtype: str = "f16",
-            tokenizer=None, *, overwrite: bool = False, expand_compact: bool = False) -> Path:
+            tokenizer=None, *, overwrite: bool = False, expand_compact: bool = False, pad_ffn_to: int = 32) -> Path:
     """Write `folder_or_model` (an export folder or a causal LM) as a GGUF file at `path` and return its path.
 
     dtype: storage of the matrices ("f32", "f16", "bf16", "q8_0"; norms and biases are always f32). `tokenizer`
-    defaults to the folder's. The file is written to a temporary sibling and renamed into place; an existing `path`
+    defaults to the folder's. `pad_ffn_to`: MLP widths are written rounded up to this multiple with zero channels
+    (exact: a zero channel adds silu(0) * 0 = 0); ggml's fast matmul paths and q8_0 need rows that are multiples of
+    32, and on SmolLM2's LLM-Pruner result (MLP widths 1228-1536) unpadded widths cost a third of the f16 prefill
+    speed (benchmarks/results/serving.md); 1 writes the widths as they are. The file is written to a temporary sibling and renamed into place; an existing `path`
     is replaced only with `overwrite=True`. See the module docstring for the architecture chosen and what is refused.
     """
     _check_dtype(dtype)
+    padded_width(1, pad_ffn_to)  # validates pad_ffn_to before any weight loads
     path = Path(path)
     if path.exists() and not overwrite:
         raise FileExistsError(f"{str(path)!r} exists; pass overwrite=True (CLI: --overwrite) to replace it")
@@ -518,7 +549,7 @@ def to_gguf(folder_or_model: str | os.PathLike | nn.Module, path: str | os.PathL
     if not path.parent.is_dir():
         raise ValueError(f"folder {str(path.parent)!r} does not exist")
     model, tokenizer, name = _load(folder_or_model, tokenizer)
-    arch = choose_architecture(model, expand_compact)
+    arch = choose_architecture(model, expand_compact, pad_ffn_to)
     vocab_size = int(get_adapter(model).embed_tokens.weight.shape[0])
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)

@@ -58,7 +58,7 @@ def _fields(path: Path) -> dict:
 
 def test_per_layer_result_is_deci_with_per_layer_arrays(tmp_path):
     model = _model("llama", PER_LAYER)
-    path = to_gguf(_export(model, tmp_path / "m"), tmp_path / "m.gguf", dtype="f32")
+    path = to_gguf(_export(model, tmp_path / "m"), tmp_path / "m.gguf", dtype="f32", pad_ffn_to=1)
     fields, reader = _fields(path)
     assert fields["general.architecture"] == "deci"
     assert fields["deci.attention.head_count"] == [2, 4, 4, 4]
@@ -144,13 +144,29 @@ def test_llama3_rope_factors_match_transformers():
 
 def test_q8_0_keeps_norms_f32_and_falls_back_to_f16_for_odd_rows(tmp_path):
     model = _model("llama", PER_LAYER)
-    path = to_gguf(model, tmp_path / "m.gguf", dtype="q8_0", tokenizer=tiny_tokenizer())
+    path = to_gguf(model, tmp_path / "m.gguf", dtype="q8_0", tokenizer=tiny_tokenizer(), pad_ffn_to=1)
     types = {t.name: t.tensor_type for t in gguf.GGUFReader(path).tensors}
     Q = gguf.GGMLQuantizationType
     assert types["blk.0.attn_norm.weight"] == Q.F32
     assert types["blk.1.ffn_up.weight"] == Q.Q8_0  # rows of 64 values
     assert types["blk.2.ffn_down.weight"] == Q.F16  # rows of 37 values
     assert types["blk.0.ffn_down.weight"] == Q.F16  # rows of 100 values
+
+
+def test_mlp_widths_are_padded_with_zero_channels(tmp_path):
+    model = _model("llama", PER_LAYER)
+    path = to_gguf(model, tmp_path / "m.gguf", dtype="q8_0", tokenizer=tiny_tokenizer())  # pad_ffn_to=32
+    fields, reader = _fields(path)
+    assert fields["deci.feed_forward_length"] == [128, 128, 64, 128]
+    tensors = {t.name: t for t in reader.tensors}
+    Q = gguf.GGMLQuantizationType
+    assert all(t.tensor_type == Q.Q8_0 for t in reader.tensors if len(t.shape) == 2)  # every row fits q8_0 now
+    down = gguf.quants.dequantize(tensors["blk.2.ffn_down.weight"].data, Q.Q8_0)  # (hidden, 64) in HF orientation
+    up = gguf.quants.dequantize(tensors["blk.2.ffn_up.weight"].data, Q.Q8_0)  # (64, hidden)
+    assert down.shape == (64, 64) and up.shape == (64, 64)
+    assert not down[:, 37:].any() and not up[37:].any() and down[:, :37].any()
+    with pytest.raises(ValueError, match="pad_ffn_to=0 is not valid"):
+        to_gguf(model, tmp_path / "z.gguf", tokenizer=tiny_tokenizer(), pad_ffn_to=0)
 
 
 def test_refuses_what_llama_cpp_cannot_run(tmp_path):
@@ -268,6 +284,7 @@ CASES = {
     "qwen2_layers_removed": ("qwen2", DROPPED, {}),
     "qwen2_uniform_heads_removed": ("qwen2", UNIFORM, {}),
     "qwen3_layers_removed": ("qwen3", DROPPED, {}),
+    "heads_and_channels_unpadded": ("llama", PER_LAYER, {"pad_ffn_to": 1}),
     "untied_llama3_rope": ("llama", PER_LAYER, {"tie_word_embeddings": False, "rope_parameters": {
         "rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0,
         "high_freq_factor": 4.0, "original_max_position_embeddings": 64}}),
@@ -278,8 +295,10 @@ CASES = {
 @pytest.mark.parametrize("case", list(CASES))
 def test_llama_cpp_agrees_with_transformers(case, tmp_path):
     family, plan, overrides = CASES[case]
+    overrides = dict(overrides)
+    pad = overrides.pop("pad_ffn_to", 32)
     model = _model(family, plan, **overrides)
-    path = to_gguf(_export(model, tmp_path / "m"), tmp_path / "m.gguf", dtype="f32")
+    path = to_gguf(_export(model, tmp_path / "m"), tmp_path / "m.gguf", dtype="f32", pad_ffn_to=pad)
     llm = _llama_cpp(path)
     ref, got = _hf_logits(model, IDS), _cpp_logits(llm, IDS)
     assert got.shape == ref.shape
