@@ -438,8 +438,9 @@ class PruneCallback(TrainerCallback):
         model = self.trainer.model
         if _is_peft(model):  # the adapter still has to be merged: export() or the user calls finalize afterwards
             if self.stages_done and type(self.method).finalize is not PruningMethod.finalize and _is_main():
-                logger.info("after merging the LoRA adapter, call `callback.method.finalize(model)` (%s restores "
-                            "what training must not change, e.g. pruned zeros); export() does it", self.method.name)
+                logger.info("after merging the LoRA adapter, call `hf_prune.pipeline.finalize(model, "
+                            "callback.method)` (%s restores what training must not change, e.g. pruned zeros); "
+                            "export() does it", self.method.name)
         else:
             finalize(model, self.method)
         if self._in_loop:
