@@ -2,12 +2,8 @@
 
 from __future__ import annotations
 
-import contextlib
-import json
 import math
-import os
-import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -16,36 +12,11 @@ import torch.nn.functional as F
 
 from .checks import NonFiniteError, check_int_option, check_optional_int_option
 from .data import adds_bos, load_mc_task, mc_context, tokenize_stream
+from .runtime import eval_mode, model_device, progress
 
 __all__ = ["perplexity", "multiple_choice", "load_mc_task", "mc_requests", "lm_eval"]
 
 PADDING_SIDES = ("right", "left")
-
-
-def _progress(iterable, total: int, desc: str):
-    from tqdm.auto import tqdm
-
-    disable = bool(os.environ.get("HF_PRUNE_NO_PROGRESS")) or not sys.stderr.isatty()
-    return tqdm(iterable, total=total, desc=desc, disable=disable, leave=False)
-
-
-def _device(model: torch.nn.Module) -> torch.device:
-    device = getattr(model, "device", None)
-    if isinstance(device, torch.device):
-        return device
-    return next(model.parameters()).device
-
-
-@contextlib.contextmanager
-def _eval_mode(model: torch.nn.Module) -> Iterator[None]:
-    """Put ``model`` in eval mode under ``torch.no_grad`` and restore its training flag afterwards."""
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            yield
-    finally:
-        model.train(was_training)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -94,11 +65,11 @@ def perplexity(
     if windows[-1].numel() != window:
         groups.append([windows[-1]])
 
-    device = _device(model)
+    device = model_device(model)
     total_nll = 0.0
     total_tokens = 0
-    with _eval_mode(model):
-        for group in _progress(groups, len(groups), "perplexity"):
+    with eval_mode(model):
+        for group in progress(groups, desc="perplexity"):
             ids = torch.stack(group).to(device)
             logits = model(input_ids=ids).logits[:, :-1].float()
             nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="sum")
@@ -153,7 +124,7 @@ def _score(
     max_length: int | None,
 ) -> list[float]:
     """Sum of continuation-token log-probs for each (context, continuation) request, batched longest first."""
-    device = _device(model)
+    device = model_device(model)
     seqs = []
     for ctx, cont in requests:
         seq = ctx + cont
@@ -165,7 +136,7 @@ def _score(
     order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i][0]))
     scores = [0.0] * len(seqs)
     batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
-    for batch in _progress(batches, len(batches), "multiple choice"):
+    for batch in progress(batches, desc="multiple choice"):
         width = max(len(seqs[i][0]) for i in batch)
         ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
         mask = torch.zeros((len(batch), width), dtype=torch.long)
@@ -229,7 +200,7 @@ def multiple_choice(
     if pad_id is None:
         pad_id = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
     max_length = getattr(getattr(model, "config", None), "max_position_embeddings", None)
-    with _eval_mode(model):
+    with eval_mode(model):
         scores = _score(model, requests, batch_size, pad_id, padding_side, max_length)
 
     correct = correct_norm = 0

@@ -16,13 +16,13 @@ inverted with damping relative to their mean diagonal: (M + lambda * mean(diag M
 
 `KFACCollector` is the model-agnostic part (hooks on any set of nn.Linear and any loss); `collect_lm_kfac` runs it
 on a causal LM with the next-token loss. Factors are accumulated on the model's device when they fit there and on
-the CPU otherwise; the memory they need is printed before the pass and a clear error is raised when they cannot fit.
+the CPU otherwise; the memory they need is logged before the pass and a clear error is raised when they cannot fit.
 """
 
 from __future__ import annotations
 
+import logging
 import math
-import os
 import re
 from dataclasses import dataclass
 from typing import Callable, Iterable, Mapping
@@ -33,13 +33,13 @@ from torch import nn
 
 from .arch import get_adapter, unwrap_model
 from .checks import require_finite
+from .runtime import available_memory, model_device, progress as progress_bar
 
 __all__ = [
     "FISHER_KINDS",
     "KFACCollector",
     "KFACFactor",
     "KFACMemoryError",
-    "available_memory",
     "choose_factor_device",
     "collect_lm_kfac",
     "damped",
@@ -48,6 +48,8 @@ __all__ = [
     "factor_bytes",
     "next_token_loss",
 ]
+
+logger = logging.getLogger(__name__)
 
 FISHER_KINDS = ("empirical", "sampled")
 
@@ -128,33 +130,18 @@ def factor_bytes(linears: Mapping[str, nn.Linear], dtype: torch.dtype = torch.fl
     return total
 
 
-def available_memory(device: torch.device) -> int:
-    """Free bytes on `device`: CUDA free memory, or the host's available RAM (MemAvailable)."""
-    if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        return int(free)
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
-
-
 def _gib(n: int) -> str:
     return f"{n / 2**30:.2f} GiB"
 
 
-def choose_factor_device(needed: int, model_device: torch.device, setting: str = "auto",
+def choose_factor_device(needed: int, device: torch.device, setting: str = "auto",
                          headroom: float = 0.5) -> torch.device:
-    """Where to keep the factors: `setting` "auto" keeps them on the model's device when they take at most
+    """Where to keep the factors: `setting` "auto" keeps them on `device` (the model's) when they take at most
     `headroom` of its free memory, else on the CPU; "cpu" or a device string forces a place. Raises
     KFACMemoryError when the chosen place (or, for "auto", the CPU fallback) cannot hold them."""
     if setting == "auto":
-        if model_device.type != "cpu" and needed <= headroom * available_memory(model_device):
-            return model_device
+        if device.type != "cpu" and needed <= headroom * available_memory(device):
+            return device
         place = torch.device("cpu")
     else:
         place = torch.device(setting)
@@ -275,21 +262,21 @@ def next_token_loss(logits: torch.Tensor, input_ids: torch.Tensor, attention_mas
 
 def collect_lm_kfac(model: nn.Module, batches: Iterable[Mapping[str, torch.Tensor]], fisher: str = "empirical",
                     factor_device: str = "auto", seed: int = 0, linears: Mapping[str, nn.Linear] | None = None,
-                    progress: bool = True, log: Callable[[str], None] = print) -> dict[str, KFACFactor]:
+                    progress: bool = True, log: Callable[[str], None] | None = None) -> dict[str, KFACFactor]:
     """K-FAC factors of every decoder nn.Linear of a causal LM from the next-token loss on `batches`.
 
     Each batch is a dict with `input_ids` and optionally `attention_mask` and `labels`. The model runs in eval mode
     with every parameter's requires_grad switched off for the pass (no parameter gradients are computed or left
-    behind), both restored afterwards; only activation gradients flow, started at the embedding output.
+    behind), both restored afterwards; only activation gradients flow, started at the embedding output. The memory
+    the factors need is reported through `log` (default: this module's logger at INFO).
     """
-    from tqdm.auto import tqdm
-
+    log = log if log is not None else logger.info
     model = unwrap_model(model)
     if fisher not in FISHER_KINDS:
         raise ValueError(f"fisher={fisher!r}; valid: {FISHER_KINDS}")
     linears = dict(linears) if linears is not None else decoder_linears(model)
     ad = get_adapter(model)
-    dev = next(model.parameters()).device
+    dev = model_device(model)
     needed = factor_bytes(linears)
     place = choose_factor_device(needed, dev, factor_device)
     log(f"K-FAC: {len(linears)} linear layers, factors need {_gib(needed)} (fp32), kept on {place}; "
@@ -311,7 +298,7 @@ def collect_lm_kfac(model: nn.Module, batches: Iterable[Mapping[str, torch.Tenso
         for p in model.parameters():
             p.requires_grad_(False)
         with KFACCollector(linears, device=place) as kc, torch.enable_grad():
-            for batch in tqdm(batches, desc=f"K-FAC ({fisher} Fisher)", disable=not progress):
+            for batch in progress_bar(batches, desc=f"K-FAC ({fisher} Fisher)", enabled=progress):
                 ids = batch["input_ids"].to(dev)
                 mask = batch.get("attention_mask")
                 mask = mask.to(dev) if mask is not None else None

@@ -29,8 +29,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
-import sys
 from dataclasses import dataclass
 from typing import Iterable, Iterator, Mapping, Sequence
 
@@ -41,6 +39,7 @@ from torch import nn
 from ..arch import ArchAdapter, get_adapter, unwrap_model
 from ..checks import check_optional_int_option, require_finite
 from ..perturb import EmbeddingNoise
+from ..runtime import available_memory, progress as progress_bar
 
 __all__ = [
     "CRITERIA",
@@ -49,7 +48,6 @@ __all__ = [
     "InsufficientMemoryError",
     "LayerImportance",
     "MemoryEstimate",
-    "available_memory",
     "build_groups",
     "check_memory",
     "check_removable",
@@ -348,24 +346,6 @@ def estimate_gradient_memory(
     return MemoryEstimate(weights, gradients, activations, logits, t, device)
 
 
-def available_memory(device: torch.device | str) -> int:
-    """Free bytes on ``device``: CUDA's free memory, or the host's available memory for the CPU."""
-    device = torch.device(device)
-    if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        return int(free)
-    try:
-        import psutil
-
-        return int(psutil.virtual_memory().available)
-    except ImportError:  # pragma: no cover - psutil comes with accelerate
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    raise RuntimeError("cannot determine available memory; pass an explicit memory budget")
-
-
 def check_memory(estimate: MemoryEstimate, budget_gb: float | None = None, what: str = "gradient pass") -> None:
     """Raise InsufficientMemoryError before any work when ``estimate`` does not fit.
 
@@ -389,13 +369,6 @@ def check_memory(estimate: MemoryEstimate, budget_gb: float | None = None, what:
 # ---------------------------------------------------------------------------------------------------------------------
 # Gradient passes
 # ---------------------------------------------------------------------------------------------------------------------
-
-
-def _progress(iterable, total: int, desc: str, enabled: bool):
-    from tqdm.auto import tqdm
-
-    disable = (not enabled) or bool(os.environ.get("HF_PRUNE_NO_PROGRESS")) or not sys.stderr.isatty()
-    return tqdm(iterable, total=total, desc=desc, disable=disable, leave=False)
 
 
 @contextlib.contextmanager
@@ -501,7 +474,7 @@ def gradient_pass(
 
     noise_calls = 0
     with _gradients_only_for(model, params), _checkpointing(model, gradient_checkpointing), torch.enable_grad():
-        for batch in _progress(batches, len(batches), "gradients", progress):
+        for batch in progress_bar(batches, desc="gradients", enabled=progress):
             rows = batch["input_ids"].shape[0]
             step = micro_batch_size or rows
             for s in range(0, rows, step):

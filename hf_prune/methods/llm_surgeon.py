@@ -44,6 +44,7 @@ and columns): same outputs, fewer parameters.
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass, field
 from functools import partial
@@ -55,6 +56,7 @@ from torch import nn
 from ..arch import get_adapter, unwrap_model
 from ..kfac import collect_lm_kfac, damped, decoder_linears, factor_bytes
 from ..plan import PrunePlan
+from ..runtime import progress
 from ..surgery import attach_weight_update
 from . import Batch, PruningMethod, register
 
@@ -74,6 +76,8 @@ __all__ = [
     "structured_costs",
     "structured_update",
 ]
+
+logger = logging.getLogger(__name__)
 
 CRITERIA = ("surgeon", "kobd", "magnitude")
 MODES = ("structured", "2:4", "unstructured")
@@ -567,7 +571,11 @@ class LLMSurgeon(PruningMethod):
     reference_numel: int | None = field(default=None, metadata={
         "help": "Prunable parameters of the dense model the target refers to; None: counted at stage 0. Set it "
                 "when resuming a multi-shot run at a later stage."})
-    verbose: bool = field(default=True, metadata={"help": "Print progress and memory estimates."})
+    verbose: bool = field(
+        default=True,
+        metadata={"help": "Show progress bars and log each shot's progress and memory estimates at INFO (logger "
+                          "hf_prune.methods.llm_surgeon; the CLI shows them with -v)."},
+    )
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -618,8 +626,9 @@ class LLMSurgeon(PruningMethod):
         return g, self.damping_a
 
     def _log(self, msg: str) -> None:
+        """Log `msg` at INFO when `verbose` (the CLI's -v shows INFO messages)."""
         if self.verbose:
-            print(f"[llm_surgeon] {msg}", flush=True)
+            logger.info("%s", msg)
 
     # ----- PruningMethod interface --------------------------------------------------------------
     def plan(self, model: nn.Module, batches: Iterable[Batch], stage: int = 0) -> PrunePlan:
@@ -778,7 +787,7 @@ class LLMSurgeon(PruningMethod):
         if keep_inverses:
             self._log(f"element updates keep the damped inverses in place of the factors: "
                       f"{factor_bytes(linears, dtype) / 2**30:.2f} GiB ({self.compute_dtype})")
-        for name in self._progress(names, "costs"):
+        for name in progress(names, desc="costs", enabled=self.verbose):
             W = augmented_weight(linears[name], dtype).to(dev)
             G = A = Ginv = Ainv = None
             if factors is not None:
@@ -834,7 +843,7 @@ class LLMSurgeon(PruningMethod):
 
         # ----- updates
         weights: dict[str, torch.Tensor] = {}
-        for k, name in enumerate(self._progress(names, "updates")):
+        for k, name in enumerate(progress(names, desc="updates", enabled=self.verbose)):
             lin = linears[name]
             W = augmented_weight(lin, dtype).to(dev)
             if self.mode == "structured":
@@ -914,8 +923,3 @@ class LLMSurgeon(PruningMethod):
         rows, cols = pool.masks(k)
         comp = compaction(model, layer_names, dict(zip(names, rows)), dict(zip(names, cols)))
         return comp.removed_or_zero
-
-    def _progress(self, items, desc: str):
-        from tqdm.auto import tqdm
-
-        return tqdm(items, desc=desc, disable=not self.verbose, leave=False)

@@ -1,0 +1,127 @@
+"""Where and how hf-prune runs a model: its device, the memory free on a device, eval mode, progress bars.
+
+One helper per question, used by every method, the calibration runner and the evaluation:
+
+- `model_device(model)`: the device of the model's input embeddings, i.e. where token ids must go and where
+  layer-by-layer passes keep their activations by default.
+- `available_memory(device)`: bytes that can still be allocated on `device`.
+- `eval_mode(model)`: eval mode and no autograd for a block, the training flag restored afterwards.
+- `progress(iterable, total, desc, enabled)`: a progress bar on huggingface_hub's tqdm.
+
+Progress bars are hidden when `enabled` is False (the methods' `progress` / `verbose` options), when
+`HF_HUB_DISABLE_PROGRESS_BARS=1` (or `huggingface_hub.utils.disable_progress_bars()`), when `HF_PRUNE_NO_PROGRESS` is
+set to anything but "", "0", "false", "no" or "off", and when stderr is not a terminal. Messages go through `logging`
+(logger names under "hf_prune"); the CLI's `-v` shows the INFO ones.
+
+This module imports torch only inside the helpers that need it, so importing it stays cheap.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from typing import TYPE_CHECKING, Any, Iterable, Iterator
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+__all__ = ["available_memory", "eval_mode", "model_device", "progress", "progress_disabled"]
+
+_FALSE = ("", "0", "false", "no", "off")
+
+
+def progress_disabled() -> bool:
+    """Whether `HF_PRUNE_NO_PROGRESS` asks to hide every hf-prune progress bar."""
+    return os.environ.get("HF_PRUNE_NO_PROGRESS", "").strip().lower() not in _FALSE
+
+
+def progress(
+    iterable: Iterable | None = None,
+    total: int | None = None,
+    desc: str | None = None,
+    enabled: bool = True,
+    unit: str = "it",
+    leave: bool = False,
+) -> Any:
+    """A tqdm bar over `iterable` (or, without one, a bar to `update(n)` by hand and `close()`).
+
+    Built on `huggingface_hub.utils.tqdm`, so `HF_HUB_DISABLE_PROGRESS_BARS` hides it like the Hub's own bars; also
+    hidden when `enabled` is False, under `HF_PRUNE_NO_PROGRESS`, and when stderr is not a terminal (tqdm's
+    `disable=None`). A hidden bar still iterates and accepts `update`/`close`.
+    """
+    from huggingface_hub.utils import tqdm
+
+    if total is None and iterable is not None and hasattr(iterable, "__len__"):
+        total = len(iterable)
+    disable = True if (not enabled or progress_disabled()) else None
+    return tqdm(iterable, total=total, desc=desc, unit=unit, leave=leave, disable=disable, dynamic_ncols=True)
+
+
+def model_device(model: "nn.Module") -> "torch.device":
+    """The device of the model's input embeddings: where token ids must go, and where layer-by-layer passes keep
+    their activations unless told otherwise. Wrappers (DDP, peft) are looked through; a model without input
+    embeddings answers with its first parameter's device, one without parameters with the CPU."""
+    import torch
+
+    inner = model
+    while hasattr(inner, "module") and isinstance(getattr(inner, "module"), torch.nn.Module):  # DDP, FSDP, DataParallel
+        inner = inner.module
+    get = getattr(inner, "get_input_embeddings", None)
+    if callable(get):
+        try:
+            emb = get()
+        except (NotImplementedError, AttributeError):
+            emb = None
+        weight = getattr(emb, "weight", None)
+        if isinstance(weight, torch.Tensor):
+            return weight.device
+    p = next(iter(inner.parameters()), None)
+    return p.device if p is not None else torch.device("cpu")
+
+
+def available_memory(device: "torch.device | str") -> int:
+    """Bytes that can still be allocated on `device`, other processes' use included.
+
+    CUDA (and XPU): the driver's free memory (`torch.cuda.mem_get_info`), not counting what PyTorch's caching
+    allocator holds but does not use. Any other device (CPU; MPS shares the host's memory): the host's available
+    memory (`MemAvailable`: free plus reclaimable caches, as psutil reports it), or the free pages where neither
+    psutil nor /proc/meminfo is there.
+    """
+    import torch
+
+    device = torch.device(device)
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free)
+    if device.type == "xpu" and hasattr(torch, "xpu") and hasattr(torch.xpu, "mem_get_info"):
+        free, _ = torch.xpu.mem_get_info(device)
+        return int(free)
+    try:
+        import psutil
+
+        return int(psutil.virtual_memory().available)
+    except ImportError:  # pragma: no cover - psutil comes with accelerate
+        pass
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+
+
+@contextlib.contextmanager
+def eval_mode(model: "nn.Module") -> Iterator["nn.Module"]:
+    """Eval mode and no autograd for the duration; the previous training flag is restored afterwards."""
+    import torch
+
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            yield model
+    finally:
+        model.train(was_training)
