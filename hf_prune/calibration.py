@@ -1,41 +1,58 @@
-"""Layer-wise calibration: capture the inputs of layer 0, then run one decoder layer at a time on the device.
+"""Layer-by-layer calibration passes: the one runner shared by every method that looks inside the decoder.
 
-The pattern of SliceGPT / SparseGPT / llm-compressor's sequential pipeline: only the layer being processed is moved
-to the compute device; the other layers stay where they are (CPU); the calibration activations of every batch are
-kept (on the device by default), so a model larger than the accelerator can still be calibrated. Methods step
-through the layers, computing statistics on a layer's inputs and outputs and optionally changing the layer before
+The pattern of SliceGPT / SparseGPT / llm-compressor's sequential pipeline: the residual stream entering layer 0 is
+captured for every calibration batch, then each decoder layer is applied to all batches before the next layer runs
+(layer-major). Only the layer being run is moved to the compute device; the other layers stay where they are (CPU);
+the activations of every batch are kept on the device, so a model larger than the accelerator can still be scored.
+A method sees, for every layer i, the streams entering and leaving it (h_i, h_{i+1}), and may change the layer before
 its outputs become the next layer's inputs.
 
-    runner = LayerwiseRunner(model, batches)          # embeds every batch: runner.hidden[b] enters layer 0
+Notation (../METHODS.md): h_i is the residual stream entering decoder layer i, h_0 the token embeddings, h_L the
+stream after the last layer (before the final norm).
+
+    runner = LayerwiseRunner(model, batches)          # embeds every batch: runner.hidden[b] is h_0 of batch b
+    runner.run(on_layer=lambda i, h_in, h_out, masks: ...)      # h_i and h_{i+1} of every batch, layer by layer
+
+or, to change a layer before its outputs move on:
+
     for i in runner.layer_indices():
         with runner.on_device(i) as layer:
-            outs = [layer(h, **runner.layer_kwargs(b, i)) for b, h in enumerate(runner.hidden)]
+            outs = [layer(h, **runner.layer_kwargs(b, i))[0] for b, h in enumerate(runner.hidden)]
         runner.advance(outs)                          # the outputs enter layer i + 1
 
-Padding is kept out of every statistic through `runner.token_mask(b)` (helpers `masked_rows`, `covariance`,
-`mean_cosine`).
+`run(skip={j})` treats layer j as the identity; `branch(layer, hidden)` restarts from cached streams (IteRABRe's
+prefix cache). Every embedding and layer output is checked: NaN/inf at a real token raises NonFiniteError naming the
+method, stage and layer. Padding is kept out of every statistic through `runner.token_mask(b)` (helpers
+`masked_rows`, `covariance`, `mean_cosine`, `token_cosines`).
 """
 
 from __future__ import annotations
 
+import copy
 from contextlib import contextmanager
-from typing import Callable, Iterable, Iterator, Mapping
+from typing import Callable, Iterable, Iterator, Mapping, Sequence
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from .arch import get_adapter, unwrap_model
 from .checks import require_finite
+from .runtime import eval_mode, model_device, progress
 
-__all__ = ["LayerwiseRunner", "covariance", "masked_rows", "mean_cosine", "model_device"]
+__all__ = [
+    "Batch",
+    "LayerHook",
+    "LayerwiseRunner",
+    "collect_hidden_states",
+    "covariance",
+    "masked_rows",
+    "mean_cosine",
+    "token_cosines",
+]
 
 Batch = Mapping[str, torch.Tensor]
-
-
-def model_device(model: nn.Module) -> torch.device:
-    p = next(iter(unwrap_model(model).parameters()), None)
-    return p.device if p is not None else torch.device("cpu")
+#: on_layer(i, h_in, h_out, attention_masks): lists over batches of the streams entering and leaving layer i.
+LayerHook = Callable[[int, Sequence[torch.Tensor], Sequence[torch.Tensor], Sequence["torch.Tensor | None"]], None]
 
 
 def masked_rows(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
@@ -85,16 +102,54 @@ def mean_cosine(a: Iterable[torch.Tensor], b: Iterable[torch.Tensor], masks: Ite
     return total / count
 
 
+def token_cosines(
+    a: torch.Tensor, b: torch.Tensor, attention_mask: torch.Tensor | None = None, chunk_rows: int = 8192
+) -> torch.Tensor:
+    """cos(a_t, b_t) for every real token t: a 1-D float32 tensor over the unmasked tokens.
+
+    a, b: (..., hidden) of the same shape; attention_mask: 1 for real tokens, shape a.shape[:-1]. Each row's dot
+    product is taken with its own partner row only (never an N x N similarity matrix), in float32, `chunk_rows` rows
+    at a time. Zero vectors give cosine 0 (not NaN).
+    """
+    if a.shape != b.shape:
+        raise ValueError(f"token_cosines needs equal shapes, got {tuple(a.shape)} and {tuple(b.shape)}")
+    d = a.shape[-1]
+    a2, b2 = a.reshape(-1, d), b.reshape(-1, d)
+    if attention_mask is not None:
+        if attention_mask.shape != a.shape[:-1]:
+            raise ValueError(
+                f"attention_mask shape {tuple(attention_mask.shape)} does not match the tokens {tuple(a.shape[:-1])}"
+            )
+        keep = attention_mask.reshape(-1).to(a.device).bool()
+        a2, b2 = a2[keep], b2[keep]
+    out = torch.empty(a2.shape[0], dtype=torch.float32, device=a.device)
+    eps = torch.finfo(torch.float32).tiny
+    for s in range(0, a2.shape[0], chunk_rows):
+        x, y = a2[s : s + chunk_rows].float(), b2[s : s + chunk_rows].float()
+        dot = (x * y).sum(-1)
+        norm = x.norm(dim=-1) * y.norm(dim=-1)
+        out[s : s + chunk_rows] = dot / norm.clamp_min(eps)
+    return out
+
+
 class LayerwiseRunner:
     """Calibration activations of a model, advanced one decoder layer at a time.
 
     Args:
         model: a causal LM of a supported family (hf_prune.arch); wrappers are unwrapped.
         batches: dicts with `input_ids` (b, t) and optionally `attention_mask` (b, t) (1 = real token).
-        device: where each layer runs and the activations live (default: the model's device).
-        progress: show tqdm bars in `layer_indices`.
+        device: where each layer runs and the activations live (default: `model_device(model)`, the device of the
+            input embeddings).
+        progress: show a progress bar in `run` and `layer_indices` (hf_prune.runtime.progress).
         method: named in errors (NonFiniteError when an embedding or a layer output holds NaN/inf at a real token).
         stage: the method's stage, named in errors.
+
+    Attributes:
+        hidden: per batch, the stream (batch, tokens, hidden) entering decoder layer `layer`.
+        masks: per batch, the (batch, tokens) 0/1 padding mask, or None (no padding).
+        layer: index of the decoder layer `hidden` enters (num_layers once every layer has run).
+
+    The embedding and the layers run without autograd; wrap the pass in `eval_mode(model)` to switch dropout off.
     """
 
     def __init__(
@@ -115,7 +170,7 @@ class LayerwiseRunner:
         self.masks: list[torch.Tensor | None] = []
         self.hidden: list[torch.Tensor] = self._capture(batches)
         if not self.hidden:
-            raise ValueError(f"{method}: no calibration batches were given")
+            raise ValueError(f"{method}: no calibration batches were given; pass at least one batch with input_ids")
         if self.num_tokens == 0:
             raise ValueError(f"{method}: the calibration batches hold no real token (every attention_mask entry is 0)")
         self.require_finite(self.hidden, "the token embeddings (h_0)", layer=0)
@@ -124,21 +179,31 @@ class LayerwiseRunner:
     def _capture(self, batches: Iterable[Batch]) -> list[torch.Tensor]:
         """The hidden states entering layer 0 (the family's embedding, scaling included)."""
         out = []
-        emb = self.adapter.embed_tokens
-        with self._moved(emb):
-            for batch in batches:
+        with self.moved(self.adapter.embed_tokens):
+            for n, batch in enumerate(batches):
+                if "input_ids" not in batch:
+                    raise KeyError(f"calibration batch {n} has no 'input_ids'; its keys are {sorted(batch)}")
                 ids = batch["input_ids"].to(self.device)
+                if ids.dim() != 2:
+                    raise ValueError(f"calibration batch {n}: input_ids must be (batch, tokens), got shape "
+                                     f"{tuple(ids.shape)}")
                 mask = batch.get("attention_mask")
                 if mask is not None:
                     mask = mask.to(self.device)
+                    if mask.shape != ids.shape:
+                        raise ValueError(
+                            f"calibration batch {n}: attention_mask shape {tuple(mask.shape)} differs from input_ids "
+                            f"shape {tuple(ids.shape)}"
+                        )
                     if bool(mask.all()):
-                        mask = None
+                        mask = None  # no padding: skip the mask (same result, cheaper attention)
                 self.masks.append(mask)
                 out.append(self.adapter.embed(ids))
         return out
 
     @contextmanager
-    def _moved(self, module: nn.Module) -> Iterator[nn.Module]:
+    def moved(self, module: nn.Module) -> Iterator[nn.Module]:
+        """`module` moved to the runner's device for the duration of the block (moved back afterwards)."""
         p = next(iter(module.parameters()), None)
         home = p.device if p is not None else self.device
         if home != self.device:
@@ -152,7 +217,7 @@ class LayerwiseRunner:
     @contextmanager
     def on_device(self, i: int) -> Iterator[nn.Module]:
         """Decoder layer i moved to the device for the duration of the block (moved back afterwards)."""
-        with self._moved(self.adapter.layers[i]) as layer:
+        with self.moved(self.adapter.layers[i]) as layer:
             yield layer
 
     @property
@@ -160,7 +225,8 @@ class LayerwiseRunner:
         return self.adapter.num_layers
 
     def layer_indices(self, desc: str = "layers") -> Iterator[int]:
-        return iter(tqdm(range(self.num_layers), desc=desc, disable=not self.progress, unit="layer"))
+        """0..num_layers-1, with a progress bar when the runner shows progress."""
+        return iter(progress(range(self.num_layers), desc=desc, enabled=self.progress, unit="layer"))
 
     def token_mask(self, b: int) -> torch.Tensor | None:
         return self.masks[b]
@@ -170,7 +236,7 @@ class LayerwiseRunner:
         """Real (unpadded) calibration tokens over all batches."""
         return sum(int(m.sum()) if m is not None else h.shape[0] * h.shape[1] for h, m in zip(self.hidden, self.masks))
 
-    def require_finite(self, signals: list[torch.Tensor], what: str, layer: int | None) -> None:
+    def require_finite(self, signals: Sequence[torch.Tensor], what: str, layer: int | None) -> None:
         """NonFiniteError (naming the method, stage and layer) when a signal holds NaN/inf at a real token."""
         for b, x in enumerate(signals):
             require_finite(masked_rows(x, self.masks[b]), method=self.method, stage=self.stage, layer=layer, what=what)
@@ -184,11 +250,11 @@ class LayerwiseRunner:
     def run_layer(
         self,
         i: int,
-        inputs: list[torch.Tensor] | None = None,
+        inputs: Sequence[torch.Tensor] | None = None,
         fn: Callable[[nn.Module, torch.Tensor, dict], torch.Tensor] | None = None,
     ) -> list[torch.Tensor]:
         """Outputs of layer i on every batch (inputs default to `self.hidden`); `fn(layer, h, kwargs)` replaces the
-        plain call."""
+        plain call. Runs without autograd."""
         inputs = self.hidden if inputs is None else inputs
         outs = []
         with self.on_device(i) as layer:
@@ -198,10 +264,66 @@ class LayerwiseRunner:
                 outs.append(y[0] if isinstance(y, tuple) else y)
         return outs
 
-    def advance(self, outputs: list[torch.Tensor]) -> None:
-        """Make `outputs` the inputs of the next layer."""
+    def advance(self, outputs: Sequence[torch.Tensor]) -> None:
+        """Make `outputs` (the outputs of layer `self.layer`) the inputs of the next layer; NaN/inf at a real token
+        raises NonFiniteError."""
         if len(outputs) != len(self.hidden):
             raise ValueError(f"{len(outputs)} outputs for {len(self.hidden)} calibration batches")
         self.require_finite(outputs, "the decoder layer's output", layer=self.layer)
-        self.hidden = outputs
+        self.hidden = list(outputs)
         self.layer += 1
+
+    def run(
+        self,
+        end: int | None = None,
+        *,
+        skip: Iterable[int] = (),
+        on_layer: LayerHook | None = None,
+        desc: str = "layers",
+    ) -> "LayerwiseRunner":
+        """Advance from layer `self.layer` through layer `end - 1` (default: the last), layer-major; returns self.
+
+        Layers in `skip` act as the identity (their output is their input; `on_layer` is not called for them).
+        `on_layer(i, h_in, h_out, masks)` is called after layer i has run on every batch and its outputs were
+        checked for NaN/inf.
+        """
+        n = self.num_layers
+        end = n if end is None else end
+        if not 0 <= self.layer <= end <= n:
+            raise ValueError(f"cannot run layers {self.layer}..{end - 1}: the model has layers 0..{n - 1}")
+        skip = set(skip)
+        for i in progress(range(self.layer, end), desc=desc, enabled=self.progress, unit="layer"):
+            if i in skip:
+                self.layer += 1
+                continue
+            h_in = self.hidden
+            self.advance(self.run_layer(i))
+            if on_layer is not None:
+                on_layer(i, h_in, self.hidden, self.masks)
+        return self
+
+    def branch(self, layer: int, hidden: Sequence[torch.Tensor]) -> "LayerwiseRunner":
+        """A runner over the same model and batches whose streams `hidden` enter layer `layer` (this one is left as
+        it is): restart a pass from cached streams, e.g. `runner.branch(j + 1, h_j).run()` runs the model without
+        layer j."""
+        if not 0 <= layer <= self.num_layers:
+            raise ValueError(f"layer={layer} is not valid; the model has layers 0..{self.num_layers - 1}")
+        if len(hidden) != len(self.hidden):
+            raise ValueError(f"{len(hidden)} streams for {len(self.hidden)} calibration batches")
+        other = copy.copy(self)
+        other.hidden, other.layer = list(hidden), layer
+        return other
+
+
+def collect_hidden_states(model: nn.Module, batches: Iterable[Batch], progress: bool = False) -> list[list[torch.Tensor]]:
+    """[h_0, ..., h_L], each a list over batches, computed layer by layer without grad.
+
+    Matches `model(..., output_hidden_states=True).hidden_states` for h_0..h_{L-1}; transformers applies the final
+    norm to its last entry, this returns h_L before the final norm (the norm is not part of any layer).
+    """
+    model = unwrap_model(model)
+    with eval_mode(model):
+        runner = LayerwiseRunner(model, batches, progress=progress)
+        collected = [list(runner.hidden)]
+        runner.run(on_layer=lambda i, h_in, h_out, masks: collected.append(list(h_out)), desc="hidden states")
+    return collected

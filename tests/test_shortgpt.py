@@ -10,7 +10,7 @@ from tiny import TINY_MODEL_TYPES, tiny_model
 import hf_prune
 from hf_prune import methods
 from hf_prune.arch import get_adapter
-from hf_prune.methods.scoring import collect_hidden_states, token_cosines
+from hf_prune.calibration import collect_hidden_states, token_cosines
 from hf_prune.methods.shortgpt import ShortGPT, block_influence
 
 VOCAB = 300

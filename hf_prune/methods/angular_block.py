@@ -25,10 +25,11 @@ import torch
 from torch import nn
 
 from ..arch import get_adapter, unwrap_model
+from ..calibration import Batch, token_cosines
 from ..checks import check_choice, check_int_option, require_finite
 from ..plan import PrunePlan, architecture_of
+from ..runtime import eval_mode, progress as progress_bar
 from . import PruningMethod, register
-from .scoring import Batch, eval_mode, token_cosines
 
 __all__ = ["AngularBlock", "TOKEN_CHOICES", "angular_distances", "compared_rows"]
 
@@ -64,8 +65,6 @@ def angular_distances(
     d(l) = mean over compared tokens of arccos(cos(h_l, h_{l+n})) / pi, a number in [0, 1]. Non-finite distances
     raise NonFiniteError naming `method`, `stage` and the start layer.
     """
-    from tqdm.auto import tqdm
-
     model = unwrap_model(model)
     ad = get_adapter(model)
     n_layers = ad.num_layers
@@ -96,7 +95,7 @@ def angular_distances(
     batches = list(batches)
     try:
         with eval_mode(model):
-            for batch in tqdm(batches, desc=f"{method}: angular distances", disable=not progress, leave=False):
+            for batch in progress_bar(batches, desc=f"{method}: angular distances", enabled=progress):
                 ids = batch["input_ids"].to(device)
                 mask = batch.get("attention_mask")
                 mask = torch.ones_like(ids) if mask is None else mask.to(device)

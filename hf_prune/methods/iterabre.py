@@ -26,11 +26,12 @@ from typing import Iterable
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
 
 from ..arch import ArchAdapter, get_adapter, unwrap_model
+from ..calibration import LayerwiseRunner
 from ..checks import check_batches, check_choice, check_fraction, check_int_option, require_finite
 from ..plan import PrunePlan, architecture_of
+from ..runtime import progress as progress_bar
 from . import Batch, PruningMethod, register
 
 __all__ = ["IteRABRe", "layer_removal_scores"]
@@ -75,28 +76,27 @@ def layer_removal_scores(
     n = ad.num_layers
     sums, count = [0.0] * n, 0
     batches = check_batches(batches, model, method=method)
-    bar = tqdm(total=len(batches) * n, desc="IteRABRe scoring", disable=not progress, leave=False)
-    for batch in batches:
-        dev = ad.embed_tokens.weight.device
-        ids = batch["input_ids"].to(dev)
-        mask = batch.get("attention_mask")
-        mask = torch.ones_like(ids) if mask is None else mask.to(dev)
+    bar = progress_bar(total=len(batches) * n, desc="IteRABRe scoring", enabled=progress)
+    for batch in batches:  # one batch at a time: the prefix cache holds n + 1 streams of one batch
+        runner = _runner(model, batch, method, stage)
+        if runner is None:  # every token of this batch is padding: it adds nothing to any score
+            bar.update(n)
+            continue
+        dev = runner.device
+        mask = runner.masks[0]
+        mask = torch.ones(runner.hidden[0].shape[:2], dtype=torch.long, device=dev) if mask is None else mask
         real = mask.bool()
-        inputs = [ad.embed(ids)]  # inputs[j] = residual stream entering layer j
-        for j in range(n):
-            inputs.append(ad.run_layer(j, inputs[j], mask))
-            require_finite(inputs[-1][real], method=method, stage=stage, layer=j, what="the decoder layer's output")
+        inputs = [runner.hidden[0]]  # inputs[j] = residual stream entering layer j
+        runner.run(on_layer=lambda j, h_in, h_out, masks: inputs.append(h_out[0]))
         if ref_ad is None:
             ref = ad.final_hidden(inputs[n])
         else:
-            ref = ref_ad.final_hidden(_run_all(ref_ad, ids.to(ref_ad.embed_tokens.weight.device), mask))
-            ref = ref.to(dev)
+            ref_runner = _runner(reference, batch, method, stage)
+            ref = ref_ad.final_hidden(ref_runner.run().hidden[0]).to(dev)
         require_finite(ref[real], method=method, stage=stage, layer=None,
                        what="the reference model's final hidden state")
         for j in range(n):
-            h = inputs[j]
-            for k in range(j + 1, n):
-                h = ad.run_layer(k, h, mask)
+            h = runner.branch(j + 1, [inputs[j]]).run().hidden[0]  # the model without layer j
             s, c = _masked_mean(_similarity(ad.final_hidden(h), ref, ad, similarity), mask)
             sums[j] += s
             bar.update(1)
@@ -111,11 +111,13 @@ def layer_removal_scores(
     return scores
 
 
-def _run_all(ad: ArchAdapter, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    h = ad.embed(ids)
-    for j in range(ad.num_layers):
-        h = ad.run_layer(j, h, mask.to(h.device))
-    return h
+def _runner(model: nn.Module, batch: Batch, method: str, stage: int | None) -> LayerwiseRunner | None:
+    """The layer-by-layer runner over one batch (its h_0 checked for NaN/inf), or None when the batch holds no real
+    token."""
+    mask = batch.get("attention_mask")
+    if mask is not None and not bool(mask.bool().any()):
+        return None
+    return LayerwiseRunner(model, [batch], progress=False, method=method, stage=stage)
 
 
 @register("iterabre")

@@ -19,10 +19,11 @@ from typing import Iterable
 from torch import nn
 
 from ..arch import get_adapter, unwrap_model
+from ..calibration import Batch, LayerwiseRunner, token_cosines
 from ..checks import check_batches, check_int_option, check_optional_int_option, require_finite
 from ..plan import PrunePlan, architecture_of
+from ..runtime import eval_mode
 from . import PruningMethod, register
-from .scoring import Batch, capture_layer_inputs, eval_mode, run_layers, token_cosines
 
 __all__ = ["ShortGPT", "block_influence"]
 
@@ -45,12 +46,9 @@ def block_influence(
         cos_sum[i] = sum(float(token_cosines(a, b, m).double().sum()) for a, b, m in zip(h_in, h_out, masks))
 
     with eval_mode(model):
-        states = capture_layer_inputs(model, batches, method=method, stage=stage)
-        count = states.num_tokens
-        if count == 0:
-            raise ValueError(f"{method}: the calibration batches hold no real token (every attention_mask entry is 0)")
-        run_layers(model, states, on_layer=on_layer, progress=progress, desc="shortgpt: block influence",
-                   method=method, stage=stage)
+        runner = LayerwiseRunner(model, batches, progress=progress, method=method, stage=stage)  # no real token: error
+        count = runner.num_tokens
+        runner.run(on_layer=on_layer, desc="shortgpt: block influence")
     scores = [1.0 - s / count for s in cos_sum]
     for i, bi in enumerate(scores):
         require_finite(bi, method=method, stage=stage, layer=i, what="block influence")

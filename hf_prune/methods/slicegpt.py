@@ -369,7 +369,7 @@ class SliceGPT(PruningMethod):
             out["slots"] = slots
         if need_head:
             norm = model.model.norm
-            with runner._moved(norm):
+            with runner.moved(norm):
                 out["head"] = _normalised(self._cov([norm(x) for x in h], masks))
         return out
 
