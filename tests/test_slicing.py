@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 import os
 import subprocess
 import sys
@@ -222,7 +223,9 @@ def _zero_dropped_dims(model: nn.Module, dims: list[int]) -> list:
 def test_sliced_model_equals_the_full_width_model_with_dropped_dims_zeroed(model_type):
     model = _model(model_type)
     ids, mask = _inputs(model.config.vocab_size, b=4)
-    plan = get("dynamic_slicing", slicing=0.3, base_slicing=0.1, progress=False).plan(model, _batches(ids, mask))
+    plan = get("dynamic_slicing", slicing=0.3, base_slicing=0.1, basis="sublayer", progress=False).plan(
+        model, _batches(ids, mask)
+    )
     dims = plan.residual_widths["residual_dims"]
     handles = _zero_dropped_dims(model, dims)
     simulated = _logits(model, ids, mask)
@@ -302,7 +305,8 @@ def test_tied_head_keeps_the_sliced_model_smaller_than_dense():
     counts = {}
     for head in ("tied", "untied"):
         m = copy.deepcopy(dense)
-        apply_slicing(m, get("slicegpt", slicing=0.25, head=head, progress=False).plan(m, _batches(ids, mask)))
+        plan = get("slicegpt", slicing=0.25, head=head, basis="sublayer", progress=False).plan(m, _batches(ids, mask))
+        apply_slicing(m, plan)
         counts[head] = sliced_num_parameters(m)
     assert counts["tied"]["total"] < n_dense
     # untying adds a vocab x d head and drops the d x d head projection
@@ -402,25 +406,127 @@ def test_trust_remote_code_loads_constant_and_dynamic_slices_without_hf_prune(tm
         assert out["gen"].tolist() == expected.tolist()
 
 
-@pytest.mark.parametrize("slicing, expected", [(0.05, "global"), (0.5, "sublayer")])
-def test_auto_basis_never_grows_the_model(slicing, expected):
-    """basis='auto' (the default) keeps SliceGPT's sublayer basis only where its shortcut matrices still leave the
-    model clearly smaller; at light slicing they would outweigh the saving, so it takes the global basis."""
-    from hf_prune.surgery import apply_slicing
+def test_auto_basis_picks_the_lowest_held_out_loss_and_replays_the_winner():
+    """basis='auto' builds every candidate on 3 of 4 batches, scores it on the held-out one and keeps the lowest
+    loss among those not larger than dense; the returned model is exactly the winner's run, and the evidence is in
+    the provenance (strict JSON)."""
+    import json
+
+    from hf_prune.methods.slicegpt import calibration_loss
 
     model = _model("llama")
     dense = sum(p.numel() for p in model.parameters())
-    ids, mask = _inputs(model.config.vocab_size, b=4)
-    plan = get("slicegpt", slicing=slicing, progress=False).plan(model, _batches(ids, mask))
-    assert plan.residual_widths["basis"] == expected
-    sizes = plan.provenance["predicted_parameters"]
-    assert sizes["sublayer"] > sizes["layer"] > sizes["global"]
-    if expected == "global":
-        assert sizes["sublayer"] > 0.9 * sizes["dense"]
+    ids, mask = _inputs(model.config.vocab_size, b=8)
+    batches = _batches(ids, mask)  # 4 batches: 3 to build, 1 held out
+    twin = copy.deepcopy(model)
+    plan = get("slicegpt", slicing=0.3, progress=False).plan(model, batches)
+    choice = plan.provenance["basis_choice"]
+    json.dumps(plan.provenance, allow_nan=False)
+    assert (choice["build_batches"], choice["held_out_batches"]) == (3, 1)
+    scored = [r for r in choice["candidates"] if r.get("held_out_nll") is not None]
+    assert {r["basis"] for r in choice["candidates"]} >= {"global", "layer", "sublayer"}
+    assert any(r["head"] == "untied" for r in choice["candidates"])  # the head choice on a tied model
+    low = min(r["held_out_nll"] for r in scored)
+    best = min((r for r in scored if r["held_out_nll"] <= low + math.log1p(0.01)), key=lambda r: r["parameters"])
+    assert choice["chosen"] == {"basis": best["basis"], "head": best["head"]} and best["chosen"]
+    assert plan.residual_widths["basis"] == best["basis"]
+    assert all(r["parameters"] <= dense for r in scored)
+    assert plan.provenance["calibration_check"]["held_out"] is True
+
+    # the same basis and head run alone on the build batches gives the same model
+    alone = get("slicegpt", slicing=0.3, basis=best["basis"], head=best["head"], max_ppl_ratio=0, progress=False)
+    plan2 = alone.plan(twin, batches[:3])
+    assert plan2.residual_widths == plan.residual_widths
     apply_slicing(model, plan)
-    total = sum(p.numel() for p in model.parameters())
-    assert total < dense
-    assert abs(total - sizes[expected]) <= model.config.hidden_size ** 2  # exact up to the tied projection's overlap
+    apply_slicing(twin, plan2)
+    assert sum(p.numel() for p in model.parameters()) == best["parameters"] <= dense
+    assert _max_diff(_logits(model, ids, mask), _logits(twin, ids, mask)) <= 1e-5
+    nll, _ = calibration_loss(model, batches[3:])
+    assert nll == pytest.approx(best["held_out_nll"], rel=1e-5)
+
+
+@pytest.mark.parametrize("model_type", ["llama", "qwen2", "gemma3_text"])
+def test_predicted_sizes_are_exact(model_type):
+    from hf_prune.methods.slicegpt import predicted_sizes
+
+    for basis in ("global", "layer", "sublayer"):
+        model = make_rotation_invariant(_model(model_type))
+        ids, mask = _inputs(model.config.vocab_size, b=4)
+        dims = [40] + [48, 48, 32, 32, 56, 56, 40] + [40]
+        sizes = predicted_sizes(model, dims)
+        plan = get("slicegpt", slicing=0.3, basis=basis, max_ppl_ratio=0, progress=False)
+        plan.plan(model, _batches(ids, mask))  # rotates (adds the basis' shortcut matrices)
+        apply_slicing(model, dims)
+        assert sum(p.numel() for p in model.parameters()) == sizes[basis], basis
+
+
+def test_a_plan_larger_than_dense_is_refused_with_the_figures():
+    """Light slicing with shortcut matrices (and Gemma 3's post-norm projections) would grow the model: refused
+    before any rotation; basis='auto' never builds such a candidate."""
+    from hf_prune.methods.slicegpt import SlicedLargerThanDenseError
+
+    model = _model("llama")
+    ids, mask = _inputs(model.config.vocab_size, b=4)
+    ref = _logits(model, ids, mask)
+    with pytest.raises(SlicedLargerThanDenseError, match=r"basis='sublayer' would leave [\d,]+ parameters, more than "
+                       r"the dense model's [\d,]+.*shortcut matrices"):
+        get("slicegpt", slicing=0.05, basis="sublayer", progress=False).plan(model, _batches(ids, mask))
+    assert _max_diff(_logits(model, ids, mask), ref) <= 1e-4  # nothing rotated; the same function
+    gemma = _model("gemma3_text")
+    with pytest.raises(SlicedLargerThanDenseError, match="post-sublayer norm"):
+        get("slicegpt", slicing=0.05, basis="global", progress=False).plan(gemma, _batches(ids, mask))
+    with pytest.raises(SlicedLargerThanDenseError, match="no basis gives a model"):
+        get("slicegpt", slicing=0.05, progress=False).plan(_model("gemma3_text"), _batches(ids, mask))
+
+
+def _trained(steps: int = 60) -> tuple[nn.Module, list[dict]]:
+    """A tiny llama trained to predict a fixed token pattern: dense perplexity near 1 on it."""
+    model = _model("llama")
+    model.train()
+    g = torch.Generator().manual_seed(0)
+    pattern = torch.randint(4, model.config.vocab_size, (16,), generator=g)
+    ids = pattern.repeat(8, 1)
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    for _ in range(steps):
+        loss = model(input_ids=ids, labels=ids).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+    return model, [{"input_ids": ids[i : i + 2]} for i in range(0, 8, 2)]
+
+
+def test_a_run_whose_calibration_perplexity_explodes_stops_with_the_figure():
+    from hf_prune.methods.slicegpt import SlicingDegradedError
+
+    model, batches = _trained()
+    with pytest.raises(SlicingDegradedError, match=r"perplexity on \d+ its own calibration tokens is .* dense .*"
+                       r"above max_ppl_ratio=10"):
+        get("slicegpt", slicing=0.9, basis="global", progress=False).plan(model, batches)
+    model, batches = _trained()
+    ref = _logits(model, batches[0]["input_ids"], torch.ones_like(batches[0]["input_ids"]))
+    with pytest.raises(SlicingDegradedError, match="held-out calibration tokens.*candidates: global/tied"):
+        get("slicegpt", slicing=0.9, max_ppl_ratio=1.5, progress=False).plan(model, batches)
+    assert type(model).__name__ == "LlamaForCausalLM"  # basis='auto' leaves the model untouched when it stops
+    assert _max_diff(_logits(model, batches[0]["input_ids"], torch.ones_like(batches[0]["input_ids"])), ref) == 0
+    plan = get("slicegpt", slicing=0.9, basis="global", max_ppl_ratio=0, progress=False).plan(_trained()[0], batches)
+    assert plan.provenance["calibration_check"] is None  # 0 skips the check
+    with pytest.raises(ValueError, match="max_ppl_ratio"):
+        get("slicegpt", max_ppl_ratio=0.5)
+
+
+def test_dynamic_slicing_defaults_are_not_constant_and_a_constant_schedule_says_so():
+    model = _model("llama")
+    ids, mask = _inputs(model.config.vocab_size, b=4)
+    method = get("dynamic_slicing", slicing=0.1, basis="global", progress=False)
+    assert method.base_fraction == pytest.approx(0.1 / 3)
+    plan = method.plan(model, _batches(ids, mask))
+    assert len(set(plan.residual_widths["layer_slicing"])) > 1
+    assert plan.provenance["schedule_note"].startswith("per-layer slicing")
+    with pytest.warns(UserWarning, match="constant schedule: base_slicing=0.1 equals slicing=0.1"):
+        plan = get("dynamic_slicing", slicing=0.1, base_slicing=0.1, basis="global", progress=False).plan(
+            _model("llama"), _batches(ids, mask))
+    assert plan.provenance["schedule_note"].startswith("constant schedule")
 
 
 @pytest.mark.parametrize("model_type", ["llama", "qwen3"])

@@ -29,19 +29,35 @@ Where this implementation differs from the reference code (knobs, defaults say w
   vocabulary such as SmolLM2 makes a "25% sliced" model larger than the dense one). `embedding_basis="joint"` then
   takes the embedding's PCA over the embeddings AND the head's input (the tied matrix serves both); "embedding" =
   SliceGPT.
+
+`basis="auto"` (the default) measures instead of guessing: it holds out the last `holdout` share of the calibration
+batches, builds every candidate (global, layer and sublayer basis; on a tied model also the winner with an untied
+head) on the rest, slices each candidate copy and keeps the one with the lowest next-token loss on the held-out
+tokens among those not larger than the dense model (`auto_max_size`). The loss, not a reconstruction error: it is
+what perplexity reports, it weighs every slot's error by its effect on the output, and it is cheap next to the build.
+The winner's rotations are replayed on the model (no rebuild); `plan.provenance["basis_choice"]` holds every
+candidate's held-out perplexity, parameter count and seconds. Cost: about 1.6-2x one plain sublayer run (3.5-4
+passes of the calibration set through the model: the dense statistics and the held-out dense loss once, one
+sequential pass per shortcut basis, one held-out pass per candidate) and a second copy of the model in memory.
+Every run also stops (SlicingDegradedError) when the sliced model's perplexity on calibration tokens exceeds
+`max_ppl_ratio` times the dense model's (auto: on the held-out tokens; a fixed basis: on the last `holdout` share of
+its own calibration batches), and refuses (SlicedLargerThanDenseError) a plan predicted larger than the dense model.
 """
 
 from __future__ import annotations
 
+import copy
 import math
 import time
-from dataclasses import dataclass, field
+import warnings
+from dataclasses import dataclass, field, replace
 from typing import Iterable
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from ..arch import unwrap_model
+from ..arch import get_adapter, unwrap_model
 from ..calibration import LayerwiseRunner, covariance, mean_cosine
 from ..checks import (
     check_batches,
@@ -53,10 +69,31 @@ from ..checks import (
 )
 from ..modeling.modeling_hf_prune_sliced import carry
 from ..plan import PrunePlan, architecture_of
-from ..rotation import make_rotation_invariant, num_slots, rotate, shortcuts, slot_readers, slot_widths, slot_writers
+from ..rotation import (
+    is_rotation_invariant,
+    make_rotation_invariant,
+    num_slots,
+    rotate,
+    shortcuts,
+    slot_readers,
+    slot_widths,
+    slot_writers,
+)
+from ..surgery.slicing import apply_slicing
 from . import Batch, PruningMethod, register
 
-__all__ = ["DynamicSlicing", "SliceGPT", "dynamic_slice_fractions", "pca", "predicted_sizes", "widths_from_fractions"]
+__all__ = [
+    "DynamicSlicing",
+    "SliceGPT",
+    "SlicedLargerThanDenseError",
+    "SlicingDegradedError",
+    "calibration_loss",
+    "dynamic_slice_fractions",
+    "pca",
+    "predicted_sizes",
+    "split_holdout",
+    "widths_from_fractions",
+]
 
 BASES = ("auto", "sublayer", "layer", "global")
 HEADS = ("auto", "tied", "untied")
@@ -64,25 +101,94 @@ EMBEDDING_BASES = ("joint", "embedding")
 TOKEN_WEIGHTINGS = ("norm", "none")
 
 
+class SlicedLargerThanDenseError(ValueError):
+    """A slicing plan whose model would hold more parameters than the dense one (refused before anything rotates)."""
+
+
+class SlicingDegradedError(ValueError):
+    """A slicing run whose sliced model's calibration perplexity exceeds `max_ppl_ratio` x the dense model's."""
+
+
 def predicted_sizes(model: nn.Module, dims: list[int]) -> dict[str, int]:
-    """Parameter counts of `model` (rotation-invariant, unsliced) after slicing to slot widths `dims`, for each basis:
-    every reader and writer of a slot loses its cut rows/columns; the sublayer basis adds a d_src x d_dst shortcut
-    matrix at every residual add, the layer basis at every MLP add, the global basis none. (A tied head's projection
-    reads one slot and writes another; its saving is counted as two cuts, a slight overestimate.)"""
-    D = model.config.hidden_size
+    """Exact parameter counts of `model` (rotation-invariant, unsliced) after slicing to slot widths `dims`, for each
+    basis: every reader of slot s keeps d_s input columns (the embedding d_0 columns), every writer d_s output rows
+    (and bias entries); the sublayer basis adds a d_src x d_dst shortcut matrix at every residual add, the layer
+    basis at every MLP add, the global basis none. `untied_head` is what untying a tied head adds (V x d_L for the
+    head, minus the d_L x d_0 head projection); `dense` is the rotation-invariant model's count."""
     dense = sum(p.numel() for p in model.parameters())
-    saved = 0
+    shapes: dict[int, list[int]] = {}  # id(tensor) -> [numel now, rows, cols]
     for s, d in enumerate(dims):
-        cut = D - d
-        if cut <= 0:
-            continue
-        saved += sum(cut * m.weight.shape[0] for m in slot_readers(model, s))  # (out, in) / embedding (V, D)
-        saved += sum(cut * (m.weight.shape[1] + (m.bias is not None)) for m in slot_writers(model, s))
+        for m in slot_readers(model, s):
+            w = m.weight
+            shapes.setdefault(id(w), [w.numel(), *w.shape])[2] = d
+        for m in slot_writers(model, s):
+            w = m.weight
+            shapes.setdefault(id(w), [w.numel(), *w.shape])[1] = d
+            if getattr(m, "bias", None) is not None:
+                shapes.setdefault(id(m.bias), [m.bias.numel(), m.bias.numel(), 1])[1] = d
+    sliced = dense - sum(n - r * c for n, r, c in shapes.values())
     pairs = [(src, dst) for _, _, src, dst in shortcuts(model)]
     sublayer = sum(dims[a] * dims[b] for a, b in pairs)
     layer = sum(dims[a] * dims[b] for a, b in pairs if a % 2 == 1)
-    return {"dense": dense, "global": dense - saved, "layer": dense - saved + layer,
-            "sublayer": dense - saved + sublayer}
+    untie = 0
+    if model.config.head_projection:
+        untie = model.config.vocab_size * dims[-1] - dims[-1] * dims[0]
+    return {"dense": dense, "global": sliced, "layer": sliced + layer, "sublayer": sliced + sublayer,
+            "untied_head": untie}
+
+
+def split_holdout(batches: list, fraction: float) -> tuple[list, list, bool]:
+    """(build, held, held_out): the last max(1, round(fraction * n)) of n >= 2 batches are held out; a single batch
+    of several rows is split by rows the same way; a single sequence cannot be split and is used for both
+    (held_out False)."""
+    n = len(batches)
+    if n >= 2:
+        k = min(n - 1, max(1, round(fraction * n)))
+        return list(batches[: n - k]), list(batches[n - k :]), True
+    rows = batches[0]["input_ids"].shape[0]
+    if rows >= 2:
+        k = min(rows - 1, max(1, round(fraction * rows)))
+        part = lambda sl: {key: v[sl] for key, v in batches[0].items()}  # noqa: E731
+        return [part(slice(0, rows - k))], [part(slice(rows - k, rows))], True
+    return list(batches), list(batches), False
+
+
+@torch.no_grad()
+def calibration_loss(model: nn.Module, batches: list, device=None, chunk: int = 1024) -> tuple[float, int]:
+    """(mean next-token NLL, number of predictions) of `model` on `batches`: every real token followed by a real
+    token is a prediction. Runs layer by layer (LayerwiseRunner); the head sees `chunk` positions at a time, so
+    memory does not grow with vocabulary x tokens. Gemma's final logit soft-capping is applied when configured."""
+    model = unwrap_model(model)
+    was_training = model.training
+    model.eval()
+    runner = LayerwiseRunner(model, batches, device=device, progress=False, method="slicing calibration check")
+    runner.run(desc="calibration loss")
+    ad = runner.adapter
+    cap = getattr(model.config, "final_logit_softcapping", None)
+    total, count = 0.0, 0
+    with runner.moved(ad.final_norm), runner.moved(ad.lm_head):
+        for h, mask, batch in zip(runner.hidden, runner.masks, batches):
+            ids = batch["input_ids"].to(h.device)
+            valid = torch.ones_like(ids[:, 1:], dtype=torch.bool)
+            if mask is not None:
+                valid = mask[:, :-1].bool() & mask[:, 1:].bool()
+            x, y = h[:, :-1][valid], ids[:, 1:][valid]
+            for s in range(0, x.shape[0], chunk):
+                logits = ad.lm_head(ad.final_norm(x[s : s + chunk])).float()
+                if cap:
+                    logits = torch.tanh(logits / cap) * cap
+                total += F.cross_entropy(logits, y[s : s + chunk], reduction="sum").item()
+            count += int(y.numel())
+    model.train(was_training)
+    return (total / count if count else float("nan")), count
+
+
+def _num_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in unwrap_model(model).parameters())
+
+
+def _fmt(n: int) -> str:
+    return f"{n / 1e6:.2f}M" if n >= 10_000_000 else f"{n:,}"
 
 
 def pca(C: torch.Tensor, damping: float = 0.01) -> tuple[torch.Tensor, torch.Tensor]:
@@ -170,6 +276,9 @@ class SliceGPT(PruningMethod):
     #: apply the plan with `hf_prune.surgery.apply_slicing`.
     runs_on_every_rank = True
     _stage = None  # the stage plan() is running (named in errors)
+    _shared_stats = None  # basis='auto': dense statistics shared by the candidates
+    _record_rotations = False  # basis='auto': candidates keep their rotations to replay the winner's
+    _size_limit = 1.0  # largest size, as a fraction of the dense parameter count, a plan may predict
 
     slicing: float = field(
         default=0.25, metadata={"help": "Fraction of the residual-stream width D to delete (SP), in [0, 1)."}
@@ -182,14 +291,37 @@ class SliceGPT(PruningMethod):
         metadata={
             "help": "PCA granularity: 'sublayer' (SliceGPT: attention and MLP inputs, 2 shortcut matrices per "
             "layer), 'layer' (one per layer, 1 shortcut), 'global' (one for the model, no shortcut matrices), "
-            "'auto' (sublayer when the sliced model, shortcut matrices included, is predicted at most auto_max_size "
-            "of the dense model; else global, so slicing never grows the model)."
+            "'auto' (build each basis, and on a tied model the winner with an untied head, on all but the last "
+            "`holdout` of the calibration batches and keep the one with the lowest loss on those held-out tokens "
+            "among the ones not larger than dense; ~1.6-2x the time of one sublayer run, two copies of the model)."
         },
     )
     auto_max_size: float = field(
-        default=0.9,
-        metadata={"help": "basis='auto': largest predicted size (fraction of the dense parameter count) at which "
-                  "the sublayer basis and its shortcut matrices are used."},
+        default=1.0,
+        metadata={"help": "basis='auto': candidates larger than this fraction of the dense parameter count are not "
+                  "built (1.0: a sliced model is never larger than the dense one)."},
+    )
+    auto_head: bool = field(
+        default=True,
+        metadata={"help": "basis='auto' with head='auto' on a tied model: also try the winning basis with an untied "
+                  "head (SliceGPT's; + vocab x width parameters) when that is not larger than dense."},
+    )
+    auto_tolerance: float = field(
+        default=0.01,
+        metadata={"help": "basis='auto': candidates whose held-out perplexity is within this relative margin of the "
+                  "best one count as equal, and the smallest of them is kept (measurement noise does not buy "
+                  "parameters)."},
+    )
+    holdout: float = field(
+        default=0.25,
+        metadata={"help": "Share of the calibration batches (at least one; a single batch is split by rows) that "
+                  "basis='auto' holds out to compare its candidates and that the perplexity check is run on."},
+    )
+    max_ppl_ratio: float = field(
+        default=10.0,
+        metadata={"help": "Stop with SlicingDegradedError when the sliced model's perplexity on calibration tokens "
+                  "(held-out ones with basis='auto') exceeds this multiple of the dense model's; 0 skips the check "
+                  "(and its cost: two passes over the held-out share with a fixed basis)."},
     )
     head: str = field(
         default="auto",
@@ -226,6 +358,14 @@ class SliceGPT(PruningMethod):
         self.round_to = check_int_option("round_to", self.round_to, minimum=1)
         self.auto_max_size = check_fraction("auto_max_size", self.auto_max_size, lo=0.0, hi=1.0, lo_inclusive=False,
                                             hi_inclusive=True)
+        self.holdout = check_fraction("holdout", self.holdout, lo=0.0, hi=1.0, lo_inclusive=False)
+        self.auto_tolerance = check_fraction("auto_tolerance", self.auto_tolerance, lo=0.0, hi=1.0)
+        self.max_ppl_ratio = check_fraction("max_ppl_ratio", self.max_ppl_ratio, lo=0.0, hi=float("inf"))
+        if self.max_ppl_ratio != 0 and self.max_ppl_ratio <= 1:
+            raise ValueError(f"max_ppl_ratio={self.max_ppl_ratio} must be 0 (no check) or above 1 (a multiple of the "
+                             "dense perplexity)")
+        if not isinstance(self.auto_head, bool):
+            raise TypeError(f"auto_head={self.auto_head!r} must be True or False")
         for name, value, valid in (
             ("basis", self.basis, BASES),
             ("head", self.head, HEADS),
@@ -269,6 +409,10 @@ class SliceGPT(PruningMethod):
         batches = check_batches(batches, model, method=self.name)
         self._stage = stage
         require_finite_weights(model, method=self.name, stage=stage)
+        self._rotations, self._schedule_note, self._stats = [], None, None
+        if self.basis == "auto":
+            return self._plan_auto(unwrap_model(model), batches, stage, start)
+        n_dense = _num_parameters(model)  # before the rotation-invariant form adds its projections
         model = make_rotation_invariant(unwrap_model(model), tie_head=tie)
         was_training = model.training
         model.eval()
@@ -285,21 +429,27 @@ class SliceGPT(PruningMethod):
         joint = tied and self.embedding_basis == "joint"
         stats = {}
         global_possible = self.basis in ("global", "auto")
-        if self.needs_redundancy or global_possible or joint:
+        if self._shared_stats is not None:  # basis='auto': computed once on the same model and batches
+            stats = self._shared_stats
+        elif self.needs_redundancy or global_possible or joint:
             stats = self._dense_statistics(model, runner, need_slots=global_possible, need_head=joint)
+        self._stats = stats
         fractions = self.slice_fractions(stats.get("redundancy"), n_layers)
         dims = self.residual_dims(fractions, hidden)
         sizes = predicted_sizes(model, dims)
         self._basis = self.basis
-        if self.basis == "auto":
-            self._basis = "sublayer" if sizes["sublayer"] <= self.auto_max_size * sizes["dense"] else "global"
+        self._refuse_if_larger(sizes, n_dense)
         if self._basis == "global":
             C = stats["slots"] + (stats["head"] if joint else 0)
             evals, Q = pca(C, self.damping)
             rotate(model, Q, device=runner.device)
+            self._record(Q, None)
             kept = [self._kept(evals, d, C) for d in dims]
         else:
             kept = self._sequential(model, runner, dims, stats.get("head"))
+        check = None
+        if self.max_ppl_ratio:  # in-sample: the last `holdout` share of the batches this run was calibrated on
+            check = self._calibration_check(model, dims, split_holdout(batches, self.holdout)[1])
         model.train(was_training)
         seconds = time.perf_counter() - start
         return PrunePlan(
@@ -317,12 +467,155 @@ class SliceGPT(PruningMethod):
                 "layer_redundancy": stats.get("redundancy"),
                 "kept_variance": kept,
                 "predicted_parameters": sizes,
+                "dense_parameters": n_dense,
+                "calibration_check": check,
+                "schedule_note": self._schedule_note,
                 "head": "tied" if tied else "untied",
                 "calibration_tokens": int(sum(int(m.sum()) if m is not None else h.shape[0] * h.shape[1]
                                               for h, m in zip(runner.hidden, runner.masks))),
                 "seconds": seconds,
             },
         )
+
+    def _record(self, Q: torch.Tensor, slots: list[int] | None) -> None:
+        if self._record_rotations:
+            self._rotations.append((Q.detach().cpu(), None if slots is None else list(slots)))
+
+    def _refuse_if_larger(self, sizes: dict[str, int], n_dense: int) -> None:
+        """SlicedLargerThanDenseError, with the figures, when the predicted sliced model exceeds the dense one."""
+        n = sizes[self._basis]
+        if n <= self._size_limit * n_dense:
+            return
+        form = sizes["dense"] - n_dense
+        raise SlicedLargerThanDenseError(
+            f"{self.name} slicing={self.slicing:g} with basis={self._basis!r} would leave {_fmt(n)} parameters, more "
+            f"than the dense model's {_fmt(n_dense)}"
+            + (f" x {self._size_limit:g}" if self._size_limit != 1.0 else "")
+            + f": the rotation-invariant form adds {_fmt(form)} (tied-head projection, Gemma's post-sublayer norm "
+            f"projections) and the shortcut matrices {_fmt(n - sizes['global'])}; predicted per basis: global "
+            f"{_fmt(sizes['global'])}, layer {_fmt(sizes['layer'])}, sublayer {_fmt(sizes['sublayer'])}. Slice more, "
+            "or use basis='global' (no shortcut matrices) or basis='auto'"
+        )
+
+    def _judge(self, dense_nll: float, nll: float, tokens: int, held_out: bool, extra: str = "") -> dict:
+        """The calibration-perplexity check: its record, or SlicingDegradedError when the ratio exceeds
+        max_ppl_ratio (or is not finite)."""
+        ratio = math.exp(min(nll - dense_nll, 700.0)) if math.isfinite(nll) else float("inf")
+        record = {
+            "dense_ppl": math.exp(dense_nll),
+            "sliced_ppl": math.exp(min(nll, 700.0)) if math.isfinite(nll) else None,
+            "ratio": ratio if math.isfinite(ratio) else None,
+            "tokens": tokens,
+            "held_out": held_out,
+            "max_ppl_ratio": self.max_ppl_ratio,
+        }
+        if self.max_ppl_ratio and not ratio <= self.max_ppl_ratio:
+            where = "held-out calibration tokens" if held_out else "its own calibration tokens"
+            ppl = f"{record['sliced_ppl']:.4g}" if record["sliced_ppl"] is not None else f"not finite (NLL {nll})"
+            raise SlicingDegradedError(
+                f"{self.name} slicing={self.slicing:g} (basis={self._basis!r}) broke the model: perplexity on "
+                f"{tokens} {where} is {ppl} vs {record['dense_ppl']:.4g} dense "
+                f"({ratio:.3g}x, above max_ppl_ratio={self.max_ppl_ratio:g}){extra}. Slice less or try another basis; "
+                "max_ppl_ratio=0 skips this check"
+            )
+        return record
+
+    def _calibration_check(self, model: nn.Module, dims: list[int], batches: list) -> dict:
+        """Dense vs sliced next-token loss on `batches`: the rotated full-width model is the dense function; the
+        sliced one is a sliced copy (two passes over `batches`, and a transient second copy of the model)."""
+        dense_nll, tokens = calibration_loss(model, batches, self.device)
+        sliced = apply_slicing(copy.deepcopy(model), dims)
+        nll, _ = calibration_loss(sliced, batches, self.device)
+        del sliced
+        return self._judge(dense_nll, nll, tokens, held_out=False)
+
+    def _plan_auto(self, model: nn.Module, batches: list, stage: int, start: float) -> PrunePlan:
+        """basis='auto': every candidate (basis, head) is planned on a copy of `model` with all but the held-out
+        batches, sliced, and scored by its next-token loss on the held-out ones; the winner's rotations are then
+        replayed on `model` (exactly what its run did) and its plan returned with the evidence. `model` is left
+        untouched when every candidate is refused or the winner fails the perplexity check."""
+        build, held, held_out = split_holdout(batches, self.holdout)
+        n_dense = _num_parameters(model)
+        tied = (bool(model.config.head_projection) if is_rotation_invariant(model)
+                else get_adapter(model).tied_embeddings)
+        head = {"auto": "tied" if tied else "untied", "tied": "tied", "untied": "untied"}[self.head]
+        t0 = time.perf_counter()
+        dense_nll, n_held = calibration_loss(model, held, self.device)
+        dense_seconds = time.perf_counter() - t0
+        rows: list[dict] = []
+        best: list = []  # [nll, row, plan, candidate] of the lowest loss so far
+        scored: list = []
+        shared = None
+
+        def candidate(basis: str, head: str) -> None:
+            nonlocal shared
+            t = time.perf_counter()
+            cand = replace(self, basis=basis, head=head, max_ppl_ratio=0.0)
+            cand._shared_stats, cand._record_rotations, cand._size_limit = shared, True, self.auto_max_size
+            copy_ = copy.deepcopy(model)
+            row: dict = {"basis": basis, "head": head}
+            try:
+                p = cand.plan(copy_, build, stage)
+            except SlicedLargerThanDenseError as e:
+                row.update(skipped=str(e), seconds=time.perf_counter() - t)
+                rows.append(row)
+                return
+            finally:
+                shared = shared if shared is not None else cand._stats
+            apply_slicing(copy_, p)
+            nll, _ = calibration_loss(copy_, held, self.device)
+            row.update(held_out_ppl=math.exp(min(nll, 700.0)) if math.isfinite(nll) else None,
+                       held_out_nll=nll if math.isfinite(nll) else None, parameters=_num_parameters(copy_),
+                       seconds=time.perf_counter() - t)
+            del copy_
+            rows.append(row)
+            if math.isfinite(nll) and row["parameters"] <= self.auto_max_size * n_dense:
+                scored.append((nll, row, p, cand))
+                best[:] = min(scored, key=lambda c: c[0])
+
+        def pick() -> list:  # the smallest candidate within auto_tolerance of the lowest held-out perplexity
+            low = min(c[0] for c in scored)
+            near = [c for c in scored if c[0] <= low + math.log1p(self.auto_tolerance)]
+            return list(min(near, key=lambda c: (c[1]["parameters"], c[0])))
+
+        for basis in ("global", "layer", "sublayer"):  # global first: it computes the shared dense statistics
+            candidate(basis, head)
+        if not best:
+            raise SlicedLargerThanDenseError(
+                f"{self.name} slicing={self.slicing:g}: no basis gives a model of at most {self.auto_max_size:g} x the "
+                f"dense {_fmt(n_dense)} parameters: " + "; ".join(r.get("skipped", str(r)) for r in rows)
+            )
+        if self.head == "auto" and head == "tied" and self.auto_head:
+            candidate(best[1]["basis"], "untied")
+        nll, row, p, cand = pick()
+        row["chosen"] = True
+        self._basis = row["basis"]
+        choice = {
+            "criterion": "lowest next-token loss on held-out calibration tokens among candidates not larger than "
+                         f"{self.auto_max_size:g} x dense; within {self.auto_tolerance:g} of the best perplexity the "
+                         "smallest",
+            "chosen": {"basis": row["basis"], "head": row["head"]},
+            "dense_held_out_ppl": math.exp(dense_nll),
+            "held_out_tokens": n_held,
+            "held_out": held_out,
+            "build_batches": len(build),
+            "held_out_batches": len(held),
+            "dense_parameters": n_dense,
+            "candidates": rows,
+            "dense_loss_seconds": dense_seconds,
+        }
+        table = "; candidates: " + ", ".join(
+            f"{r['basis']}/{r['head']} " + (f"{r['held_out_ppl']:.4g}" if r.get("held_out_ppl") else "refused")
+            for r in rows)
+        check = self._judge(dense_nll, nll, n_held, held_out, extra=table)
+        model = make_rotation_invariant(model, tie_head=row["head"] == "tied")
+        for Q, slots in cand._rotations:  # the winner's run, replayed: same matrices, same order
+            rotate(model, Q, slots, device=self.device)
+        provenance = dict(p.provenance)
+        provenance.update(config=self.config_dict(), basis_choice=choice, calibration_check=check,
+                          dense_parameters=n_dense, seconds=time.perf_counter() - start)
+        return PrunePlan(architecture=architecture_of(model), residual_widths=dict(p.residual_widths),
+                         provenance=provenance)
 
     def _cov(self, signals: list[torch.Tensor], masks: list, layer: int | None = None) -> torch.Tensor:
         C = covariance(signals, masks, normalize_tokens=self.token_weighting == "norm")
@@ -385,6 +678,7 @@ class SliceGPT(PruningMethod):
             require_finite(evals, method=self.name, stage=self._stage, layer=min(slots[0] // 2, n_layers - 1),
                            what=f"the covariance eigenvalues of residual slots {slots}")
             rotate(model, Q, slots, device=dev)
+            self._record(Q, slots)
             for s in slots:
                 kept[s] = self._kept(evals, dims[s], C)
             return Q
@@ -431,9 +725,11 @@ class SliceGPT(PruningMethod):
 class DynamicSlicing(SliceGPT):
     """Dynamic Slicing: SliceGPT with a slice fraction per layer from its redundancy (more redundant: sliced more)."""
 
-    base_slicing: float = field(
-        default=0.1,
-        metadata={"help": "Base slice fraction SB given to the least redundant layer; SB = slicing is constant."},
+    base_slicing: float | None = field(
+        default=None,
+        metadata={"help": "Base slice fraction SB given to the least redundant layer, in [0, slicing]; default "
+                  "slicing / 3 (the paper's example: SP 0.3, SB 0.1), so the schedule follows the redundancies at "
+                  "every target; SB = slicing gives constant SliceGPT (with a warning)."},
     )
     max_slicing: float = field(
         default=0.9, metadata={"help": "Cap on any layer's slice fraction (the mean is kept at `slicing`)."}
@@ -441,9 +737,10 @@ class DynamicSlicing(SliceGPT):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        self.base_slicing = check_fraction("base_slicing", self.base_slicing, lo=0.0, hi=1.0)
+        if self.base_slicing is not None:
+            self.base_slicing = check_fraction("base_slicing", self.base_slicing, lo=0.0, hi=1.0)
         self.max_slicing = check_fraction("max_slicing", self.max_slicing, lo=0.0, hi=1.0)
-        if not 0.0 <= self.base_slicing <= self.slicing:
+        if not 0.0 <= self.base_fraction <= self.slicing:
             raise ValueError(f"base_slicing={self.base_slicing} must lie in [0, slicing={self.slicing}]")
         if not self.slicing <= self.max_slicing < 1.0:
             raise ValueError(f"max_slicing={self.max_slicing} must lie in [slicing={self.slicing}, 1)")
@@ -452,7 +749,21 @@ class DynamicSlicing(SliceGPT):
     def needs_redundancy(self) -> bool:
         return True
 
+    @property
+    def base_fraction(self) -> float:
+        """SB: `base_slicing`, or slicing / 3 when it is None."""
+        return self.slicing / 3.0 if self.base_slicing is None else float(self.base_slicing)
+
     def slice_fractions(self, redundancy: list[float] | None, num_layers: int) -> list[float]:
         if redundancy is None or len(redundancy) != num_layers:
             raise ValueError(f"dynamic slicing needs {num_layers} layer redundancies, got {redundancy!r}")
-        return dynamic_slice_fractions(redundancy, self.slicing, self.base_slicing, self.max_slicing)
+        fractions = dynamic_slice_fractions(redundancy, self.slicing, self.base_fraction, self.max_slicing)
+        if len(set(fractions)) <= 1:
+            why = (f"base_slicing={self.base_fraction:g} equals slicing={self.slicing:g}"
+                   if self.base_fraction == self.slicing else "every layer has the same redundancy")
+            self._schedule_note = f"constant schedule: {why}; this run is SliceGPT with slicing={self.slicing:g}"
+            warnings.warn(f"dynamic_slicing: {self._schedule_note}", stacklevel=2)
+        else:
+            self._schedule_note = (f"per-layer slicing {min(fractions):.3f}..{max(fractions):.3f} around "
+                                   f"{self.slicing:g} (base_slicing={self.base_fraction:.4g})")
+        return fractions
