@@ -1,0 +1,138 @@
+"""Slicing on each family's real quirks, on tiny configs with non-trivial norm scales: Gemma 3's sandwich norms and
+sqrt(hidden)-scaled embeddings, Qwen3's q/k norms, Qwen2's q/k/v biases, untied heads.
+
+For every family and basis: the rotation-invariant form equals the model; slicing away directions that carry no
+signal leaves the logits unchanged; the sliced model saves and reloads with equal logits.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+from transformers import AutoModelForCausalLM
+
+import hf_prune  # noqa: F401  (registers the Auto classes)
+from hf_prune.methods import get
+from hf_prune.rotation import make_rotation_invariant, random_orthogonal, rotate
+from hf_prune.surgery import apply_slicing
+from tiny import TINY_MODEL_TYPES, tiny_model
+
+RANK = 24  # the signal's dimension; the residual stream is 64 wide
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _model(model_type: str, tied: bool = True, seed: int = 0) -> nn.Module:
+    """Every norm weight (pre, post/sandwich, q/k, final) moved well away from its neutral value."""
+    m = tiny_model(model_type, seed=seed, initializer_range=0.15, tie_word_embeddings=tied)
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for name, p in m.named_parameters():
+            if "norm" in name:
+                p.add_(0.5 * torch.randn(p.shape, generator=g))
+    return m
+
+
+def _no_signal_beyond(model: nn.Module, rank: int) -> None:
+    """Make the residual stream live in its first `rank` coordinates: the embedding's other columns are zero and
+    every write into the stream is zero there. For Gemma 3 the writes are the sandwich norms' outputs, whose scale
+    is (1 + w): w = -1 on the silent coordinates (the norm still sees, and normalises, the full sublayer output)."""
+    with torch.no_grad():
+        model.model.embed_tokens.weight[:, rank:] = 0
+        for layer in model.model.layers:
+            if hasattr(layer, "post_feedforward_layernorm"):  # Gemma 3: sandwich norms write into the stream
+                layer.post_attention_layernorm.weight[rank:] = -1.0
+                layer.post_feedforward_layernorm.weight[rank:] = -1.0
+            else:
+                layer.self_attn.o_proj.weight[rank:] = 0
+                layer.mlp.down_proj.weight[rank:] = 0
+
+
+def _data(vocab: int, b: int = 6, t: int = 12) -> tuple[torch.Tensor, torch.Tensor, list[dict]]:
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(4, vocab, (b, t), generator=g)
+    mask = torch.ones_like(ids)
+    mask[0, -3:] = 0
+    return ids, mask, [{"input_ids": ids[i : i + 2], "attention_mask": mask[i : i + 2]} for i in range(0, b, 2)]
+
+
+def _logits(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model(input_ids=ids, attention_mask=mask).logits * mask[..., None]
+
+
+def _max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    return (a - b).abs().max().item()
+
+
+def test_the_quirks_are_really_there():
+    gemma = _model("gemma3_text")
+    assert gemma.model.embed_tokens.embed_scale.item() == pytest.approx(64 ** 0.5)  # scaled embeddings
+    layer = gemma.model.layers[0]
+    for norm in (layer.post_attention_layernorm, layer.post_feedforward_layernorm, layer.self_attn.q_norm,
+                 layer.self_attn.k_norm):
+        assert norm.weight.abs().max() > 0.3  # non-trivial scales on sandwich and q/k norms
+    qwen3 = _model("qwen3")
+    assert qwen3.model.layers[0].self_attn.q_norm.weight.sub(1).abs().max() > 0.3
+
+
+@pytest.mark.parametrize("model_type", TINY_MODEL_TYPES)
+def test_rotation_invariant_form_equals_the_model_and_keeps_the_qk_norms(model_type):
+    model = _model(model_type)
+    ids, mask, _ = _data(model.config.vocab_size)
+    ref = _logits(model, ids, mask)
+    qk = {n: p.detach().clone() for n, p in model.named_parameters() if "q_norm" in n or "k_norm" in n}
+    make_rotation_invariant(model)
+    assert _max_diff(_logits(model, ids, mask), ref) <= 1e-4
+    rotate(model, random_orthogonal(model.config.hidden_size, seed=7))
+    assert _max_diff(_logits(model, ids, mask), ref) <= 1e-4
+    after = dict(model.named_parameters())
+    assert all(torch.equal(after[n], p) for n, p in qk.items())  # per-head norms are not on the stream: untouched
+
+
+@pytest.mark.parametrize("basis", ["global", "layer", "sublayer"])
+@pytest.mark.parametrize("model_type,tied", [("gemma3_text", True), ("gemma3_text", False), ("qwen3", True),
+                                             ("qwen2", False), ("llama", True), ("mistral", True)])
+def test_slicing_directions_without_signal_keeps_logits_and_reloads(tmp_path, model_type, tied, basis):
+    model = _model(model_type, tied=tied)
+    _no_signal_beyond(model, RANK)
+    ids, mask, batches = _data(model.config.vocab_size)
+    ref = _logits(model, ids, mask)
+    assert ref.abs().max() > 1.0
+    method = get("slicegpt", slicing=0.5, basis=basis, round_to=8, max_ppl_ratio=0, progress=False)
+    method._size_limit = float("inf")  # tiny models: the point here is exactness, not size
+    plan = method.plan(model, batches)
+    dims = plan.residual_widths["residual_dims"]
+    assert set(dims) == {32}
+    apply_slicing(model, plan)
+    assert _max_diff(_logits(model, ids, mask), ref) <= 1e-4
+    model.save_pretrained(tmp_path)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
+    assert _max_diff(_logits(loaded, ids, mask), _logits(model, ids, mask)) <= 1e-5
+
+
+def test_gemma3_embedding_scale_survives_slicing_and_reload(tmp_path):
+    """The embedding scale sqrt(hidden) is the dense model's (not sqrt of the sliced width) before and after
+    reloading; with no signal beyond the kept dims the sliced embeddings are the dense ones, rotated and cut."""
+    model = _model("gemma3_text")
+    _no_signal_beyond(model, RANK)
+    ids, mask, batches = _data(model.config.vocab_size)
+    dense_emb = model.model.embed_tokens(ids).detach().clone()
+    plan = get("slicegpt", slicing=0.5, basis="global", max_ppl_ratio=0, progress=False)
+    plan._size_limit = float("inf")
+    p = plan.plan(model, batches)
+    apply_slicing(model, p)
+    model.save_pretrained(tmp_path)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
+    for m in (model, loaded):
+        emb = m.model.embed_tokens(ids)
+        assert emb.shape[-1] == 32
+        assert m.model.embed_tokens.embed_scale.item() == pytest.approx(64 ** 0.5)
+        assert emb.norm(dim=-1).sub(dense_emb.norm(dim=-1)).abs().max() <= 1e-4  # rotation + cut of zeros
