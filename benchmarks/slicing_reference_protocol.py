@@ -1,0 +1,232 @@
+"""hf-prune's slicing on the reference SliceGPT protocol (microsoft/TransformerCompression, run on SmolLM2).
+
+The protocol, exactly (issue 16):
+- calibration: the six Austen novels (<data-dir>/austen/*.txt, sorted by name) joined with blank lines, tokenized
+  once without special tokens (N tokens); 32 start offsets `random.Random(0).randrange(0, N - 1024)` (drawn in turn);
+  32 x 1024 tokens, no padding, in batches of --calib-batch;
+- evaluation: the first 32,768 tokens of <data-dir>/wiki_en.txt, tokenized once without special tokens, 64
+  non-overlapping windows of 512, no BOS: 32,704 scored tokens;
+- the reference (SliceGPT's own code, slicing 0.25, PCA, head not sliced): ppl 364.2, 140.65M parameters, 356 s on 2
+  cores; dense 21.99.
+
+Rows: method (slicegpt, dynamic_slicing) x slicing x settings, where settings is "defaults" (hf-prune's defaults),
+"faithful" (basis sublayer, untied head, unweighted covariance, embedding-only basis for the embedding, no calibration
+perplexity check: SliceGPT's own choices) or a basis override ("global", "layer", "sublayer"). Each row loads a fresh
+model, times `hf_prune.prune(model, method, batches)` (plan + surgery), counts the parameters and measures the
+perplexity. The JSON (a list of rows: model, method, slicing, basis, settings, ppl, params, seconds, ...) and the
+Markdown table are rewritten after every row, with machine, versions, load average and the command.
+
+    nice python benchmarks/slicing_reference_protocol.py                                   # the full grid
+    nice python benchmarks/slicing_reference_protocol.py --slicings 0.25 --methods slicegpt \\
+        --settings defaults,faithful,global                                               # the 0.25 rows
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import random
+import shlex
+import subprocess
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_PRUNE_NO_PROGRESS", "1")
+
+REFERENCE = {"model": "SmolLM2-135M-Instruct", "method": "SliceGPT reference (TransformerCompression)",
+             "slicing": 0.25, "basis": "sublayer", "settings": "reference", "ppl": 364.2, "params": 140_650_000,
+             "seconds": 356.0, "dense_ppl": 21.99}
+FAITHFUL = dict(basis="sublayer", head="untied", token_weighting="none", embedding_basis="embedding", max_ppl_ratio=0)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data-dir", default="/work/shared/data", help="folder with austen/ and wiki_en.txt")
+    p.add_argument("--methods", default="slicegpt,dynamic_slicing", help="comma-separated method names")
+    p.add_argument("--slicings", default="0.1,0.2,0.25,0.3", help="slicing fractions (averages for dynamic)")
+    p.add_argument("--settings", default="defaults,faithful,global,layer,sublayer",
+                   help="defaults, faithful, or a basis (global, layer, sublayer) over the defaults")
+    p.add_argument("--calib-samples", type=int, default=32)
+    p.add_argument("--calib-len", type=int, default=1024)
+    p.add_argument("--calib-batch", type=int, default=8, help="sequences per calibration batch")
+    p.add_argument("--eval-tokens", type=int, default=32768)
+    p.add_argument("--window", type=int, default=512)
+    p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
+    p.add_argument("--no-dense", action="store_true", help="skip the dense row")
+    p.add_argument("--note", default="", help="free text recorded with the results (e.g. 'CPU shared')")
+    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "slicing_reference_protocol"),
+                   help="output path stem (.json and .md)")
+    return p.parse_args(argv)
+
+
+def environment(args) -> dict:
+    import torch
+    import transformers
+
+    rev = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True).stdout
+    return {
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": args.threads,
+        "load_average_at_start": os.getloadavg(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "git_commit": rev.strip(),
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "command": "python " + " ".join(shlex.quote(a) for a in sys.argv),
+        "note": args.note,
+    }
+
+
+def calibration_batches(tok, data_dir: Path, args) -> tuple[list[dict], dict]:
+    import torch
+
+    files = sorted((data_dir / "austen").glob("*.txt"))
+    text = "\n\n".join(f.read_text(encoding="utf-8") for f in files)
+    ids = torch.tensor(tok(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
+    n = ids.numel()
+    rng = random.Random(0)
+    starts = [rng.randrange(0, n - args.calib_len) for _ in range(args.calib_samples)]
+    blocks = torch.stack([ids[s : s + args.calib_len] for s in starts])
+    batches = [{"input_ids": blocks[i : i + args.calib_batch]} for i in range(0, len(blocks), args.calib_batch)]
+    return batches, {"files": [f.name for f in files], "tokens": n, "starts": starts}
+
+
+def perplexity(model, stream, window: int) -> dict:
+    import torch
+    import torch.nn.functional as F
+
+    windows = stream[: (stream.numel() // window) * window].view(-1, window)
+    nll, count = 0.0, 0
+    with torch.no_grad():
+        for i in range(0, len(windows), 4):
+            ids = windows[i : i + 4]
+            logits = model(input_ids=ids).logits[:, :-1].float()
+            nll += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="sum").item()
+            count += ids[:, 1:].numel()
+    return {"ppl": math.exp(nll / count), "scored_tokens": count, "windows": len(windows)}
+
+
+def write(rows: list[dict], env: dict, protocol: dict, stem: Path) -> None:
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    data = {"environment": env, "protocol": protocol, "reference": REFERENCE, "rows": rows}
+    stem.with_suffix(".json").write_text(json.dumps(data, indent=2, allow_nan=False) + "\n", encoding="utf-8")
+    lines = [
+        "# Slicing on the reference SliceGPT protocol (SmolLM2-135M-Instruct)",
+        "",
+        f"Command: `{env['command']}`  ",
+        f"Machine: {env['platform']}, {env['cpu_count']} CPUs, torch {env['torch']} ({env['torch_threads']} threads), "
+        f"transformers {env['transformers']}, commit {env['git_commit'][:10]}, {env['date']}; load average at start "
+        f"{', '.join(f'{x:.1f}' for x in env['load_average_at_start'])}.  ",
+        f"Note: {env['note']}" if env["note"] else "",
+        "",
+        "Calibration: 32 x 1024 Austen tokens (offsets from random.Random(0)); evaluation: first 32,768 wiki_en.txt "
+        "tokens, 64 windows of 512, no BOS (32,704 scored). Seconds = `hf_prune.prune` (plan + surgery).",
+        "",
+        "| model | method | slicing | settings | basis (chosen) | ppl | params | seconds | vs reference (ppl / params / s) |",
+        "|---|---|---|---|---|---|---|---|---|",
+        f"| {REFERENCE['model']} | {REFERENCE['method']} | 0.25 | reference | sublayer | {REFERENCE['ppl']} | "
+        f"140.65M | {REFERENCE['seconds']:.0f} | |",
+    ]
+    for r in rows:
+        if r.get("error"):
+            lines.append(f"| {r['model']} | {r['method']} | {r['slicing']} | {r['settings']} | {r['basis']} | "
+                         f"stopped: {r['error'][:300]} | | {r['seconds']:.0f} | |")
+            continue
+        vs = ""
+        if r["slicing"] == REFERENCE["slicing"] and r["method"] != "dense":
+            vs = (f"{r['ppl'] / REFERENCE['ppl']:.2f}x / {r['params'] / REFERENCE['params']:.2f}x / "
+                  f"{r['seconds'] / REFERENCE['seconds']:.2f}x")
+        lines.append(f"| {r['model']} | {r['method']} | {r['slicing']} | {r['settings']} | {r['basis']} | "
+                     f"{r['ppl']:.2f} | {r['params'] / 1e6:.2f}M | {r['seconds']:.0f} | {vs} |")
+    choices = [r for r in rows if r.get("basis_choice")]
+    if choices:
+        lines += ["", "basis='auto' evidence (held-out calibration perplexity per candidate):", ""]
+        for r in choices:
+            cands = ", ".join(
+                f"{c['basis']}/{c['head']}: " + (f"{c['held_out_ppl']:.2f} ({c['parameters'] / 1e6:.2f}M)"
+                                                  if c.get("held_out_ppl") is not None else "refused (larger)")
+                for c in r["basis_choice"]["candidates"])
+            lines.append(f"- {r['method']} {r['slicing']}: dense {r['basis_choice']['dense_held_out_ppl']:.2f}; "
+                         f"{cands}")
+    stem.with_suffix(".md").write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    import torch
+
+    torch.set_num_threads(args.threads)
+    import hf_prune
+    from hf_prune.assets import load_smollm2
+    from hf_prune.methods import get
+
+    data_dir = Path(args.data_dir)
+    stem = Path(args.out)
+    env = environment(args)
+    model, tok = load_smollm2()
+    batches, calib = calibration_batches(tok, data_dir, args)
+    wiki = (data_dir / "wiki_en.txt").read_text(encoding="utf-8")
+    stream = torch.tensor(tok(wiki, add_special_tokens=False)["input_ids"][: args.eval_tokens], dtype=torch.long)
+    protocol = {"calibration": calib, "calibration_batch": args.calib_batch, "eval_tokens": int(stream.numel()),
+                "window": args.window, "bos": False, "faithful": FAITHFUL}
+    rows: list[dict] = []
+    name = "SmolLM2-135M-Instruct"
+    if not args.no_dense:
+        ev = perplexity(model, stream, args.window)
+        rows.append({"model": name, "method": "dense", "slicing": 0.0, "basis": None, "settings": "dense",
+                     "ppl": ev["ppl"], "params": sum(p.numel() for p in model.parameters()), "seconds": 0.0, **ev})
+        write(rows, env, protocol, stem)
+    del model
+    for method in args.methods.split(","):
+        for sp in (float(x) for x in args.slicings.split(",")):
+            for setting in args.settings.split(","):
+                options = dict(FAITHFUL) if setting == "faithful" else {}
+                if setting in ("global", "layer", "sublayer"):
+                    options["basis"] = setting
+                elif setting not in ("defaults", "faithful"):
+                    raise SystemExit(f"--settings: {setting!r} is not defaults, faithful, global, layer or sublayer")
+                m = get(method, slicing=sp, progress=False, **options)
+                model, _ = load_smollm2()
+                t0 = time.perf_counter()
+                error = None
+                try:
+                    result = hf_prune.prune(model, m, batches)
+                except ValueError as e:  # a refused plan or a failed perplexity check: recorded, not fatal
+                    error = f"{type(e).__name__}: {e}"
+                seconds = time.perf_counter() - t0
+                row = {"model": name, "method": method, "slicing": sp, "settings": setting, "overrides": options,
+                       "seconds": seconds}
+                if error:
+                    row.update(basis=options.get("basis", "auto"), ppl=None, params=None, error=error)
+                    print(json.dumps(row), flush=True)
+                    rows.append(row)
+                    write(rows, env, protocol, stem)
+                    continue
+                prov = result.plan.provenance
+                ev = perplexity(model, stream, args.window)
+                row.update(basis=result.plan.residual_widths["basis"], ppl=ev["ppl"],
+                           params=sum(p.numel() for p in model.parameters()), scored_tokens=ev["scored_tokens"],
+                           head=prov.get("head"), calibration_check=prov.get("calibration_check"),
+                           basis_choice=prov.get("basis_choice"), schedule_note=prov.get("schedule_note"),
+                           average_slicing=prov.get("average_slicing"))
+                rows.append(row)
+                print(json.dumps({k: row[k] for k in ("method", "slicing", "settings", "basis", "ppl", "params",
+                                                       "seconds")}), flush=True)
+                write(rows, env, protocol, stem)
+                del model
+    write(rows, env, protocol, stem)
+
+
+if __name__ == "__main__":
+    main()
