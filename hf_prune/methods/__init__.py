@@ -18,6 +18,9 @@ from __future__ import annotations
 import functools
 import importlib
 import json
+import math
+import types
+import typing
 from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Iterable, Mapping
@@ -28,7 +31,8 @@ from torch import nn
 from ..plan import PrunePlan
 
 __all__ = [
-    "CONFIG_FILENAME", "PruningMethod", "available", "from_dict", "get", "load", "register",
+    "CONFIG_FILENAME", "ConfigField", "PruningMethod", "available", "config_fields", "from_dict", "get", "load",
+    "method_class", "register",
     "AngularBlock", "DynamicSlicing", "IteRABRe", "LLMPruner", "LLMSurgeon", "MagnitudePruning", "PIP", "ShortGPT",
     "SliceGPT",
 ]
@@ -129,6 +133,73 @@ def load(path: str | Path) -> "PruningMethod":
     return from_dict(d)
 
 
+# config fields that hold runtime objects, not config values: never flags, never saved (PIP's tokenizer)
+RUNTIME_FIELDS = ("tokenizer",)
+_TRUE, _FALSE = ("true", "yes", "1", "on"), ("false", "no", "0", "off")
+
+
+@dataclass(frozen=True)
+class ConfigField:
+    """One config field of a method as a typed option: name, type, default, help and a strict text parser."""
+
+    name: str
+    type: Any
+    default: Any
+    help: str
+
+    @property
+    def is_list(self) -> bool:
+        return typing.get_origin(self.type) in (tuple, list)
+
+    def parse(self, text: str) -> Any:
+        """`text` as this field's type; ValueError naming the value and what is valid (no bool for int, no
+        truncated float, 'none' only where None is allowed)."""
+        kinds = [a for a in typing.get_args(self.type) if a is not type(None)] if typing.get_origin(self.type) in (
+            typing.Union, types.UnionType) else [self.type]
+        optional = typing.get_origin(self.type) in (typing.Union, types.UnionType) and type(None) in typing.get_args(
+            self.type)
+        raw = text.strip()
+        if optional and raw.lower() in ("none", "null"):
+            return None
+        kind = kinds[0] if kinds else str
+        if self.is_list:
+            return tuple(x.strip() for x in raw.split(",") if x.strip())
+        if kind is bool:
+            if raw.lower() in _TRUE:
+                return True
+            if raw.lower() in _FALSE:
+                return False
+            raise ValueError(f"{self.name}={text!r} is not valid; use true or false")
+        if kind is int:
+            if not raw.lstrip("-").isdigit():
+                raise ValueError(f"{self.name}={text!r} is not valid; it must be an integer"
+                                 + (" or none" if optional else ""))
+            return int(raw)
+        if kind is float:
+            try:
+                value = float(raw)
+            except ValueError:
+                raise ValueError(f"{self.name}={text!r} is not valid; it must be a number"
+                                 + (" or none" if optional else "")) from None
+            if not math.isfinite(value):
+                raise ValueError(f"{self.name}={text!r} is not valid; it must be a finite number")
+            return value
+        return raw
+
+
+def _plain(value: Any) -> Any:
+    return list(value) if isinstance(value, tuple) else value
+
+
+def config_fields(cls: type["PruningMethod"], exclude: Iterable[str] = ()) -> list[ConfigField]:
+    """The config fields of a method class as typed options (the one source of the CLI's and the recipes' method
+    flags), without runtime fields and `exclude`."""
+    hints = typing.get_type_hints(cls)
+    skip = set(RUNTIME_FIELDS) | set(exclude)
+    return [ConfigField(f.name, hints[f.name], f.default if f.default is not MISSING else None,
+                        f.metadata.get("help", "")) for f in fields(cls) if f.name not in skip]
+
+
 def _checked_plan(plan_fn):
     """Wrap a method's `plan` so that every method checks its inputs the same way before scoring and records the
     architecture the plan was made for."""
@@ -224,11 +295,12 @@ class PruningMethod:
     # ----- config ----------------------------------------------------------------------------------------------
     def config_dict(self) -> dict[str, Any]:
         """The config fields and their values."""
-        return {f.name: getattr(self, f.name) for f in fields(self)}
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in RUNTIME_FIELDS}
 
     def to_dict(self) -> dict[str, Any]:
         """`{"method": name, **config}`: plain JSON values; `hf_prune.methods.from_dict` rebuilds the method."""
-        return {"method": self.name, **self.config_dict()}
+        return {"method": self.name, **{f.name: _plain(getattr(self, f.name)) for f in fields(self)
+                                        if f.name not in RUNTIME_FIELDS}}
 
     def save(self, directory: str | Path) -> Path:
         """Write the config as `<directory>/prune_method.json` (strict JSON)."""
