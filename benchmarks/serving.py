@@ -114,12 +114,6 @@ def load_hf(folder: Path):
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def best_of(fn: Callable[[], tuple[float, float]], repeats: int) -> tuple[float, float]:
-    """(best prefill seconds, best decode seconds) over `repeats` calls of fn."""
-    runs = [fn() for _ in range(repeats)]
-    return min(r[0] for r in runs), min(r[1] for r in runs)
-
-
 def hf_timing(model, ids: torch.Tensor, n_decode: int) -> tuple[float, float]:
     """Seconds for the prefill of `ids` (batch x prompt) and for `n_decode` greedy steps with the KV cache."""
     with torch.inference_mode():

@@ -536,8 +536,10 @@ def to_gguf(folder_or_model: str | os.PathLike | nn.Module, path: str | os.PathL
     defaults to the folder's. `pad_ffn_to`: MLP widths are written rounded up to this multiple with zero channels
     (exact: a zero channel adds silu(0) * 0 = 0); ggml's fast matmul paths and q8_0 need rows that are multiples of
     32, and on SmolLM2's LLM-Pruner result (MLP widths 1228-1536) unpadded widths cost a third of the f16 prefill
-    speed (benchmarks/results/serving.md); 1 writes the widths as they are. The file is written to a temporary sibling and renamed into place; an existing `path`
-    is replaced only with `overwrite=True`. See the module docstring for the architecture chosen and what is refused.
+    speed (benchmarks/results/serving.md); 1 writes the widths as they are. `expand_compact`: write CompactLinear
+    projections dense with their zeros put back instead of refusing them. The file is written to a temporary sibling
+    and renamed into place; an existing `path` is replaced only with `overwrite=True`. See the module docstring for
+    the architecture chosen and what is refused.
     """
     _check_dtype(dtype)
     padded_width(1, pad_ffn_to)  # validates pad_ffn_to before any weight loads

@@ -103,7 +103,8 @@ def test_pre_tokenizer_names():
     byte_level = {"type": "ByteLevel", "add_prefix_space": False, "use_regex": True}
     assert pre_tokenizer_name({"pre_tokenizer": byte_level}) == "gpt-2"
     digits = {"type": "Digits", "individual_digits": True}
-    assert pre_tokenizer_name({"pre_tokenizer": {"type": "Sequence", "pretokenizers": [digits, byte_level]}}) == "smollm"
+    sequence = {"type": "Sequence", "pretokenizers": [digits, byte_level]}
+    assert pre_tokenizer_name({"pre_tokenizer": sequence}) == "smollm"
     odd = {"type": "Whitespace"}
     assert pre_tokenizer_name({"pre_tokenizer": odd}) == "default"
 
@@ -195,7 +196,8 @@ def test_refuses_what_llama_cpp_cannot_run(tmp_path):
 
 def _compacted():
     model = _model("llama", DROPPED)
-    with torch.no_grad():  # zero query rows inside a head and some down-projection columns: only compaction removes them
+    # zero query rows inside a head and some down-projection columns: only compaction removes them
+    with torch.no_grad():
         model.model.layers[0].self_attn.q_proj.weight[3:8] = 0
         model.model.layers[1].mlp.down_proj.weight[:, :40] = 0
     assert compact_zeros(model)["linears"] >= 2
