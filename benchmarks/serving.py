@@ -70,7 +70,7 @@ def num_parameters(model: torch.nn.Module) -> int:
 
 def prune_variants(folder: Path, args) -> dict[str, Path]:
     """Save dense, LLM-Pruner and ShortGPT results as folders; return {name: folder}."""
-    from hf_prune import apply, assets, data, methods
+    from hf_prune import assets, data, methods, prune
 
     out = {}
     model, tok = assets.load_smollm2()
@@ -84,7 +84,7 @@ def prune_variants(folder: Path, args) -> dict[str, Path]:
             continue
         m, _ = assets.load_smollm2()
         if method is not None:
-            apply(m, method.plan(m, batches))
+            prune(m, method, batches)  # the one stage runner
         path = folder / name
         m.save_pretrained(path)
         tok.save_pretrained(path)

@@ -73,6 +73,7 @@ __all__ = [
     "push",
     "redact",
     "save",
+    "to_gguf",
     "versions",
 ]
 
@@ -333,3 +334,10 @@ def measure(
                                               examples=int(metrics["n"]) if "n" in metrics else None, step=step,
                                               source=f"lm-eval {version}, zero-shot"))
     return records
+
+
+def to_gguf(folder_or_model: Any, path: str | os.PathLike, dtype: str = "f16", **kwargs: Any) -> Path:
+    """Write an export (folder or in-memory model) as a GGUF file for llama.cpp: `hf_prune.gguf.to_gguf`."""
+    from .gguf import to_gguf as write_gguf
+
+    return write_gguf(folder_or_model, path, dtype=dtype, **kwargs)
