@@ -22,11 +22,11 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from recipe_utils import (  # noqa: E402
+    method_name_from_argv,
     calibration_blocks,
     evaluate_model,
     method_arguments,
@@ -50,20 +50,6 @@ class SlicingRecipeArguments:
     lora_alpha: int = field(default=16, metadata={"help": "LoRA alpha."})
 
 
-def _method_name(argv: list[str]) -> str:
-    """`--method` from the command line, else from the --config YAML, else dynamic_slicing (needed before parsing:
-    the two methods have different fields)."""
-    name = "dynamic_slicing"
-    if "--config" in argv:
-        cfg = yaml.safe_load(Path(argv[argv.index("--config") + 1]).read_text()) or {}
-        name = cfg.get("method", name)
-    if "--method" in argv:
-        name = argv[argv.index("--method") + 1]
-    if name not in METHODS:
-        raise ValueError(f"--method {name!r} is not valid; use one of {METHODS}")
-    return name
-
-
 def main(argv: list[str] | None = None) -> dict:
     from hf_prune import prune
     from hf_prune.data import batches
@@ -71,7 +57,7 @@ def main(argv: list[str] | None = None) -> dict:
     from hf_prune.surgery import sliced_num_parameters
 
     argv = list(sys.argv[1:] if argv is None else argv)
-    name = _method_name(argv)
+    name = method_name_from_argv(argv, METHODS, "dynamic_slicing")
     other = {f.name for m in METHODS for f in dataclasses.fields(method_class(m))}  # a shared YAML's other fields
     run = start_recipe((method_arguments(method_class(name)), SlicingRecipeArguments), argv,
                        ignore_config_keys=other)

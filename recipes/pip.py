@@ -20,8 +20,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import yaml  # noqa: E402
 from recipe_utils import (  # noqa: E402
+    method_name_from_argv,
     RecoveryArguments,
     evaluate_model,
     method_arguments,
@@ -45,23 +45,9 @@ class MethodChoice:
     method: str = dataclasses.field(default="pip", metadata={"help": f"One of {sorted(METHODS)}."})
 
 
-def _method_name(argv: list[str]) -> str:
-    """`--method` from the command line, else from the --config YAML, else pip (needed before parsing: each method
-    has its own fields and defaults)."""
-    name = "pip"
-    if "--config" in argv:
-        cfg = yaml.safe_load(Path(argv[argv.index("--config") + 1]).read_text()) or {}
-        name = cfg.get("method", name)
-    if "--method" in argv:
-        name = argv[argv.index("--method") + 1]
-    if name not in METHODS:
-        raise ValueError(f"--method {name!r} is not valid; use one of {sorted(METHODS)}")
-    return name
-
-
 def main(argv: list[str] | None = None) -> dict:
     argv = list(sys.argv[1:] if argv is None else argv)
-    name = _method_name(argv)
+    name = method_name_from_argv(argv, METHODS, "pip")
     recovery_fields = tuple(f.name for f in dataclasses.fields(RecoveryArguments))
     margs_cls = method_arguments(METHODS[name], exclude=recovery_fields + NOT_FLAGS)
     # a shared YAML may carry another method's fields (e.g. PIP's perturbation with --method llm_pruner): skip those

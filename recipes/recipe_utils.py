@@ -139,6 +139,22 @@ def method_arguments(method_cls: type, exclude: tuple[str, ...] = ()) -> type:
     return dataclasses.make_dataclass(f"{method_cls.__name__}Arguments", specs)
 
 
+def method_name_from_argv(argv: Sequence[str], choices: Collection[str], default: str) -> str:
+    """`--method` from the command line, else the `method` key of the --config YAML, else `default`: a recipe that
+    serves several methods needs it before parsing, since each method has its own fields and defaults."""
+    import yaml
+
+    name = default
+    if "--config" in argv:
+        cfg = yaml.safe_load(Path(argv[list(argv).index("--config") + 1]).read_text()) or {}
+        name = cfg.get("method", name)
+    if "--method" in argv:
+        name = argv[list(argv).index("--method") + 1]
+    if name not in choices:
+        raise ValueError(f"--method {name!r} is not valid; use one of {sorted(choices)}")
+    return name
+
+
 def evaluate_model(model, tok, data: DataArguments, ev: EvalArguments) -> dict[str, Any]:
     """Perplexity on the evaluation text and accuracy on the multiple-choice tasks."""
     from hf_prune.evaluate import multiple_choice, perplexity
@@ -339,7 +355,7 @@ def save_outputs(run: RecipeStart, model, plan, method, evaluation: dict[str, An
     from hf_prune.assets import SMOLLM2_HUB_ID, SMOLLM2_LICENSE
     from hf_prune.export import DataRecord, EvalRecord, ExportMetadata, redact, save
 
-    data, ev = run.data, run.ev
+    data = run.data
     default_model = data.model_name_or_path is None
     meta = ExportMetadata(
         base_model=SMOLLM2_HUB_ID if default_model else data.model_name_or_path,
