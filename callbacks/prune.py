@@ -68,7 +68,6 @@ import json
 import logging
 import math
 import os
-import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
