@@ -543,7 +543,8 @@ def test_llm_surgeon_shots_get_their_weight_update_inside_plain_train(tmp_path):
     model = tiny_model("llama", num_hidden_layers=3).train()
     dense = sum(p.numel() for p in model.parameters())
     n0, _ = prunable(model)
-    method = Counting(target=0.3, shots=2, mode="structured", verbose=False, compute_dtype="float64")
+    method = Counting(target=0.3, target_of="linears", shots=2, mode="structured", verbose=False,
+                      compute_dtype="float64")
     trainer = Trainer(model=model, args=_args(tmp_path), train_dataset=blocks_dataset(blocks))
     trainer.add_callback(PruneCallback(method, calibration=blocks[:4], schedule=PruneSchedule(every_n_epochs=1),
                                        export_dir=tmp_path / "export", compact_zeros=True))
