@@ -10,13 +10,32 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from .arch import UnsupportedModelError, get_adapter
 from .checks import NonFiniteError, check_int_option, check_optional_int_option
 from .data import adds_bos, load_mc_task, mc_context, tokenize_stream
+from .losses import DEFAULT_CHUNK_TOKENS, IGNORE_INDEX, chunked_causal_lm_loss, output_head
 from .runtime import eval_mode, model_device, progress
 
 __all__ = ["perplexity", "multiple_choice", "load_mc_task", "mc_requests", "lm_eval"]
 
 PADDING_SIDES = ("right", "left")
+
+
+def _backbone_and_head(model: torch.nn.Module, chunk_tokens: int | None):
+    """(decoder stack, hidden -> logits) of a supported family, or (None, None): the model's own forward and its
+    full logits are used (chunk_tokens=None, or a model hf-prune has no adapter for)."""
+    if chunk_tokens is None:
+        return None, None
+    try:
+        ad = get_adapter(model)
+    except UnsupportedModelError:
+        return None, None
+    return ad.backbone, output_head(ad)
+
+
+def _last_hidden(backbone: torch.nn.Module, **inputs) -> torch.Tensor:
+    out = backbone(use_cache=False, **inputs)
+    return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -32,6 +51,7 @@ def perplexity(
     batch_size: int = 4,
     max_tokens: int | None = None,
     bos: bool | None = None,
+    chunk_tokens: int | None = DEFAULT_CHUNK_TOKENS,
 ) -> dict[str, float | int | bool]:
     """Perplexity over non-overlapping windows of the token stream.
 
@@ -42,10 +62,15 @@ def perplexity(
     when ``tokenizer(text)`` adds one, as Llama's and Gemma's do; see `hf_prune.data.adds_bos`) every window is BOS
     followed by ``window - 1`` stream tokens and predicts all of them, so ``tokens`` counts every stream token.
     Returns ``{"perplexity", "nll", "tokens", "window", "bos"}``.
+
+    The log-probs come from the backbone's final hidden states, the head run over ``chunk_tokens`` tokens at a time
+    (`hf_prune.losses`), so memory does not grow with vocabulary x batch tokens; ``chunk_tokens=None`` (or a family
+    hf-prune has no adapter for) uses the model's own forward and its full (batch, window, vocab) logits.
     """
     window = check_int_option("window", window, minimum=2)
     batch_size = check_int_option("batch_size", batch_size, minimum=1)
     max_tokens = check_optional_int_option("max_tokens", max_tokens, minimum=2)
+    chunk_tokens = check_optional_int_option("chunk_tokens", chunk_tokens, minimum=1)
     use_bos = adds_bos(tokenizer) if bos is None else bool(bos)
     stream = tokenize_stream(tokenizer, text)
     if max_tokens is not None:
@@ -66,13 +91,20 @@ def perplexity(
         groups.append([windows[-1]])
 
     device = model_device(model)
+    backbone, head = _backbone_and_head(model, chunk_tokens)
     total_nll = 0.0
     total_tokens = 0
     with eval_mode(model):
         for group in progress(groups, desc="perplexity"):
             ids = torch.stack(group).to(device)
-            logits = model(input_ids=ids).logits[:, :-1].float()
-            nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="sum")
+            if backbone is None:
+                logits = model(input_ids=ids).logits[:, :-1].float()
+                nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="sum")
+                del logits
+            else:
+                hidden = _last_hidden(backbone, input_ids=ids)
+                nll = chunked_causal_lm_loss(hidden, head, ids, chunk_tokens=chunk_tokens, reduction="sum")
+                del hidden
             total_nll += nll.item()
             total_tokens += ids[:, 1:].numel()
     mean = total_nll / total_tokens
@@ -122,9 +154,14 @@ def _score(
     pad_id: int,
     padding_side: str,
     max_length: int | None,
+    chunk_tokens: int | None = DEFAULT_CHUNK_TOKENS,
 ) -> list[float]:
-    """Sum of continuation-token log-probs for each (context, continuation) request, batched longest first."""
+    """Sum of continuation-token log-probs for each (context, continuation) request, batched longest first.
+
+    Only the continuation tokens' logits are computed (`chunk_tokens` at a time, from the backbone's hidden states);
+    ``chunk_tokens=None`` uses the model's full logits."""
     device = model_device(model)
+    backbone, head = _backbone_and_head(model, chunk_tokens)
     seqs = []
     for ctx, cont in requests:
         seq = ctx + cont
@@ -149,6 +186,17 @@ def _score(
         inputs = {"input_ids": ids.to(device), "attention_mask": mask.to(device)}
         if padding_side == "left":
             inputs["position_ids"] = (mask.cumsum(-1) - 1).clamp(min=0).to(device)
+        if backbone is not None:
+            labels = torch.full_like(ids, IGNORE_INDEX)
+            for row, i in enumerate(batch):
+                seq, n_cont = seqs[i]
+                end = len(seq) if padding_side == "right" else width  # one past the last real token
+                labels[row, end - n_cont : end] = ids[row, end - n_cont : end]
+            hidden = _last_hidden(backbone, **inputs)
+            nll = chunked_causal_lm_loss(hidden, head, labels, chunk_tokens=chunk_tokens, reduction="none")
+            for i, value in zip(batch, (-nll.sum(-1)).tolist()):
+                scores[i] = value
+            continue
         logits = model(**inputs).logits
         for row, i in enumerate(batch):
             seq, n_cont = seqs[i]
@@ -168,6 +216,7 @@ def multiple_choice(
     batch_size: int = 8,
     padding_side: str = "right",
     return_loglikelihoods: bool = False,
+    chunk_tokens: int | None = DEFAULT_CHUNK_TOKENS,
 ) -> dict[str, Any]:
     """Zero-shot accuracy on a BIG-bench-style multiple-choice task by log-likelihood of each choice.
 
@@ -177,6 +226,7 @@ def multiple_choice(
     choice has the highest target score. ``acc_norm`` divides each log-likelihood by the choice's length in
     characters (as lm-eval does). ``limit`` keeps the first ``limit`` examples. Returns ``{"acc", "acc_norm", "n"}``
     plus ``"loglikelihoods"`` (per example, per choice, in the task's order) if ``return_loglikelihoods``.
+    Only the continuation tokens' logits are computed, ``chunk_tokens`` at a time (None: the model's full logits).
     """
     if padding_side not in PADDING_SIDES:
         raise ValueError(f"padding_side={padding_side!r} is not valid; use one of {PADDING_SIDES}.")
@@ -184,6 +234,7 @@ def multiple_choice(
         raise ValueError(f"batch_size={batch_size} is not valid; it must be >= 1.")
     if limit is not None and limit < 1:
         raise ValueError(f"limit={limit} is not valid; it must be >= 1 or None.")
+    chunk_tokens = check_optional_int_option("chunk_tokens", chunk_tokens, minimum=1)
     task = load_mc_task(task_path)
     examples = task["examples"][:limit] if limit is not None else task["examples"]
     if not examples:
@@ -201,7 +252,7 @@ def multiple_choice(
         pad_id = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
     max_length = getattr(getattr(model, "config", None), "max_position_embeddings", None)
     with eval_mode(model):
-        scores = _score(model, requests, batch_size, pad_id, padding_side, max_length)
+        scores = _score(model, requests, batch_size, pad_id, padding_side, max_length, chunk_tokens)
 
     correct = correct_norm = 0
     lls = []

@@ -33,6 +33,7 @@ from torch import nn
 
 from .arch import get_adapter, unwrap_model
 from .checks import require_finite
+from .losses import DEFAULT_CHUNK_TOKENS, IGNORE_INDEX, chunked_causal_lm_loss, output_head, sample_labels
 from .runtime import available_memory, model_device, progress as progress_bar
 
 __all__ = [
@@ -46,6 +47,7 @@ __all__ = [
     "damped_inverse",
     "decoder_linears",
     "factor_bytes",
+    "hidden_next_token_loss",
     "next_token_loss",
 ]
 
@@ -260,15 +262,36 @@ def next_token_loss(logits: torch.Tensor, input_ids: torch.Tensor, attention_mas
                            reduction="sum")
 
 
+def hidden_next_token_loss(hidden: torch.Tensor, head: Callable[[torch.Tensor], torch.Tensor],
+                           input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+                           labels: torch.Tensor | None = None, fisher: str = "empirical",
+                           generator: torch.Generator | None = None,
+                           chunk_tokens: int | None = DEFAULT_CHUNK_TOKENS) -> torch.Tensor:
+    """`next_token_loss` from the final hidden states (batch, seq, d) and the head (`hf_prune.losses.output_head`),
+    the logits made `chunk_tokens` tokens at a time for the loss, its backward and the sampled labels alike."""
+    if fisher not in FISHER_KINDS:
+        raise ValueError(f"fisher={fisher!r}; valid: {FISHER_KINDS}")
+    target = (labels if labels is not None else input_ids).clone()
+    if labels is None and attention_mask is not None:
+        target[attention_mask == 0] = IGNORE_INDEX
+    if fisher == "sampled":
+        sampled = sample_labels(hidden.detach(), head, generator=generator, chunk_tokens=chunk_tokens)
+        target = torch.where(target == IGNORE_INDEX, target, sampled.to(target.device))
+    return chunked_causal_lm_loss(hidden, head, target, chunk_tokens=chunk_tokens, reduction="sum")
+
+
 def collect_lm_kfac(model: nn.Module, batches: Iterable[Mapping[str, torch.Tensor]], fisher: str = "empirical",
                     factor_device: str = "auto", seed: int = 0, linears: Mapping[str, nn.Linear] | None = None,
-                    progress: bool = True, log: Callable[[str], None] | None = None) -> dict[str, KFACFactor]:
+                    progress: bool = True, log: Callable[[str], None] | None = None,
+                    chunk_tokens: int | None = DEFAULT_CHUNK_TOKENS) -> dict[str, KFACFactor]:
     """K-FAC factors of every decoder nn.Linear of a causal LM from the next-token loss on `batches`.
 
     Each batch is a dict with `input_ids` and optionally `attention_mask` and `labels`. The model runs in eval mode
     with every parameter's requires_grad switched off for the pass (no parameter gradients are computed or left
     behind), both restored afterwards; only activation gradients flow, started at the embedding output. The memory
-    the factors need is reported through `log` (default: this module's logger at INFO).
+    the factors need is reported through `log` (default: this module's logger at INFO). The loss runs on the
+    backbone's final hidden states with the logits made `chunk_tokens` tokens at a time (`hidden_next_token_loss`),
+    so no step holds all tokens' logits.
     """
     log = log if log is not None else logger.info
     model = unwrap_model(model)
@@ -276,6 +299,7 @@ def collect_lm_kfac(model: nn.Module, batches: Iterable[Mapping[str, torch.Tenso
         raise ValueError(f"fisher={fisher!r}; valid: {FISHER_KINDS}")
     linears = dict(linears) if linears is not None else decoder_linears(model)
     ad = get_adapter(model)
+    head = output_head(ad)
     dev = model_device(model)
     needed = factor_bytes(linears)
     place = choose_factor_device(needed, dev, factor_device)
@@ -305,11 +329,11 @@ def collect_lm_kfac(model: nn.Module, batches: Iterable[Mapping[str, torch.Tenso
                 labels = batch.get("labels")
                 labels = labels.to(dev) if labels is not None else None
                 kc.token_mask = mask.reshape(-1).bool() if mask is not None else None
-                logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
-                loss = next_token_loss(logits, ids, mask, labels, fisher, gen)
+                hidden = ad.backbone(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
+                loss = hidden_next_token_loss(hidden, head, ids, mask, labels, fisher, gen, chunk_tokens)
                 require_finite(loss.detach(), method="K-FAC", stage=None, layer=None, what="the calibration loss")
                 loss.backward()
-                del logits, loss
+                del hidden, loss
             factors = kc.factors()
     finally:
         embed_hook.remove()

@@ -33,11 +33,11 @@ from dataclasses import dataclass
 from typing import Iterable, Iterator, Mapping, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..arch import ArchAdapter, get_adapter, unwrap_model
 from ..checks import check_optional_int_option, require_finite
+from ..losses import DEFAULT_CHUNK_TOKENS, IGNORE_INDEX, chunked_causal_lm_loss, output_head
 from ..perturb import EmbeddingNoise
 from ..runtime import available_memory, progress as progress_bar
 
@@ -282,7 +282,8 @@ class MemoryEstimate:
     activations: per decoder layer and token, about 5 D + 4 D_q + 3 D_kv + 4 I + H * T values are kept for the
     backward pass (norm inputs/outputs, q/k/v before and after RoPE, attention output, the four MLP
     intermediates, attention probabilities when materialised); with gradient checkpointing only each layer's input
-    (D) plus one layer's full set. logits: the logits, their log-softmax and its gradient, T * V values each, fp32.
+    (D) plus one layer's full set. logits: the logits, their log-softmax and its gradient, fp32, for at most
+    `chunk_tokens` tokens at a time (`hf_prune.losses`): C * V values each, C = min(T, chunk_tokens).
     """
 
     weights: int
@@ -316,10 +317,12 @@ def estimate_gradient_memory(
     seq_len: int,
     scored: Iterable[nn.Parameter] | None = None,
     gradient_checkpointing: bool = False,
+    chunk_tokens: int | None = DEFAULT_CHUNK_TOKENS,
 ) -> MemoryEstimate:
     """Estimate the peak memory of one forward+backward over ``micro_batch_size`` x ``seq_len`` tokens.
 
     ``scored`` are the parameters that get gradients (default: all). Gradients are held in the parameters' dtype.
+    The loss's logits are made ``chunk_tokens`` tokens at a time (None: all at once).
     """
     model = unwrap_model(model)
     ad = get_adapter(model)
@@ -341,7 +344,7 @@ def estimate_gradient_memory(
         values = sum(per_layer)
     activations = t * values * elem
     vocab = ad.lm_head.out_features
-    logits = 3 * t * vocab * 4
+    logits = 3 * (t if chunk_tokens is None else min(t, chunk_tokens)) * vocab * 4
     device = str(params[0].device) if params else "cpu"
     return MemoryEstimate(weights, gradients, activations, logits, t, device)
 
@@ -421,13 +424,15 @@ def _predicted_tokens(mask: torch.Tensor) -> int:
     return int((mask[:, 1:].bool() & mask[:, :-1].bool()).sum())
 
 
-def _nll_sum(model: nn.Module, labels: torch.Tensor, mask: torch.Tensor, **inputs) -> torch.Tensor:
-    """Summed next-token NLL over positions where both the token and its predecessor are real."""
-    logits = model(attention_mask=mask, use_cache=False, **inputs).logits[:, :-1]
+def _nll_sum(ad: ArchAdapter, labels: torch.Tensor, mask: torch.Tensor,
+             chunk_tokens: int | None = DEFAULT_CHUNK_TOKENS, **inputs) -> torch.Tensor:
+    """Summed next-token NLL over positions where both the token and its predecessor are real, from the backbone's
+    final hidden states with the logits made ``chunk_tokens`` tokens at a time (`hf_prune.losses`)."""
+    hidden = ad.backbone(attention_mask=mask, use_cache=False, **inputs).last_hidden_state
     valid = mask[:, 1:].bool() & mask[:, :-1].bool()
-    target = labels[:, 1:].masked_fill(~valid, -100)
-    return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=-100,
-                           reduction="sum")
+    target = labels.clone()
+    target[:, 1:] = target[:, 1:].masked_fill(~valid, IGNORE_INDEX)
+    return chunked_causal_lm_loss(hidden, output_head(ad), target, chunk_tokens=chunk_tokens, reduction="sum")
 
 
 def _views(batch: Batch, perturbed: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -449,12 +454,15 @@ def gradient_pass(
     *,
     method: str = "gradient pass",
     stage: int | None = None,
+    chunk_tokens: int | None = DEFAULT_CHUNK_TOKENS,
 ) -> dict[int, torch.Tensor]:
     """Gradients of the mean calibration loss w.r.t. ``params``, keyed by ``id(param)`` (fp32, on their device).
 
     With ``difference`` the result is grad L(x) - grad L(x~): batches must carry ``perturbed_input_ids`` (and
     ``perturbed_attention_mask``) unless ``embedding_noise`` is given, in which case x~ is the clean ids' embeddings
     plus noise, scored against the clean next tokens. Each view's loss is the mean over its own predicted tokens.
+    The loss never holds all tokens' logits: the head runs over ``chunk_tokens`` tokens at a time, forward and
+    backward (`hf_prune.losses.chunked_causal_lm_loss`; None: all at once).
     """
     model = unwrap_model(model)
     ad = get_adapter(model)
@@ -479,7 +487,7 @@ def gradient_pass(
             step = micro_batch_size or rows
             for s in range(0, rows, step):
                 ids, mask = (t[s : s + step].to(device) for t in _views(batch, False))
-                clean = _nll_sum(model, ids, mask, input_ids=ids)
+                clean = _nll_sum(ad, ids, mask, chunk_tokens, input_ids=ids)
                 require_finite(clean.detach(), method=method, stage=stage, layer=None, what="the calibration loss")
                 (clean / n_clean).backward()
                 if not difference:
@@ -488,10 +496,10 @@ def gradient_pass(
                     with torch.no_grad():
                         embeds = embedding_noise(ad.embed(ids), offset=noise_calls)
                     noise_calls += 1
-                    loss = _nll_sum(model, ids, mask, inputs_embeds=embeds)
+                    loss = _nll_sum(ad, ids, mask, chunk_tokens, inputs_embeds=embeds)
                 else:
                     pids, pmask = (t[s : s + step].to(device) for t in _views(batch, True))
-                    loss = _nll_sum(model, pids, pmask, input_ids=pids)
+                    loss = _nll_sum(ad, pids, pmask, chunk_tokens, input_ids=pids)
                 require_finite(loss.detach(), method=method, stage=stage, layer=None,
                                what="the calibration loss on the perturbed view")
                 (-loss / n_pert).backward()
@@ -512,12 +520,14 @@ def compute_importance(
     *,
     method: str | None = None,
     stage: int | None = None,
+    chunk_tokens: int | None = DEFAULT_CHUNK_TOKENS,
 ) -> list[LayerImportance]:
     """Scores of every head and channel of decoder layers ``layers`` under ``criterion`` (see module docstring).
 
     For the gradient criteria the memory of the pass is estimated first and checked against ``memory_budget_gb``
     (None: the device's free memory); InsufficientMemoryError is raised before any forward pass if it won't fit.
     A NaN/inf score raises NonFiniteError naming ``method`` (default: the criterion), ``stage`` and the layer.
+    The loss's logits are made ``chunk_tokens`` tokens at a time (`gradient_pass`).
     """
     if criterion not in CRITERIA:
         raise ValueError(f"criterion={criterion!r} is not valid; use one of {CRITERIA}")
@@ -533,12 +543,12 @@ def compute_importance(
         rows = max(b["input_ids"].shape[0] for b in batches)
         seq_len = max(b["input_ids"].shape[1] for b in batches)
         est = estimate_gradient_memory(model, min(micro_batch_size or rows, rows), seq_len, params,
-                                       gradient_checkpointing)
+                                       gradient_checkpointing, chunk_tokens)
         logger.info("%r gradient pass over %d batches needs about %s", criterion, len(batches), est)
         check_memory(est, memory_budget_gb, what=f"{criterion!r} gradient pass")
         grads = gradient_pass(model, batches, params, difference=criterion == "pip", embedding_noise=embedding_noise,
                               micro_batch_size=micro_batch_size, gradient_checkpointing=gradient_checkpointing,
-                              progress=progress, method=method or criterion, stage=stage)
+                              progress=progress, method=method or criterion, stage=stage, chunk_tokens=chunk_tokens)
     with torch.no_grad():
         scores = [layer_importance(ad, i, criterion, grads) for i in layers]
     name = method or criterion

@@ -10,7 +10,9 @@ Selection score of layer j on calibration tokens t (padding masked):
     s_j = mean_t cos( f(model without layer j)_t , f(reference)_t )       (similarity="cosine", default)
     s_j = -mean_t KL( softmax(ref logits_t) || softmax(logits without j)_t )   (similarity="kl")
 
-where f is the final hidden state (after the final norm). The layer with the highest s_j is removed.
+where f is the final hidden state (after the final norm). The layer with the highest s_j is removed. The cosine
+score never runs the LM head; the KL score runs it (with the config's final-logit softcapping) over 256 tokens at a
+time (`hf_prune.losses.chunked_kl_divergence`), never over a whole batch's (b, t, vocab) logits.
 
 Cost: the residual stream entering every layer is computed once (prefix cache); skipping layer j then only runs
 layers j+1..L-1 from the cached input of layer j, so scoring all L layers costs L(L-1)/2 layer forwards instead of
@@ -30,6 +32,7 @@ from torch import nn
 from ..arch import ArchAdapter, get_adapter, unwrap_model
 from ..calibration import LayerwiseRunner
 from ..checks import check_batches, check_choice, check_fraction, check_int_option, require_finite
+from ..losses import chunked_kl_divergence, output_head
 from ..plan import PrunePlan, architecture_of
 from ..runtime import progress as progress_bar
 from . import Batch, PruningMethod, register
@@ -46,10 +49,8 @@ def _similarity(out: torch.Tensor, ref: torch.Tensor, ad: ArchAdapter, kind: str
     """Per-token similarity (b, t) between final hidden states `out` and `ref` (higher = more similar)."""
     if kind == "cosine":
         return F.cosine_similarity(out.float(), ref.float(), dim=-1)
-    if kind == "kl":
-        lp = F.log_softmax(ad.lm_head(out).float(), dim=-1)
-        lq = F.log_softmax(ad.lm_head(ref).float(), dim=-1)
-        return -(lq.exp() * (lq - lp)).sum(-1)
+    if kind == "kl":  # the head runs over 256 tokens at a time: never (b, t, vocab) at once
+        return -chunked_kl_divergence(ref, out, output_head(ad))
     raise ValueError(f"similarity={kind!r} is not valid; use 'cosine' or 'kl'")
 
 
