@@ -587,7 +587,7 @@ def test_llm_surgeon_run_resumes_with_its_reference_count_and_zero_pattern(tmp_p
         return cb, Trainer(model=m, args=_args(tmp_path, save_strategy="steps", save_steps=1),
                            train_dataset=blocks_dataset(blocks), callbacks=[cb])
 
-    first = LLMSurgeon(target=0.3, shots=2, verbose=False, compute_dtype="float64")
+    first = LLMSurgeon(target=0.3, target_of="linears", shots=2, verbose=False, compute_dtype="float64")
     _, trainer = trainer_for(model, first)
     prune_and_train(trainer)
     recs = _records(trainer.state.log_history)
@@ -599,7 +599,7 @@ def test_llm_surgeon_run_resumes_with_its_reference_count_and_zero_pattern(tmp_p
     resumed_model = load_for_resume(ckpt)
     zero_rows_now = sum(int((lin.weight == 0).all(1).sum()) for lin in decoder_linears(resumed_model).values())
     assert shot1_zero_rows > 0 and zero_rows_now < shot1_zero_rows  # training filled some of shot 1's zeros
-    fresh = LLMSurgeon(target=0.3, shots=2, verbose=False, compute_dtype="float64")
+    fresh = LLMSurgeon(target=0.3, target_of="linears", shots=2, verbose=False, compute_dtype="float64")
     cb, resumed = trainer_for(resumed_model, fresh)
     prune_and_train(resumed, resume_from_checkpoint=str(ckpt))
     assert cb.stages_done == 2 and fresh.reference_numel == first.reference_numel
