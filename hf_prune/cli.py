@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
-import os
+import re
 import shlex
 import sys
 from pathlib import Path
@@ -25,6 +25,7 @@ __all__ = ["main", "build_parser"]
 logger = logging.getLogger("hf_prune.cli")
 
 DTYPES = ("float32", "bfloat16", "float16")
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")  # name or org/name
 
 
 class CLIError(Exception):
@@ -265,17 +266,15 @@ def _flag_options(args) -> list[tuple[str, str]]:
 
 
 def _check_model_path(path: str | None) -> None:
-    """A --model that looks like a local path must exist (a Hub id is name or org/name)."""
+    """A --model must be an existing local model folder or have the form of a Hub id (`name` or `org/name`)."""
     if path is None:
         return
     p = Path(path)
-    looks_local = p.is_absolute() or path.startswith((".", "~")) or path.count("/") > 1 or os.sep in path and \
-        path.count("/") != 1
     if p.exists():
-        if not (p / "config.json").is_file() and p.is_dir():
+        if p.is_dir() and not (p / "config.json").is_file():
             raise CLIError(f"--model {path!r} is a folder without config.json; it is not a saved model")
         return
-    if looks_local or path.endswith(("/", ".safetensors", ".bin", ".gguf")):
+    if not HUB_ID.fullmatch(path) or path.endswith((".safetensors", ".bin", ".gguf", ".json")):
         raise CLIError(f"--model {path!r} does not exist (neither a local folder nor a Hub id of the form org/name)")
 
 
