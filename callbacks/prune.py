@@ -462,14 +462,12 @@ class PruneCallback(TrainerCallback):
             self._request_stage(state, control)
 
     def on_epoch_end(self, args, state, control, **kwargs):
-        if self._in_loop:
-            if state.epoch is not None and self.schedule.before_epoch(int(round(state.epoch))):
-                self._request_stage(state, control)
-            return
-        if self._stop_requested:
+        if not self._in_loop and self._stop_requested:
             control.should_save = False
             return
-        if state.epoch is not None and self.schedule.before_epoch(int(round(state.epoch))):
+        # a whole epoch ended (not a loop stopped mid-epoch, e.g. by early stopping) and a stage is due before the next
+        epoch = round(state.epoch) if state.epoch is not None else 0
+        if epoch >= 1 and abs(state.epoch - epoch) < 1e-6 and self.schedule.before_epoch(epoch):
             self._request_stage(state, control)
 
     # ----- export ------------------------------------------------------------------------------------------------
