@@ -62,6 +62,7 @@ the main process and read by all). While the main process scores, the other rank
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import inspect
 import json
@@ -84,7 +85,9 @@ from hf_prune.data import batches as make_batches
 from hf_prune.distill import DistillationLoss
 from hf_prune.methods import PruningMethod
 from hf_prune.plan import PrunePlan
-from hf_prune.pipeline import compose, finalize, run_stage
+from hf_prune.pipeline import StageResult, compose, finalize, run_stage
+from hf_prune.sharded import (ShardedStage, gather_to_main, is_fsdp2, is_layerwise, load_optimizer_state,
+                              prune_sharded, scoring_memory, scoring_placement)
 from hf_prune.surgery import layer_widths
 
 __all__ = ["PruneCallback", "PruneSchedule", "load_for_resume", "prune_and_train", "STAGE_PREFIX"]
@@ -209,6 +212,49 @@ def carry_optimizer_state(old_state: Mapping[nn.Parameter, dict], optimizer: tor
     return carried
 
 
+DEEPSPEED_REFUSAL = (
+    "DeepSpeed is not supported: ZeRO keeps the optimizer state in the engine's flat fp32 partitions, not per "
+    "parameter, so the state of the parameters that survive a stage cannot be carried by name; and resuming from the "
+    "stage checkpoint goes through deepspeed_load_checkpoint, which needs a ZeRO checkpoint (global_step*/ "
+    "partitions) of the pruned model that only a new engine could write. Shard with FSDP2 instead (accelerate config "
+    "fsdp_version: 2, e.g. recipes/configs/accelerate_fsdp2.yaml), or use DDP / a single process"
+)
+
+
+def _fsdp_plugin(trainer: Trainer) -> Any:
+    return getattr(trainer.accelerator.state, "fsdp_plugin", None) if getattr(trainer, "is_fsdp_enabled", False) \
+        else None
+
+
+def _fsdp2_run(trainer: Trainer) -> bool:
+    plugin = _fsdp_plugin(trainer)
+    return is_fsdp2(trainer.model) or (plugin is not None and getattr(plugin, "fsdp_version", 1) == 2)
+
+
+def sharding_problem(trainer: Trainer, method: PruningMethod) -> str | None:
+    """Why a sharded (FSDP / DeepSpeed) run cannot be pruned between its stages (None when it can, or is not
+    sharded)."""
+    if getattr(trainer, "is_deepspeed_enabled", False):
+        return DEEPSPEED_REFUSAL
+    plugin = _fsdp_plugin(trainer)
+    if plugin is None:
+        return None
+    version = getattr(plugin, "fsdp_version", 1)
+    if version != 2:
+        return (f"fsdp_version={version}: FSDP1 flattens the parameters into FlatParameters whose optimizer state "
+                "cannot be carried across a shape change; set fsdp_version: 2 (recipes/configs/accelerate_fsdp2.yaml)")
+    kind = getattr(getattr(plugin, "state_dict_type", None), "name", str(getattr(plugin, "state_dict_type", None)))
+    if kind != "FULL_STATE_DICT":
+        return (f"fsdp_state_dict_type={kind}: the stage checkpoint of the pruned model is written from the gathered "
+                "copy as a full state dict, which the next train() can only load with "
+                "fsdp_state_dict_type: FULL_STATE_DICT")
+    if type(method).finalize is not PruningMethod.finalize:
+        return (f"{method.name} restores an invariant after training (finalize), which needs the whole model; under "
+                "FSDP2 prune it with DDP or a single process, or run hf_prune.pipeline.finalize on the gathered "
+                "model yourself")
+    return None
+
+
 def _fingerprint(model: nn.Module) -> dict[str, Any]:
     params = list(model.parameters())
     return {
@@ -316,6 +362,7 @@ class PruneCallback(TrainerCallback):
         self._stop_requested = False
         self._fast_forward_scheduler = False
         self._pending_logs: list[dict] = []
+        self._pending_optimizer_state: list[Any] | None = None  # sharded runs: carried state for the next train()
         self.export_dir = export_dir
         self.push_to_hub = push_to_hub
         self.hub_private = hub_private
@@ -361,8 +408,9 @@ class PruneCallback(TrainerCallback):
 
     def bind(self, trainer: Trainer, own_optimizer_check: bool = True) -> None:
         """Check that `trainer` can be pruned between stages, and install the distillation loss."""
-        if trainer.is_fsdp_enabled or trainer.is_deepspeed_enabled:
-            raise ValueError("PruneCallback does not support FSDP or DeepSpeed yet; use DDP or a single process")
+        problem = sharding_problem(trainer, self.method)
+        if problem is not None:
+            raise ValueError(f"PruneCallback cannot prune this run: {problem}")
         if trainer.args.load_best_model_at_end:
             raise ValueError(
                 "load_best_model_at_end=True cannot be used with PruneCallback: the best checkpoint may hold an "
@@ -421,6 +469,13 @@ class PruneCallback(TrainerCallback):
             return
         self._in_loop = False
         self._stop_requested = False
+        if self._pending_optimizer_state is not None:  # a sharded stage: the optimizer now holds the new shards
+            carried = load_optimizer_state(self.trainer.model, _raw_optimizer(self.trainer.optimizer),
+                                           self._pending_optimizer_state[0])
+            self._pending_optimizer_state = None
+            if _is_main():
+                logger.info("sharded prune: optimizer state of %d parameter(s) re-sharded into the new optimizer",
+                            carried)
         plateau = isinstance(lr_scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau)  # steps on metrics only
         if self._fast_forward_scheduler and lr_scheduler is not None and not plateau:
             with warnings.catch_warnings():
@@ -477,6 +532,11 @@ class PruneCallback(TrainerCallback):
         from hf_prune import export as hf_export
 
         model = trainer.model
+        if is_fsdp2(model):  # the export is written from the gathered model (main process; LoRA merged)
+            model = gather_to_main(model).model
+            if model is None:
+                trainer.accelerator.wait_for_everyone()
+                return None
         if _is_peft(model):
             model = trainer.model = model.merge_and_unload()
         finalize(model, self.method)
@@ -625,12 +685,17 @@ class PruneCallback(TrainerCallback):
         weight update, surgery); update the stage count, the original-layer map and the composed plan. Returns the
         stage's plan and its log record."""
         record = run_stage(base, self.method, self.calibration, self.stages_done, planner=self._planner)
+        self._verify_ranks(base)
+        return self._book_stage(record)
+
+    def _book_stage(self, record: StageResult) -> tuple[PrunePlan, dict[str, Any]]:
+        """Record a stage that was applied (here, or on the main process of a sharded run): stage count, composed
+        plan, original-layer map. Returns the stage's plan and its log record."""
         plan, seconds, before = record.plan, record.plan_seconds, record.parameters_before
         self.stage_plans.append(plan)
         if self.stages_done == 0 or self.plan is not None:
             self.plan = compose(self.plan, record)
-        after = sum(p.numel() for p in base.parameters())
-        self._verify_ranks(base)
+        after = record.parameters_after
         dropped = set(plan.drop_layers)
         removed_original = [self.kept_original[i] for i in plan.drop_layers]
         self.kept_original = [j for i, j in enumerate(self.kept_original) if i not in dropped]
@@ -653,11 +718,115 @@ class PruneCallback(TrainerCallback):
             "prune/scoring_seconds": round(seconds, 3),
         }
 
+    # ----- sharded runs (FSDP2): gather -> prune on the main process -> re-shard -------------------------------
+    def _score_gathered(self, gathered) -> dict[str, Any]:
+        """On the main process of a sharded run: one stage on the gathered host copy (`hf_prune.pipeline.run_stage`,
+        the plan computed here, nothing broadcast inside). A layer-by-layer method runs with everything but the
+        decoder layers on the shards' device and moves one layer at a time there; any other method scores on the
+        host copy. Returns what the other ranks need to record the stage."""
+        model = gathered.model
+        batches = self.calibration
+        need = scoring_memory(model, self.method, batches, gathered.device)
+        logger.info(need.message())
+        place = (scoring_placement(model, gathered.device) if is_layerwise(self.method)
+                 and gathered.device.type != "cpu" else contextlib.nullcontext(model))
+        with place:
+            record = run_stage(model, self.method, batches, self.stages_done, planner=None)
+        return {
+            "plan": record.plan.to_json(),
+            "resolved": None if record.resolved is None else record.resolved.to_json(),
+            "numbers": (record.stage, record.parameters_before, record.parameters_after, record.plan_seconds,
+                        record.apply_seconds),
+            "method_state": self.method.state_dict(),
+            "memory": need,
+        }
+
+    def prune_sharded_model(self, model: nn.Module, optimizer: torch.optim.Optimizer | None = None,
+                            full_copies: bool = False) -> tuple[ShardedStage, dict[str, Any]]:
+        """Collective (every rank): the next stage of this callback's method on an FSDP2-sharded `model` (or a plain
+        one before its first sharding) through `hf_prune.sharded.prune_sharded`: gathered to the main process's
+        CPU, scored and pruned there by `run_stage`, the pruned architecture (weights on the main process, or on
+        every rank with `full_copies`) and the surviving optimizer state handed back. The Trainer route
+        (`prune_and_train` under accelerate's FSDP2) and a hand-written loop call this same function; the caller
+        re-shards `stage.model` (the next `train()`, or `hf_prune.sharded.shard_pruned`) and loads
+        `stage.optimizer_state` with `hf_prune.sharded.load_optimizer_state`. Returns (stage, log record)."""
+        if self.kept_original is None:
+            self.kept_original = list(range(get_adapter(model).num_layers))
+        stage = prune_sharded(model, optimizer, self._score_gathered, full_copies=full_copies, log=logger.info)
+        out = stage.outcome
+        resolved = None if out["resolved"] is None else PrunePlan.from_json(out["resolved"])
+        record = StageResult(out["numbers"][0], PrunePlan.from_json(out["plan"]), resolved, *out["numbers"][1:])
+        if not _is_main() and out["method_state"]:
+            self.method.load_state_dict(out["method_state"])
+        plan, log_record = self._book_stage(record)
+        for step in [*stage.memory, out["memory"]]:
+            log_record.update(step.record())
+        log_record["prune/optimizer_states_kept"] = stage.carried
+        log_record["prune/optimizer_states_dropped"] = sum(stage.dropped.values())
+        return stage, log_record
+
+    def run_sharded_stage(self, trainer: Trainer, initial: bool = False) -> str | None:
+        """`run_stage` for a run under accelerate's FSDP2 plugin: `prune_sharded_model`, then the Trainer gets the
+        pruned plain model (a fresh LoRA adapter attached when the run trains one) and no optimizer or scheduler:
+        the next `train()` builds the optimizer and shards the smaller model (with `cpu_ram_efficient_loading` the
+        main process's weights are broadcast into the shards), and `on_train_begin` loads the carried optimizer
+        state into it. The stage checkpoint holds the pruned model as safetensors and as the full state dict
+        (`pytorch_model_fsdp.bin`) that the Trainer's FSDP resume loads."""
+        plugin = _fsdp_plugin(trainer)
+        full_copies = not bool(getattr(plugin, "cpu_ram_efficient_loading", False))
+        if full_copies and _is_main():
+            logger.warning("fsdp_cpu_ram_efficient_loading is off: every rank receives a full host copy of the pruned "
+                           "model before the next train() shards it (set it to true to keep one copy)")
+        stage, record = self.prune_sharded_model(trainer.model, _raw_optimizer(trainer.optimizer), full_copies)
+        base = stage.model
+        stage_dir = os.path.join(trainer.args.output_dir, f"{STAGE_PREFIX}{self.stages_done}")
+        if trainer.args.should_save:
+            os.makedirs(stage_dir, exist_ok=True)
+            self.stage_plans[-1].save(stage_dir)
+            if self.plan is not None:
+                Path(stage_dir, COMPOSED_PLAN).write_text(self.plan.to_json(), encoding="utf-8")
+        model: nn.Module = base
+        if stage.peft_config is not None:
+            from peft import get_peft_model
+
+            base_dir = os.path.abspath(os.path.join(stage_dir, BASE_MODEL_DIR))
+            if _is_main() and trainer.args.should_save:
+                base.save_pretrained(base_dir)
+            base.name_or_path = stage.peft_config.base_model_name_or_path = base_dir
+            torch.manual_seed(trainer.args.seed + self.stages_done)  # the same fresh adapter on every rank
+            model = get_peft_model(base, stage.peft_config)
+        trainer.model = trainer.model_wrapped = model
+        trainer.accelerator.free_memory()
+        trainer.optimizer, trainer.lr_scheduler = None, None
+        trainer.callback_handler.model = model
+        trainer.callback_handler.optimizer = trainer.callback_handler.lr_scheduler = None
+        self._pending_optimizer_state = [stage.optimizer_state]
+        if self.distillation is not None:
+            self.distillation.attach(model)
+        if initial:
+            self._pending_logs.append(record)
+            trainer.accelerator.wait_for_everyone()
+            return None
+        trainer.log(record)
+        if _is_main() and trainer.args.should_save:
+            from accelerate.utils.constants import FSDP_MODEL_NAME
+
+            model.save_pretrained(stage_dir)
+            if trainer.processing_class is not None:
+                trainer.processing_class.save_pretrained(stage_dir)
+            torch.save(model.state_dict(), os.path.join(stage_dir, f"{FSDP_MODEL_NAME}.bin"))
+            trainer.state.save_to_json(os.path.join(stage_dir, "trainer_state.json"))
+        trainer.accelerator.wait_for_everyone()
+        self._fast_forward_scheduler = True
+        return stage_dir
+
     def run_stage(self, trainer: Trainer, initial: bool = False) -> str | None:
         """Prune `trainer.model` by one stage and rebuild what the change invalidated (module docstring, steps 1-6).
 
         Returns the stage checkpoint to resume from, or None for a stage before any training."""
         model = trainer.model
+        if _fsdp2_run(trainer):
+            return self.run_sharded_stage(trainer, initial)
         peft_config = None
         if _is_peft(model):
             peft_config = copy.deepcopy(model.peft_config[model.active_adapter])
