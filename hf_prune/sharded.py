@@ -414,29 +414,26 @@ def carry_state_by_name(names: Mapping[nn.Parameter, str], state: Mapping[str, M
                         model: nn.Module) -> tuple[dict[str, dict[str, Any]], dict[str, int]]:
     """The optimizer state of every parameter of the pruned `model` that survived the stage unchanged, under its
     new name (`names`: parameter -> name before the stage; surgery keeps the objects of what it does not cut).
-    Returns (state by new name, {reason: count} of parameters that start fresh)."""
+    Returns (state by new name, {reason: count} of the states before the stage that were not carried); parameters
+    without carried state start fresh."""
     carried: dict[str, dict[str, Any]] = {}
     dropped: dict[str, int] = {}
-
-    def drop(reason: str) -> None:
-        dropped[reason] = dropped.get(reason, 0) + 1
-
     state = state or {}
+    used: set[str] = set()
     for new_name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
         old = names.get(p)
-        if old is None:
-            drop("new parameter (cut by the stage, or a LoRA adapter re-created after the merge)")
-            continue
-        st = state.get(old)
+        st = state.get(old) if old is not None else None
         if not st:
-            drop("no optimizer state before the stage")
             continue
+        used.add(old)
         if all(not torch.is_tensor(v) or v.dim() == 0 or tuple(v.shape) == tuple(p.shape) for v in st.values()):
             carried[new_name] = dict(st)
         else:
-            drop("shape changed by the stage")
+            dropped["shape changed by the stage"] = dropped.get("shape changed by the stage", 0) + 1
+    gone = sum(1 for name, st in state.items() if st and name not in used)
+    if gone:
+        dropped["parameter removed, or replaced by a narrower one, by the stage; or a LoRA adapter merged into the "
+                "weights (a fresh adapter starts without state)"] = gone
     return carried, dropped
 
 

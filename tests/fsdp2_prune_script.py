@@ -8,6 +8,9 @@ with `hf_prune.sharded.shard_pruned`, its surviving optimizer state loaded with 
         writing a post-pruning checkpoint OUT/ckpt after the 3rd of them
     fsdp2_prune_script.py OUT resume
         load OUT/ckpt, re-shard, train the last 3 steps again
+    fsdp2_prune_script.py OUT trainer        (needs CUDA: the Trainer refuses FSDP on the CPU)
+        Trainer + accelerate's FSDP2 plugin + PruneCallback(ShortGPT, two stages) through prune_and_train
+    fsdp2_prune_script.py OUT trainer_resume (needs CUDA) a fresh Trainer resumed from OUT/trainer/prune-stage-1
 
 Each rank writes what it ended with to OUT/<mode>_rank<r>.json (losses, architecture, sha256 of the full weights).
 """
@@ -113,7 +116,7 @@ def run_train(out: str, rank: int, lora: bool, method: str) -> dict:
     opt = make_optimizer(model)
     before = train(model, opt, rank, BEFORE)
     calibration = torch.randint(4, 300, (4, 16), generator=torch.Generator().manual_seed(2))
-    pruner = (ShortGPT(n_remove=1, per_stage=1, progress=False) if method == "shortgpt"
+    pruner = (ShortGPT(n_remove=2, per_stage=2, progress=False) if method == "shortgpt"
               else PIP(target=0.25, steps=1, perturbation="embedding", progress=False))
     cb = PruneCallback(pruner, calibration=calibration)
     state_before = full_optimizer_state(model, opt)
@@ -128,7 +131,8 @@ def run_train(out: str, rank: int, lora: bool, method: str) -> dict:
     model = shard_pruned(model)
     opt = make_optimizer(model)
     loaded = load_optimizer_state(model, opt, stage.optimizer_state)
-    carried = compare_carried(state_before, full_optimizer_state(model, opt), cb.kept_original)
+    # (with nothing loaded, reading the state would make torch initialise it with a zero step: skip the comparison)
+    carried = compare_carried(state_before, full_optimizer_state(model, opt), cb.kept_original) if loaded else None
     after = train(model, opt, rank, CKPT_AT)
     save_checkpoint(model, opt, os.path.join(out, "ckpt"), BEFORE + CKPT_AT)
     after += train(model, opt, rank, AFTER - CKPT_AT)
@@ -156,8 +160,48 @@ def run_resume(out: str, rank: int) -> dict:
             "num_layers": model.config.num_hidden_layers}
 
 
+def _trainer(out: str, model):
+    from transformers import Trainer, TrainingArguments
+
+    from hf_prune.callbacks import PruneSchedule
+    from hf_prune.data import blocks_dataset
+
+    blocks = torch.randint(4, 300, (16, 16), generator=torch.Generator().manual_seed(0))
+    args = TrainingArguments(
+        output_dir=os.path.join(out, "trainer"), per_device_train_batch_size=2, num_train_epochs=2,
+        learning_rate=1e-3, logging_steps=1, save_strategy="no", report_to=[], disable_tqdm=True, seed=0,
+        optim="adamw_torch", fsdp="full_shard",
+        fsdp_config={"version": 2, "cpu_ram_efficient_loading": True, "state_dict_type": "FULL_STATE_DICT",
+                     "transformer_layer_cls_to_wrap": ["LlamaDecoderLayer"]},
+    )
+    cb = PruneCallback(ShortGPT(n_remove=2, per_stage=1, progress=False), calibration=blocks[:4],
+                       schedule=PruneSchedule(every_n_steps=2, at_start=False))
+    return Trainer(model=model, args=args, train_dataset=blocks_dataset(blocks), callbacks=[cb])
+
+
+def run_trainer(out: str, rank: int, resume: bool) -> dict:
+    from hf_prune.callbacks import prune_and_train
+
+    stage_dir = os.path.join(out, "trainer", "prune-stage-1")
+    model = load_for_resume(stage_dir) if resume else tiny_model("llama", num_hidden_layers=5)
+    trainer = _trainer(out, model.train())
+    prune_and_train(trainer, resume_from_checkpoint=stage_dir if resume else None)
+    sha, shapes = full_weights_sha(trainer.model)
+    return {"num_layers": unwrap(trainer.model).config.num_hidden_layers, "weights_sha256": sha, "shapes": shapes,
+            "log_history": trainer.state.log_history, "sharded_class": type(trainer.model).__name__}
+
+
+def unwrap(model):
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
 def main(out: str, mode: str, lora: bool, method: str) -> None:
     torch.set_num_threads(1)
+    if mode.startswith("trainer"):  # the Trainer (accelerate) starts the process group itself, on the GPUs
+        result = run_trainer(out, int(os.environ["RANK"]), resume=mode == "trainer_resume")
+        with open(os.path.join(out, f"{mode}_rank{os.environ['RANK']}.json"), "w") as f:
+            json.dump(result, f)
+        return
     dist.init_process_group("gloo")
     rank = dist.get_rank()
     result = run_train(out, rank, lora, method) if mode == "train" else run_resume(out, rank)
