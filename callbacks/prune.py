@@ -87,7 +87,7 @@ from hf_prune.methods import PruningMethod
 from hf_prune.plan import PrunePlan
 from hf_prune.pipeline import StageResult, compose, finalize, run_stage
 from hf_prune.sharded import (ShardedStage, gather_to_main, is_fsdp2, is_layerwise, load_optimizer_state,
-                              prune_sharded, scoring_memory, scoring_placement)
+                              prune_sharded, scoring_memory, scoring_placement, sharded_device)
 from hf_prune.surgery import layer_widths
 
 __all__ = ["PruneCallback", "PruneSchedule", "load_for_resume", "prune_and_train", "STAGE_PREFIX"]
@@ -469,6 +469,8 @@ class PruneCallback(TrainerCallback):
             return
         self._in_loop = False
         self._stop_requested = False
+        if self.distillation is not None and is_fsdp2(self.trainer.model):  # the teacher is a full, unsharded copy
+            self.distillation.teacher.to(sharded_device(self.trainer.model))
         if self._pending_optimizer_state is not None:  # a sharded stage: the optimizer now holds the new shards
             carried = load_optimizer_state(self.trainer.model, _raw_optimizer(self.trainer.optimizer),
                                            self._pending_optimizer_state[0])

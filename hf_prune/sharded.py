@@ -48,6 +48,7 @@ __all__ = [
     "broadcast_from_main",
     "carry_state_by_name",
     "comm_device",
+    "gather_full_model",
     "gather_to_main",
     "is_fsdp2",
     "is_layerwise",
@@ -348,6 +349,15 @@ def scoring_placement(model: nn.Module, device: torch.device | str) -> Iterator[
                 t.data = t.data.to(home)
             else:
                 setattr(owner, name, getattr(owner, name).to(home))
+        # what scoring created or replaced on the device (a rotation's new weights) goes to the host copy too
+        home = moved[0][4] if moved else torch.device("cpu")
+        for module in model.modules():
+            for name, p in module.named_parameters(recurse=False):
+                if p.device == device:
+                    p.data = p.data.to(home)
+            for name, b in module.named_buffers(recurse=False):
+                if b is not None and b.device == device:
+                    setattr(module, name, b.to(home))
 
 
 def scoring_memory(model: nn.Module, method: Any, batches: Sequence[Mapping[str, torch.Tensor]],
@@ -395,6 +405,17 @@ def _share(model: nn.Module | None, full_copies: bool) -> nn.Module:
                 if not main:
                     t.copy_(buf)
     return model
+
+
+def gather_full_model(model: nn.Module, log: Callable[[str], None] = logger.info) -> nn.Module:
+    """Collective: the FSDP2-sharded `model` as a plain model with its full weights on every rank's CPU (a LoRA
+    adapter merged), for what runs on every rank after training (evaluation, export). Costs one full host copy per
+    rank; `gather_to_main` keeps only the main process's."""
+    gathered = gather_to_main(model, log=log)
+    if _rank() == 0:
+        _announce(MemoryStep("full_copy_per_rank", "every rank's host (CPU)",
+                             _nbytes(list(gathered.model.state_dict().values()))), [], log)
+    return _share(gathered.model, full_copies=True)
 
 
 @dataclass

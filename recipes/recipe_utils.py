@@ -304,6 +304,7 @@ def run_prune_recover(method, model, tok, data: DataArguments, rec: RecoveryArgu
     from hf_prune.arch import get_adapter
     from hf_prune.callbacks import PruneCallback, PruneSchedule, prune_and_train
     from hf_prune.distill import DistillationLoss
+    from hf_prune.sharded import gather_full_model, is_fsdp2
 
     calib = calibration_blocks(tok, data, targs.seed)
     train = recovery_dataset(tok, data, targs.seed, total_tokens)
@@ -326,7 +327,11 @@ def run_prune_recover(method, model, tok, data: DataArguments, rec: RecoveryArgu
     t0 = time.perf_counter()
     prune_and_train(trainer, resume_from_checkpoint=targs.resume_from_checkpoint)
     seconds = time.perf_counter() - t0
-    final = trainer.model.merge_and_unload() if hasattr(trainer.model, "merge_and_unload") else trainer.model
+    final = trainer.model
+    if is_fsdp2(final):  # accelerate launch --config_file recipes/configs/accelerate_fsdp2.yaml: gathered (merged)
+        final = gather_full_model(final)
+    elif hasattr(final, "merge_and_unload"):
+        final = final.merge_and_unload()
     if kd is not None:
         kd.detach()
     history = trainer.state.log_history

@@ -30,7 +30,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 from hf_prune.callbacks import PruneCallback, load_for_resume
 from hf_prune.methods.pip import PIP
 from hf_prune.methods.shortgpt import ShortGPT
-from hf_prune.sharded import gather_to_main, load_optimizer_state, shard_model, shard_pruned
+from hf_prune.sharded import gather_full_model, gather_to_main, load_optimizer_state, shard_model, shard_pruned
 from hf_prune.surgery import layer_widths
 
 LR = 3e-3
@@ -137,8 +137,14 @@ def run_train(out: str, rank: int, lora: bool, method: str) -> dict:
     save_checkpoint(model, opt, os.path.join(out, "ckpt"), BEFORE + CKPT_AT)
     after += train(model, opt, rank, AFTER - CKPT_AT)
     sha, shapes = full_weights_sha(model)
+    plain = gather_full_model(model)  # what a recipe evaluates and exports on every rank (LoRA merged)
+    digest = hashlib.sha256()
+    for name, tensor in sorted(plain.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     return {
+        "gathered_sha256": digest.hexdigest(), "gathered_class": type(plain).__name__,
         "losses_before": before, "losses_after": after, "record": record, "optimizer_states_loaded": loaded,
         "carried_state": carried, "optimizer_params": sum(len(g["params"]) for g in opt.param_groups),
         "num_layers": base.config.num_hidden_layers, "widths": layer_widths(base), "weights_sha256": sha,

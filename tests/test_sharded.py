@@ -85,6 +85,7 @@ def test_fsdp2_layer_removal_same_architecture_and_weights_on_both_ranks(shortgp
         assert r["num_layers"] == 2 and len(r["kept_original"]) == 2 and r["stages_done"] == 1
         assert not any(k.startswith(f"model.layers.{i}.") for k in r["shapes"] for i in (2, 3))
         assert r["record"]["prune/stage"] == 1
+        assert r["gathered_sha256"] == r["weights_sha256"] and r["gathered_class"] == "LlamaForCausalLM"
         assert json.loads(r["record"]["prune/kept_original_layers"]) == r["kept_original"]
         for step in ("gather_weights", "gather_optimizer_state", "score_whole_model"):
             assert r["record"][f"prune/memory_gib/{step}"] > 0  # stated before the step ran
@@ -136,6 +137,8 @@ def test_fsdp2_lora_is_merged_pruned_and_reattached(tmp_path):
     for r in ranks:
         assert r["sharded_class"] == "FSDPPeftModelForCausalLM" and r["num_layers"] == 2
         assert any("lora_A" in k for k in r["shapes"])
+        assert r["gathered_class"] == "LlamaForCausalLM"  # gathered with the adapter merged
+        assert r["gathered_sha256"] == ranks[0]["gathered_sha256"]
         assert r["optimizer_states_loaded"] == 0  # the adapter is new after the merge
         assert r["record"]["prune/optimizer_states_dropped"] > 0  # and the old adapter's state is said to be dropped
         _keeps_training(r)
