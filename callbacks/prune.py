@@ -35,7 +35,8 @@ Design: one train() call per recovery stage.
        to the global step (same schedule position), and activation checkpointing is re-enabled by `train()` itself.
     A stage due before any training (epoch 0 / step 0) is run before the first `train()` call.
 
-    The same code path serves `Trainer` and `SFTTrainer`, full fine-tuning and LoRA, one process and DDP.
+    The same code path serves `Trainer` and `SFTTrainer`, full fine-tuning and LoRA, one process and DDP; FSDP2 runs
+    take the gather -> prune -> re-shard route below.
 
 Plain `trainer.train()` (one process, full fine-tuning): `trainer.add_callback(PruneCallback(...)); trainer.train()`
     also works. The callback finds its Trainer (callbacks are not handed one) and prunes inside the loop at the same
@@ -53,8 +54,22 @@ number of stages already done is read from the checkpoint's log history.
 Knowledge distillation: pass `distillation=DistillationLoss(teacher, ...)`; the callback installs it as the
 Trainer's `compute_loss_func` and attaches its input hook to the student (see hf_prune.distill).
 
-Limits: FSDP, DeepSpeed and `load_best_model_at_end` are refused (their flat-parameter optimizers need the gather/reshard route of HF_NOTES
-§1.4C); the Trainer must create its own optimizer and scheduler (use `optim`/`optimizer_cls_and_kwargs`, not
+Sharded runs (FSDP2 through accelerate, `fsdp_version: 2`; recipes/configs/accelerate_fsdp2.yaml): shapes never change
+inside a sharded step. At a stage boundary `prune_and_train` calls `run_sharded_stage`, which calls
+`prune_sharded_model` (hf_prune.sharded.prune_sharded): the full weights and optimizer state are gathered to the main
+process's CPU (LoRA merged), the stage is scored and applied there once by `run_stage` (a layer-by-layer method with
+one decoder layer at a time on the shards' device, any other method on the host copy; the memory each step needs is
+logged before it starts and recorded as `prune/memory_gib/<step>`), the other ranks build the pruned architecture from
+the broadcast config (checked name by name), and the optimizer state of every surviving parameter is kept by name.
+The Trainer gets the plain pruned model; the next `train()` shards it (with `fsdp_cpu_ram_efficient_loading` the main
+process's weights are broadcast into the shards) and `on_train_begin` scatters the carried optimizer state into the
+new optimizer. A hand-written FSDP2 loop calls the same `prune_sharded_model`, then `hf_prune.sharded.shard_pruned`
+and `load_optimizer_state` (tests/fsdp2_prune_script.py). FSDP1, `fsdp_state_dict_type` other than FULL_STATE_DICT
+and methods with a `finalize` step (LLM Surgeon) are refused under FSDP with the reason; DeepSpeed is refused
+(`DEEPSPEED_REFUSAL`: ZeRO's optimizer state is flat per-partition, and resuming needs a ZeRO checkpoint of the pruned
+model).
+
+Limits: `load_best_model_at_end` is refused; the Trainer must create its own optimizer and scheduler (use `optim`/`optimizer_cls_and_kwargs`, not
 `optimizers=(...)`); multi-node runs need an `output_dir` that every node can read (stage checkpoints are written by
 the main process and read by all). While the main process scores, the other ranks wait in a collective, bounded by
 `TrainingArguments.ddp_timeout`.
@@ -744,17 +759,21 @@ class PruneCallback(TrainerCallback):
         }
 
     def prune_sharded_model(self, model: nn.Module, optimizer: torch.optim.Optimizer | None = None,
-                            full_copies: bool = False) -> tuple[ShardedStage, dict[str, Any]]:
+                            full_copies: bool = False, max_host_bytes: int | None = None,
+                            ) -> tuple[ShardedStage, dict[str, Any]]:
         """Collective (every rank): the next stage of this callback's method on an FSDP2-sharded `model` (or a plain
         one before its first sharding) through `hf_prune.sharded.prune_sharded`: gathered to the main process's
         CPU, scored and pruned there by `run_stage`, the pruned architecture (weights on the main process, or on
         every rank with `full_copies`) and the surviving optimizer state handed back. The Trainer route
         (`prune_and_train` under accelerate's FSDP2) and a hand-written loop call this same function; the caller
         re-shards `stage.model` (the next `train()`, or `hf_prune.sharded.shard_pruned`) and loads
-        `stage.optimizer_state` with `hf_prune.sharded.load_optimizer_state`. Returns (stage, log record)."""
+        `stage.optimizer_state` with `hf_prune.sharded.load_optimizer_state`. The optimizer state is dropped, with
+        the reason logged, when it does not fit next to the weights in `max_host_bytes` (default: the main
+        process's free host memory). Returns (stage, log record)."""
         if self.kept_original is None:
             self.kept_original = list(range(get_adapter(model).num_layers))
-        stage = prune_sharded(model, optimizer, self._score_gathered, full_copies=full_copies, log=logger.info)
+        stage = prune_sharded(model, optimizer, self._score_gathered, full_copies=full_copies,
+                              max_host_bytes=max_host_bytes, log=logger.info)
         out = stage.outcome
         resolved = None if out["resolved"] is None else PrunePlan.from_json(out["resolved"])
         record = StageResult(out["numbers"][0], PrunePlan.from_json(out["plan"]), resolved, *out["numbers"][1:])
@@ -765,6 +784,8 @@ class PruneCallback(TrainerCallback):
             log_record.update(step.record())
         log_record["prune/optimizer_states_kept"] = stage.carried
         log_record["prune/optimizer_states_dropped"] = sum(stage.dropped.values())
+        if stage.optimizer_dropped is not None:
+            log_record["prune/optimizer_state_dropped_because"] = stage.optimizer_dropped
         return stage, log_record
 
     def run_sharded_stage(self, trainer: Trainer, initial: bool = False) -> str | None:

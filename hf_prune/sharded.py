@@ -40,6 +40,7 @@ import torch
 from torch import nn
 
 from .arch import get_adapter, unwrap_model
+from .runtime import available_memory
 
 __all__ = [
     "LAYERWISE_METHODS",
@@ -54,6 +55,7 @@ __all__ = [
     "is_layerwise",
     "load_full_weights",
     "load_optimizer_state",
+    "optimizer_gather_problem",
     "prune_sharded",
     "scoring_memory",
     "scoring_placement",
@@ -253,12 +255,25 @@ class Gathered:
     peft_config: Any  # the LoRA config of a PEFT model (merged into `model`), else None
     device: torch.device  # where the sharded model's shards live: where layer-by-layer scoring runs
     memory: list[MemoryStep] = field(default_factory=list)
+    optimizer_dropped: str | None = None  # why the optimizer state was not gathered (None: gathered, or none given)
+
+
+def optimizer_gather_problem(state_bytes: int, weight_bytes: int, host_bytes: int) -> str | None:
+    """Why the full optimizer state cannot be gathered next to the full weights on a host with `host_bytes` free
+    (None when it fits)."""
+    if state_bytes + weight_bytes <= host_bytes:
+        return None
+    return (f"gathering it needs {state_bytes / GiB:.2f} GiB next to the {weight_bytes / GiB:.2f} GiB of weights on "
+            f"the main process's host, which has {host_bytes / GiB:.2f} GiB free; the new optimizer starts fresh "
+            "(raise the host memory, or shard over more nodes' hosts by pruning offline)")
 
 
 def gather_to_main(model: nn.Module, optimizer: torch.optim.Optimizer | None = None,
-                   log: Callable[[str], None] = logger.info) -> Gathered:
+                   log: Callable[[str], None] = logger.info, max_host_bytes: int | None = None) -> Gathered:
     """Collective: the full weights (and full optimizer state) of the FSDP2-sharded `model` on the main process's
-    CPU, as a plain model (a LoRA adapter merged). Every rank must call it."""
+    CPU, as a plain model (a LoRA adapter merged). Every rank must call it. The optimizer state is left out, with
+    the reason logged, when it would not fit next to the weights in `max_host_bytes` (default: the main process's
+    free host memory, hf_prune.runtime.available_memory)."""
     from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
                                                          get_optimizer_state_dict)
 
@@ -278,12 +293,20 @@ def gather_to_main(model: nn.Module, optimizer: torch.optim.Optimizer | None = N
     _announce(MemoryStep("gather_weights", "the main process's host (CPU)", full_bytes), steps, log)
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
     full_sd = get_model_state_dict(model, options=options)
-    osd = None
+    osd, problem = None, None
     if optimizer is not None:
         state_bytes = sum(_nbytes([v for v in st.values() if torch.is_tensor(v) and v.dim() > 0])
                           for st in optimizer.state.values())
-        _announce(MemoryStep("gather_optimizer_state", "the main process's host (CPU)", state_bytes), steps, log)
-        osd = get_optimizer_state_dict(model, optimizer, options=options)
+        problem = None
+        if _rank() == 0:
+            host = available_memory("cpu") + full_bytes if max_host_bytes is None else max_host_bytes
+            problem = optimizer_gather_problem(state_bytes, full_bytes, host)
+        problem = broadcast_from_main(problem)  # every rank takes part in the gather, or none does
+        if problem is None:
+            _announce(MemoryStep("gather_optimizer_state", "the main process's host (CPU)", state_bytes), steps, log)
+            osd = get_optimizer_state_dict(model, optimizer, options=options)
+        elif _rank() == 0:
+            log(f"sharded prune: optimizer state dropped: {problem}")
     plain, names, state = None, {}, None
     if _rank() == 0:
         plain = _plain_copy(model, full_sd, _non_persistent_buffers(model))
@@ -291,7 +314,8 @@ def gather_to_main(model: nn.Module, optimizer: torch.optim.Optimizer | None = N
         if osd is not None:
             state = dict(osd.get("state", {}))
     del full_sd, osd
-    return Gathered(plain, state, names, peft_config, sharded_device(model), steps)
+    return Gathered(plain, state, names, peft_config, sharded_device(model), steps,
+                    problem if optimizer is not None else None)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -429,6 +453,7 @@ class ShardedStage:
     dropped: dict[str, int]  # reason -> parameters whose state was dropped
     peft_config: Any
     memory: list[MemoryStep]
+    optimizer_dropped: str | None = None  # why no optimizer state was carried at all (None: it was gathered)
 
 
 def carry_state_by_name(names: Mapping[nn.Parameter, str], state: Mapping[str, Mapping[str, Any]] | None,
@@ -459,13 +484,14 @@ def carry_state_by_name(names: Mapping[nn.Parameter, str], state: Mapping[str, M
 
 
 def prune_sharded(model: nn.Module, optimizer: torch.optim.Optimizer | None, stage_fn: Callable[[Gathered], Any],
-                  *, full_copies: bool = False, log: Callable[[str], None] = logger.info) -> ShardedStage:
+                  *, full_copies: bool = False, max_host_bytes: int | None = None,
+                  log: Callable[[str], None] = logger.info) -> ShardedStage:
     """Collective: gather `model` (FSDP2-sharded) to the main process, run `stage_fn(gathered)` there (it prunes
     `gathered.model` in place; use `scoring_placement(gathered.model, gathered.device)` for layer-by-layer scoring),
     give every rank the pruned architecture (and with `full_copies` the weights) and carry the optimizer state of
-    the surviving parameters. `stage_fn`'s return value is broadcast; an exception it raises on the main process is
+    the surviving parameters (`max_host_bytes`: see `gather_to_main`). `stage_fn`'s return value is broadcast; an exception it raises on the main process is
     raised on every rank. The sharded `model` is left as it was (drop it afterwards)."""
-    gathered = gather_to_main(model, optimizer, log=log)
+    gathered = gather_to_main(model, optimizer, log=log, max_host_bytes=max_host_bytes)
     outcome, error = None, None
     if _rank() == 0:
         try:
@@ -491,7 +517,8 @@ def prune_sharded(model: nn.Module, optimizer: torch.optim.Optimizer | None, sta
     if _rank() == 0:
         for reason, n in dropped.items():
             log(f"sharded prune: optimizer state of {n} parameter(s) dropped: {reason}")
-    return ShardedStage(pruned, shared["outcome"], state, counts[0], counts[1], gathered.peft_config, steps)
+    return ShardedStage(pruned, shared["outcome"], state, counts[0], counts[1], gathered.peft_config, steps,
+                        gathered.optimizer_dropped)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -3,9 +3,10 @@
 `PruneCallback.prune_sharded_model` (the function the Trainer route under accelerate's FSDP2 plugin calls), re-sharded
 with `hf_prune.sharded.shard_pruned`, its surviving optimizer state loaded with `load_optimizer_state`, trained on.
 
-    fsdp2_prune_script.py OUT train [--lora] [--method pip]
-        train 4 steps, prune (ShortGPT: one layer; PIP: heads and channels, widths per layer), train 6 steps,
-        writing a post-pruning checkpoint OUT/ckpt after the 3rd of them
+    fsdp2_prune_script.py OUT train [--lora] [--method pip] [--host-bytes N]
+        train 4 steps, prune (ShortGPT: two layers; PIP: MLP channels, widths per layer), train 6 steps, writing a
+        post-pruning checkpoint OUT/ckpt after the 3rd of them; --host-bytes: the main host's memory for the gather
+        (too little drops the optimizer state)
     fsdp2_prune_script.py OUT resume
         load OUT/ckpt, re-shard, train the last 3 steps again
     fsdp2_prune_script.py OUT trainer        (needs CUDA: the Trainer refuses FSDP on the CPU)
@@ -104,7 +105,7 @@ def make_optimizer(model) -> torch.optim.Optimizer:
     return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=LR, foreach=True)
 
 
-def run_train(out: str, rank: int, lora: bool, method: str) -> dict:
+def run_train(out: str, rank: int, lora: bool, method: str, host_bytes: int | None) -> dict:
     model = tiny_model("llama", num_hidden_layers=4).train()
     if lora:
         from peft import LoraConfig, get_peft_model
@@ -120,7 +121,7 @@ def run_train(out: str, rank: int, lora: bool, method: str) -> dict:
               else PIP(target=0.25, steps=1, perturbation="embedding", progress=False))
     cb = PruneCallback(pruner, calibration=calibration)
     state_before = full_optimizer_state(model, opt)
-    stage, record = cb.prune_sharded_model(model, opt)
+    stage, record = cb.prune_sharded_model(model, opt, max_host_bytes=host_bytes)
     del model, opt
     model = stage.model
     if stage.peft_config is not None:
@@ -201,7 +202,7 @@ def unwrap(model):
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
-def main(out: str, mode: str, lora: bool, method: str) -> None:
+def main(out: str, mode: str, lora: bool, method: str, host_bytes: int | None) -> None:
     torch.set_num_threads(1)
     if mode.startswith("trainer"):  # the Trainer (accelerate) starts the process group itself, on the GPUs
         result = run_trainer(out, int(os.environ["RANK"]), resume=mode == "trainer_resume")
@@ -210,7 +211,7 @@ def main(out: str, mode: str, lora: bool, method: str) -> None:
         return
     dist.init_process_group("gloo")
     rank = dist.get_rank()
-    result = run_train(out, rank, lora, method) if mode == "train" else run_resume(out, rank)
+    result = run_train(out, rank, lora, method, host_bytes) if mode == "train" else run_resume(out, rank)
     result["world_size"] = dist.get_world_size()
     with open(os.path.join(out, f"{mode}_rank{rank}.json"), "w") as f:
         json.dump(result, f)
@@ -221,4 +222,4 @@ def main(out: str, mode: str, lora: bool, method: str) -> None:
 if __name__ == "__main__":
     flags = sys.argv[3:]
     main(sys.argv[1], sys.argv[2], "--lora" in flags, flags[flags.index("--method") + 1] if "--method" in flags
-         else "shortgpt")
+         else "shortgpt", int(flags[flags.index("--host-bytes") + 1]) if "--host-bytes" in flags else None)

@@ -27,8 +27,8 @@ from hf_prune.data import blocks_dataset
 from hf_prune.methods.llm_surgeon import LLMSurgeon
 from hf_prune.methods.pip import PIP
 from hf_prune.methods.shortgpt import ShortGPT
-from hf_prune.sharded import (carry_state_by_name, gather_to_main, is_fsdp2, is_layerwise, prune_sharded,
-                              scoring_memory)
+from hf_prune.sharded import (carry_state_by_name, gather_to_main, is_fsdp2, is_layerwise, optimizer_gather_problem,
+                              prune_sharded, scoring_memory)
 
 HERE = Path(__file__).parent
 REPO = HERE.parent
@@ -142,6 +142,24 @@ def test_fsdp2_lora_is_merged_pruned_and_reattached(tmp_path):
         assert r["optimizer_states_loaded"] == 0  # the adapter is new after the merge
         assert r["record"]["prune/optimizer_states_dropped"] > 0  # and the old adapter's state is said to be dropped
         _keeps_training(r)
+
+
+@pytest.mark.slow  # torchrun, 2 processes
+def test_fsdp2_optimizer_state_that_does_not_fit_the_host_is_dropped_with_the_reason(tmp_path):
+    _torchrun(tmp_path, "train", "--host-bytes", "1")
+    ranks = _ranks(tmp_path, "train")
+    _same_on_both_ranks(ranks)
+    for r in ranks:
+        assert r["optimizer_states_loaded"] == 0 and r["record"]["prune/optimizer_states_kept"] == 0
+        assert "GiB free" in r["record"]["prune/optimizer_state_dropped_because"]
+        assert "prune/memory_gib/gather_optimizer_state" not in r["record"]
+        _keeps_training(r)
+
+
+def test_optimizer_gather_problem_names_the_sizes():
+    assert optimizer_gather_problem(8, 4, 12) is None
+    msg = optimizer_gather_problem(8 * 2**30, 4 * 2**30, 10 * 2**30)
+    assert "8.00 GiB" in msg and "4.00 GiB" in msg and "10.00 GiB free" in msg
 
 
 # ----- one process ---------------------------------------------------------------------------------------------------
