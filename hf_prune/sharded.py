@@ -575,12 +575,16 @@ def load_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer,
         raise KeyError(f"carried optimizer state for {unknown[:5]} has no parameter of that name in the optimizer; "
                        f"the model's parameters are {sorted(params)[:5]}...")
     dev = comm_device()
+    on_device = {id(p) for g in optimizer.param_groups if g.get("fused") or g.get("capturable") for p in g["params"]}
     for name in sorted(spec):
         p = params[name]
         new: dict[str, Any] = {}
         for key, (kind, *rest) in sorted(spec[name].items()):
-            if kind == "value":
-                new[key] = rest[0].clone() if torch.is_tensor(rest[0]) else rest[0]
+            if kind == "value":  # a scalar ("step"): on the parameter's device for fused / capturable optimizers
+                value = rest[0].clone() if torch.is_tensor(rest[0]) else rest[0]
+                if torch.is_tensor(value) and id(p) in on_device:
+                    value = value.to(p.to_local().device if hasattr(p, "to_local") else p.device)
+                new[key] = value
                 continue
             shape, dtype = rest
             full = state[name][key].to(dev) if main else torch.empty(shape, dtype=dtype, device=dev)
