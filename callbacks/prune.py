@@ -808,6 +808,9 @@ class PruneCallback(TrainerCallback):
             self.stage_plans[-1].save(stage_dir)
             if self.plan is not None:
                 Path(stage_dir, COMPOSED_PLAN).write_text(self.plan.to_json(), encoding="utf-8")
+            method_state = self.method.state_dict()
+            if method_state:
+                torch.save(method_state, os.path.join(stage_dir, METHOD_STATE))
         model: nn.Module = base
         if stage.peft_config is not None:
             from peft import get_peft_model
