@@ -136,3 +136,23 @@ def test_gemma3_embedding_scale_survives_slicing_and_reload(tmp_path):
         assert emb.shape[-1] == 32
         assert m.model.embed_tokens.embed_scale.item() == pytest.approx(64 ** 0.5)
         assert emb.norm(dim=-1).sub(dense_emb.norm(dim=-1)).abs().max() <= 1e-4  # rotation + cut of zeros
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3_text"])
+def test_sliced_model_returns_hidden_states(family, tmp_path):
+    """A sliced model (built in place by a class swap, and reloaded) records its hidden states like the dense one:
+    L + 1 of them, the first the (sliced) embedding output, the others each layer's output at its slot width."""
+    model = _model(family)
+    ids, mask, batches = _data(model.config.vocab_size)
+    assert model(ids, output_hidden_states=True).hidden_states is not None  # dense hooks installed first, as in use
+    method = get("slicegpt", slicing=0.25, basis="global", max_ppl_ratio=0, progress=False)
+    method._size_limit = float("inf")
+    apply_slicing(model, method.plan(model, batches))
+    model.save_pretrained(tmp_path)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
+    dims = model.config.residual_dims
+    for m in (model, loaded):
+        out = m(ids, attention_mask=mask, output_hidden_states=True)
+        assert out.hidden_states is not None
+        assert len(out.hidden_states) == m.config.num_hidden_layers + 1
+        assert [h.shape[-1] for h in out.hidden_states] == [dims[0]] + dims[2::2]

@@ -24,6 +24,13 @@ Where this implementation differs from the reference code (knobs, defaults say w
   Attention-sink tokens carry residual norms ~100x the median (SmolLM2: 25,000 vs 150 from layer 15 on), so the
   raw covariance (SliceGPT, "none") is >99% one token per sequence and its basis serves those tokens only; the
   normalised one minimises the relative error that the scale-free norms pass on to every reader.
+- `reader_weight=None` (reader-aware bases): a slot's basis is not always the PCA of its signal. Every candidate
+  basis, the eigenvectors of C / tr C + w M / tr M for w in (0, 0.25, 1, 4) (M = sum W^T W over the linears that read
+  the slot, norm scales folded in; the head's W is E F on a tied model), is scored by the share of the readers'
+  signal energy it loses, tr(M R C R) / tr(M C) with R the dropped directions, and the best is kept (w = 0 is
+  SliceGPT's PCA, `reader_weight=0` forces it). On SmolLM2 the PCA loses 0.1-0.4% per slot at 10% slicing and the
+  choice changes little; on Gemma-3-270M, whose norm scales reach 1,600 and whose readers amplify directions with
+  little signal, the PCA loses 25-50% of what the readers see per slot and the reader-aware basis 0.1-0.3%.
 - `head="auto"` keeps a tied head tied: the final norm's scale becomes a d_L x d_0 projection into the embedding's
   basis instead of an untied V x D head (SliceGPT unties: +V*D parameters, which on a small model with a large
   vocabulary such as SmolLM2 makes a "25% sliced" model larger than the dense one). `embedding_basis="joint"` then
@@ -91,6 +98,8 @@ __all__ = [
     "dynamic_slice_fractions",
     "pca",
     "predicted_sizes",
+    "reader_aware_basis",
+    "reader_error",
     "split_holdout",
     "widths_from_fractions",
 ]
@@ -200,6 +209,70 @@ def pca(C: torch.Tensor, damping: float = 0.01) -> tuple[torch.Tensor, torch.Ten
     return evals[order], evecs[:, order]
 
 
+READER_WEIGHTS = (0.0, 0.25, 1.0, 4.0)
+
+
+def reader_gram(modules: Iterable[nn.Module]) -> torch.Tensor | None:
+    """sum_r W_r^T W_r (float64, D x D) over the linears that read a residual slot (embeddings skipped): how much
+    each direction of the stream is amplified by what reads it."""
+    total = None
+    for m in modules:
+        if isinstance(m, nn.Embedding) or not hasattr(m, "weight"):
+            continue
+        w = m.weight.detach()
+        g = (w.T.float() @ w.float()).to(device="cpu", dtype=torch.float64)
+        total = g if total is None else total + g
+    return total
+
+
+def embedding_gram(model: nn.Module, width: int) -> torch.Tensor:
+    """E^T E of the first `width` embedding columns (float64): the tied head's sensitivity to each direction."""
+    e = model.model.embed_tokens.weight.detach()[:, :width]
+    return (e.T.float() @ e.float()).to(device="cpu", dtype=torch.float64)
+
+
+def head_gram(model: nn.Module, width0: int) -> torch.Tensor:
+    """Sensitivity of the logits to each direction of the head's input slot: W^T W of an untied head, or
+    F^T (E^T E) F of a tied one (F the final norm's projection into the embedding's first `width0` dims)."""
+    if model.config.head_projection:
+        f = model.model.norm.proj.weight.detach()[:width0].to(device="cpu", dtype=torch.float64)
+        return f.T @ embedding_gram(model, width0) @ f
+    return reader_gram([model.lm_head])
+
+
+def reader_error(Q: torch.Tensor, d: int, C: torch.Tensor, M: torch.Tensor) -> float:
+    """Share of the readers' signal energy tr(M C) that cutting to the first d columns of Q loses:
+    tr(M R C R) / tr(M C), R the projection on the dropped columns."""
+    R = Q[:, d:]
+    lost = torch.trace((R.T @ M @ R) @ (R.T @ C @ R)).item()
+    return lost / max(torch.trace(M @ C).item(), 1e-300)
+
+
+def reader_aware_basis(
+    C: torch.Tensor, M: torch.Tensor | None, d: int, damping: float, weights: Iterable[float]
+) -> tuple[torch.Tensor, dict]:
+    """The orthogonal basis (columns by importance) whose first d dims lose the least of what the readers see.
+
+    For every weight w in `weights`, the eigenvectors of C / tr C + w M / tr M (damped as `pca`; w = 0 is
+    SliceGPT's PCA of the signal) are scored by `reader_error` on the undamped C; the best one is returned with the
+    evidence. PCA alone keeps the directions with the most signal; readers whose norm scales amplify a direction
+    ~100x (Gemma-3's norms scale by up to 1,600) need that direction kept even when its signal is small."""
+    Cn = _normalised(C)
+    weights = [float(w) for w in weights]
+    if M is None or not torch.isfinite(M).all() or M.trace() <= 0:
+        weights = [0.0]
+    Mn = _normalised(M) if weights != [0.0] else None
+    rows, best = [], None
+    for w in weights:
+        _, Q = pca(Cn if w == 0 else Cn + w * Mn, damping)
+        err = reader_error(Q, d, Cn, Mn) if Mn is not None else None
+        rows.append({"reader_weight": w, "reader_error": err})
+        if best is None or (err is not None and err < best[0]):
+            best = (err if err is not None else 0.0, w, Q)
+    return best[2], {"reader_weight": best[1], "reader_error": best[0] if Mn is not None else None,
+                     "pca_reader_error": rows[0]["reader_error"] if weights[0] == 0 else None}
+
+
 def widths_from_fractions(fractions: list[float], hidden: int, round_to: int) -> list[int]:
     """d_i = floor(D (1 - FS_i) / round_to) * round_to, at least round_to (at least 1)."""
     step = max(1, int(round_to))
@@ -261,6 +334,25 @@ def _keep_leading(xs: list[torch.Tensor], d: int) -> list[torch.Tensor]:
     for x in xs:
         x[..., d:] = 0
     return xs
+
+
+def _summarise_evidence(evidence: list[dict]) -> dict | None:
+    """The reader-aware basis choices of a run: how often each weight won, and the mean share of the readers' signal
+    lost with the chosen bases vs with plain PCA (`reader_aware_basis`)."""
+    if not evidence:
+        return None
+    chosen: dict[str, int] = {}
+    for e in evidence:
+        key = f"{e['reader_weight']:g}"
+        chosen[key] = chosen.get(key, 0) + 1
+    errs = [e["reader_error"] for e in evidence if e["reader_error"] is not None]
+    pca_errs = [e["pca_reader_error"] for e in evidence if e["pca_reader_error"] is not None]
+    return {
+        "chosen_weights": chosen,
+        "mean_reader_error": sum(errs) / len(errs) if errs else None,
+        "mean_pca_reader_error": sum(pca_errs) / len(pca_errs) if pca_errs else None,
+        "per_basis": evidence,
+    }
 
 
 def _normalised(C: torch.Tensor) -> torch.Tensor:
@@ -345,6 +437,15 @@ class SliceGPT(PruningMethod):
             "norms from choosing the basis); 'none': raw signals (SliceGPT)."
         },
     )
+    reader_weight: float | None = field(
+        default=None,
+        metadata={
+            "help": "What a slot's basis keeps: the eigenvectors of C / tr C + w M / tr M, C the signal's covariance "
+            "and M = sum W^T W of the linears that read it (norm scales folded in). 0: SliceGPT's PCA of the signal "
+            "alone. None (default): per slot, the w of (0, 0.25, 1, 4) whose basis loses the least of the readers' "
+            "signal energy tr(M R C R) / tr(M C) on the calibration tokens (the evidence goes into the plan)."
+        },
+    )
     damping: float = field(
         default=0.01, metadata={"help": "Covariance damping as a fraction of its mean diagonal (SliceGPT: 0.01)."}
     )
@@ -374,6 +475,13 @@ class SliceGPT(PruningMethod):
         ):
             check_choice(name, value, valid)
         self.damping = check_fraction("damping", self.damping, lo=0.0, hi=float("inf"))
+        if self.reader_weight is not None:
+            self.reader_weight = check_fraction("reader_weight", self.reader_weight, lo=0.0, hi=float("inf"))
+
+    @property
+    def reader_weights(self) -> tuple[float, ...]:
+        """The weights `reader_aware_basis` tries: `reader_weight`, or READER_WEIGHTS when it is None."""
+        return READER_WEIGHTS if self.reader_weight is None else (float(self.reader_weight),)
 
     # ----- schedule -------------------------------------------------------------------------------------------------
     @property
@@ -439,12 +547,15 @@ class SliceGPT(PruningMethod):
         sizes = predicted_sizes(model, dims)
         self._basis = self.basis
         self._refuse_if_larger(sizes, n_dense)
+        self._evidence = []
         if self._basis == "global":
             C = stats["slots"] + (stats["head"] if joint else 0)
-            evals, Q = pca(C, self.damping)
+            Q, choice = reader_aware_basis(C, stats.get("readers"), round(sum(dims) / len(dims)), self.damping,
+                                           self.reader_weights)
+            self._evidence.append({"slots": "all", **choice})
             rotate(model, Q, device=runner.device)
             self._record(Q, None)
-            kept = [self._kept(evals, d, C) for d in dims]
+            kept = [self._kept(Q, d, C) for d in dims]
         else:
             kept = self._sequential(model, runner, dims, stats.get("head"))
         check = None
@@ -466,6 +577,7 @@ class SliceGPT(PruningMethod):
                 "average_slicing": 1.0 - sum(dims[1:-1:2]) / (n_layers * hidden),
                 "layer_redundancy": stats.get("redundancy"),
                 "kept_variance": kept,
+                "reader_basis": _summarise_evidence(self._evidence),
                 "predicted_parameters": sizes,
                 "dense_parameters": n_dense,
                 "calibration_check": check,
@@ -623,22 +735,41 @@ class SliceGPT(PruningMethod):
         return C
 
     @staticmethod
-    def _kept(evals: torch.Tensor, d: int, C: torch.Tensor) -> float:
-        """Fraction of the (undamped) signal energy in the first d principal directions."""
-        total = C.trace().item()
-        shift = (evals.sum().item() - total) / evals.numel()
-        return float(((evals[:d] - shift).sum() / max(total, 1e-300)).item())
+    def _kept(Q: torch.Tensor, d: int, C: torch.Tensor) -> float:
+        """Fraction of the (undamped) signal energy in the first d columns of the basis Q."""
+        Qd = Q[:, :d]
+        return float(torch.trace(Qd.T @ C @ Qd).item() / max(C.trace().item(), 1e-300))
+
+    def _slot_readers_gram(self, model: nn.Module, slots: list[int], head_width: int, joint: bool) -> torch.Tensor:
+        """Normalised sum of the reader sensitivities of `slots` (the head's for slot 2L; on a tied model with a
+        joint embedding basis, slot 0 also counts the embedding's use as the head)."""
+        n = num_slots(model)
+        total = None
+        for s in slots:
+            parts = [head_gram(model, head_width) if s == n - 1 else reader_gram(slot_readers(model, s))]
+            if s == 0 and joint:
+                parts.append(embedding_gram(model, model.config.hidden_size))
+            for g in parts:
+                if g is not None:
+                    total = _normalised(g) if total is None else total + _normalised(g)
+        return total
 
     def _dense_statistics(self, model, runner: LayerwiseRunner, need_slots: bool, need_head: bool) -> dict:
         """One pass through the dense (rotation-invariant, unrotated) model: layer redundancies LR_i, the summed
         trace-normalised covariances of all slots (global basis) and the covariance of the head's input."""
         masks = runner.masks
         h = list(runner.hidden)
-        redundancy, slots = [], None
+        redundancy, slots, readers = [], None, None
 
         def add(C):
             nonlocal slots
             slots = _normalised(C) if slots is None else slots + _normalised(C)
+
+        def add_readers(slot_list: list[int]) -> None:
+            nonlocal readers
+            M = self._slot_readers_gram(model, slot_list, model.config.hidden_size, need_head)
+            if M is not None:
+                readers = M if readers is None else readers + M
 
         for i in runner.layer_indices("dense statistics"):
             with runner.on_device(i) as layer:
@@ -655,11 +786,13 @@ class SliceGPT(PruningMethod):
             if need_slots:
                 add(self._cov(h, masks, i))
                 add(self._cov(hm, masks, i))
+                add_readers([2 * i, 2 * i + 1])
             h = ho
         out: dict = {"redundancy": redundancy}
         if need_slots:
             add(self._cov(h, masks))
-            out["slots"] = slots
+            add_readers([2 * runner.num_layers])
+            out["slots"], out["readers"] = slots, readers
         if need_head:
             norm = model.model.norm
             with runner.moved(norm):
@@ -673,14 +806,18 @@ class SliceGPT(PruningMethod):
         n_layers = runner.num_layers
         kept: list = [None] * num_slots(model)
 
+        joint = head_cov is not None
+
         def pca_rotate(C: torch.Tensor, slots: list[int]) -> torch.Tensor:
-            evals, Q = pca(C, damp)
-            require_finite(evals, method=self.name, stage=self._stage, layer=min(slots[0] // 2, n_layers - 1),
-                           what=f"the covariance eigenvalues of residual slots {slots}")
+            M = self._slot_readers_gram(model, slots, dims[0], joint)
+            Q, choice = reader_aware_basis(C, M, min(dims[s] for s in slots), damp, self.reader_weights)
+            require_finite(Q, method=self.name, stage=self._stage, layer=min(slots[0] // 2, n_layers - 1),
+                           what=f"the basis of residual slots {slots}")
+            self._evidence.append({"slots": list(slots), **choice})
             rotate(model, Q, slots, device=dev)
             self._record(Q, slots)
             for s in slots:
-                kept[s] = self._kept(evals, dims[s], C)
+                kept[s] = self._kept(Q, dims[s], C)
             return Q
 
         h = list(runner.hidden)  # slot 0 signal, original basis

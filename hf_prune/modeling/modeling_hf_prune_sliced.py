@@ -14,6 +14,9 @@ normalisation and the residual add, where no linear can absorb it. The state-dic
 by `make_sliced_backbone` and `make_sliced_model`, one pair per entry of FAMILIES (families_hf_prune.py).
 """
 
+import functools
+import inspect
+
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -176,17 +179,50 @@ class SlicedDecoderLayer(GradientCheckpointingLayer):
         position_embeddings=None,
         **kwargs,
     ) -> torch.Tensor:
+        cache = kwargs.pop("cache", None)  # transformers >= 5.2x names it `cache`; older ones `past_key_values`
+        kwargs[_cache_keyword(type(self.self_attn))] = cache if cache is not None else past_key_values
         update = self.attention_update(
             hidden_states,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
             use_cache=use_cache,
             position_embeddings=position_embeddings,
             **kwargs,
         )
         hidden_states = add_residual(hidden_states, self.attn_shortcut, update)
         return add_residual(hidden_states, self.mlp_shortcut, self.mlp_update(hidden_states))
+
+
+def become(module: nn.Module, cls: type) -> None:
+    """Give `module` the class `cls` and keep its hidden states and attentions recordable.
+
+    transformers records `output_hidden_states` / `output_attentions` with forward hooks chosen by the class's
+    `_can_record_outputs`, looked up by class name in a registry filled when a model is constructed; a module whose
+    class changes afterwards would silently return `hidden_states=None`. So the new class is registered, the hooks
+    installed for the old class are removed, and they are installed again on the next forward."""
+    module.__class__ = cls
+    try:
+        from transformers.utils import output_capturing
+    except ImportError:  # older transformers: outputs are returned by the layers themselves
+        return
+    registry = getattr(output_capturing, "_CAN_RECORD_REGISTRY", None)
+    if registry is None:
+        return
+    registry[module] = getattr(cls, "_can_record_outputs", None)
+    if getattr(module, "_output_capturing_hooks_installed", False):
+        for sub in module.modules():
+            for key, hook in list(sub._forward_hooks.items()):
+                if getattr(hook, "__name__", "") == "output_capturing_hook":
+                    del sub._forward_hooks[key]
+        module._output_capturing_hooks_installed = False
+
+
+@functools.lru_cache(maxsize=None)
+def _cache_keyword(attention_cls: type) -> str:
+    """The name under which `attention_cls.forward` takes the KV cache (passing the deprecated one as well makes
+    transformers warn at every layer of every forward)."""
+    params = inspect.signature(attention_cls.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
 
 
 def build_sliced_modules(model: nn.Module) -> None:
@@ -252,7 +288,7 @@ def make_sliced_model(base_model_cls: type, config_cls: type, backbone_cls: type
 
         def __init__(self, config):
             super().__init__(config)
-            self.model.__class__ = backbone_cls
+            become(self.model, backbone_cls)
             self._finish_init()
 
     SlicedForCausalLM.sandwich_norms = bool(sandwich_norms)

@@ -30,7 +30,7 @@ from torch import nn
 
 from ..arch import ArchAdapter, base_model_type, get_adapter, unwrap_model
 from ..modeling import SLICED_CONFIGS, SLICED_MODELS
-from ..modeling.modeling_hf_prune_sliced import NormThenProject, SlicedDecoderLayer
+from ..modeling.modeling_hf_prune_sliced import NormThenProject, SlicedDecoderLayer, become
 from ..plan import PrunePlan
 from .common import keep_leading_cols, keep_leading_rows, swap_config
 
@@ -196,8 +196,8 @@ def make_rotation_invariant(model: nn.Module, tie_head: bool | None = None) -> n
     backbone.norm = NormThenProject(hidden, eps, hidden, hidden, projection=False)
     backbone.norm.proj = head_projection
     sliced_cls = SLICED_MODELS[family]
-    backbone.__class__ = sliced_cls.backbone_class
-    model.__class__ = sliced_cls
+    become(backbone, sliced_cls.backbone_class)
+    become(model, sliced_cls)
     swap_config(model, new_cfg)
     model.all_tied_weights_keys = model.get_expanded_tied_weights_keys(all_submodels=True)
     return model
