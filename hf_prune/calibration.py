@@ -20,6 +20,11 @@ or, to change a layer before its outputs move on:
             outs = [layer(h, **runner.layer_kwargs(b, i))[0] for b, h in enumerate(runner.hidden)]
         runner.advance(outs)                          # the outputs enter layer i + 1
 
+Streaming (`streamed_model(path)`): a model built on the meta device whose decoder layers and embeddings stay in
+their safetensors checkpoint; the runner reads each one when it runs (`CheckpointWeights`) and drops it afterwards,
+so scoring holds one layer's weights plus the activations, whatever the depth (scoring only: surgery, generation and
+the LM head need the real model).
+
 `run(skip={j})` treats layer j as the identity; `branch(layer, hidden)` restarts from cached streams (IteRABRe's
 prefix cache). Every embedding and layer output is checked: NaN/inf at a real token raises NonFiniteError naming the
 method, stage and layer. Padding is kept out of every statistic through `runner.token_mask(b)` (helpers
@@ -29,7 +34,9 @@ method, stage and layer. Padding is kept out of every statistic through `runner.
 from __future__ import annotations
 
 import copy
+import json
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Callable, Iterable, Iterator, Mapping, Sequence
 
 import torch
@@ -41,12 +48,14 @@ from .runtime import eval_mode, model_device, progress
 
 __all__ = [
     "Batch",
+    "CheckpointWeights",
     "LayerHook",
     "LayerwiseRunner",
     "collect_hidden_states",
     "covariance",
     "masked_rows",
     "mean_cosine",
+    "streamed_model",
     "token_cosines",
 ]
 
@@ -132,6 +141,125 @@ def token_cosines(
     return out
 
 
+# --------------------------------------------------------------------------------------------------------------------
+# Weights streamed from a safetensors checkpoint
+# --------------------------------------------------------------------------------------------------------------------
+
+
+class CheckpointWeights:
+    """The tensors of a safetensors checkpoint (one `model.safetensors`, an index of shards, or a `.safetensors`
+    file), read on demand: `load(module, prefix)` gives a module the checkpoint's tensors `{prefix}.{name}`,
+    `release(module)` puts it back on the meta device. Each load opens the file and closes it again, so no mapping of
+    the checkpoint stays resident between loads."""
+
+    def __init__(self, path: str | Path):
+        p = Path(path)
+        index, single = p / "model.safetensors.index.json", p / "model.safetensors"
+        if p.is_file() and p.suffix == ".safetensors":
+            files = [p]
+        elif p.is_dir() and index.is_file():
+            weight_map = json.loads(index.read_text())["weight_map"]
+            self.files = {k: p / v for k, v in weight_map.items()}
+            self.path = p
+            return
+        elif p.is_dir() and single.is_file():
+            files = [single]
+        else:
+            raise FileNotFoundError(f"{str(path)!r} is neither a .safetensors file nor a folder holding "
+                                    "model.safetensors or model.safetensors.index.json")
+        from safetensors import safe_open
+
+        self.path = p
+        self.files = {}
+        for f in files:
+            with safe_open(str(f), "pt") as handle:
+                self.files.update(dict.fromkeys(handle.keys(), f))
+
+    def load(self, module: nn.Module, prefix: str, device: torch.device | str) -> None:
+        """Replace every parameter and persistent buffer of `module` by the checkpoint's `{prefix}.{name}`, on
+        `device` in the dtype the module declares (no autograd)."""
+        from safetensors import safe_open
+
+        wanted = [(n, t) for n, t in module.named_parameters()]
+        for n, t in module.named_buffers():
+            if f"{prefix}.{n}" in self.files:
+                wanted.append((n, t))
+            elif t.device != torch.device(device):  # computed buffers (embedding scale) follow the weights
+                owner_name, _, leaf = n.rpartition(".")
+                module.get_submodule(owner_name)._buffers[leaf] = t.to(device)
+        missing = [f"{prefix}.{n}" for n, _ in wanted if f"{prefix}.{n}" not in self.files]
+        if missing:
+            sample = sorted(self.files)[:4]
+            raise KeyError(f"the checkpoint at {str(self.path)!r} has no tensor {missing[0]!r} "
+                           f"({len(missing)} missing); its keys look like {sample}")
+        by_file: dict[Path, list[tuple[str, torch.Tensor]]] = {}
+        for n, t in wanted:
+            by_file.setdefault(self.files[f"{prefix}.{n}"], []).append((n, t))
+        for file, entries in by_file.items():
+            with safe_open(str(file), "pt", device="cpu") as handle:
+                for name, old in entries:
+                    value = handle.get_tensor(f"{prefix}.{name}").to(device=device, dtype=old.dtype)
+                    if tuple(value.shape) != tuple(old.shape):
+                        raise ValueError(f"checkpoint tensor {prefix}.{name} has shape {tuple(value.shape)}; the "
+                                         f"model expects {tuple(old.shape)}")
+                    owner_name, _, leaf = name.rpartition(".")
+                    owner = module.get_submodule(owner_name)
+                    if leaf in owner._parameters:
+                        owner._parameters[leaf] = nn.Parameter(value, requires_grad=False)
+                    else:
+                        owner._buffers[leaf] = value
+
+    def release(self, module: nn.Module) -> None:
+        """Drop the module's parameters and the buffers the checkpoint holds (back to the meta device); buffers
+        computed from the config (rotary frequencies, embedding scales) are kept."""
+        for owner in module.modules():
+            for leaf, t in list(owner._parameters.items()):
+                if t is not None:
+                    owner._parameters[leaf] = nn.Parameter(torch.empty_like(t, device="meta"), requires_grad=False)
+            for leaf, t in list(owner._buffers.items()):
+                if t is not None and leaf not in owner._non_persistent_buffers_set:
+                    owner._buffers[leaf] = torch.empty_like(t, device="meta")
+
+
+def _materialise_buffers(model: nn.Module) -> None:
+    """Meta buffers (rotary frequencies, embedding scales) become real CPU tensors computed by the model's own
+    `_init_weights`; parameters stay on the meta device (initialising a meta tensor is a no-op)."""
+    init = getattr(model, "_init_weights", None)
+    for module in model.modules():
+        metas = [n for n, b in module.named_buffers(recurse=False) if b is not None and b.device.type == "meta"]
+        if not metas:
+            continue
+        for n in metas:
+            module._buffers[n] = torch.empty_like(module._buffers[n], device="cpu")
+        if init is None:
+            raise RuntimeError(f"{type(model).__name__} has no _init_weights to compute its buffers {metas}")
+        init(module)
+
+
+def streamed_model(path: str | Path, dtype: torch.dtype = torch.bfloat16) -> nn.Module:
+    """The causal LM saved at `path` (a local folder with config.json and safetensors weights) built on the meta
+    device for layer-by-layer scoring: decoder layers and token embeddings are read from the checkpoint one at a time
+    by `LayerwiseRunner` and dropped after use; the final norm is loaded; the LM head stays unloaded.
+
+    Peak memory is one layer's weights plus the calibration activations, independent of depth. The model serves
+    layer-by-layer scorers only (ShortGPT, the angular block, IteRABRe's cosine score): `hf_prune.apply`,
+    `generate` or anything that needs the LM head needs the model loaded normally. The checkpoint's layer i must be
+    the model's layer i."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(path)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    _materialise_buffers(model)
+    weights = CheckpointWeights(path)
+    ad = get_adapter(model)
+    names = {id(m): n for n, m in model.named_modules()}
+    norm = ad.final_norm
+    weights.load(norm, names[id(norm)], "cpu")
+    model.hf_prune_weights = weights
+    return model.eval()
+
+
 class LayerwiseRunner:
     """Calibration activations of a model, advanced one decoder layer at a time.
 
@@ -163,7 +291,12 @@ class LayerwiseRunner:
     ):
         self.model = unwrap_model(model)
         self.adapter = get_adapter(self.model)
-        self.device = torch.device(device) if device is not None else model_device(self.model)
+        self.weights: CheckpointWeights | None = getattr(self.model, "hf_prune_weights", None)
+        home = model_device(self.model)
+        if device is None:
+            device = "cpu" if home.type == "meta" else home
+        self.device = torch.device(device)
+        self._names = {id(m): n for n, m in self.model.named_modules()} if self.weights is not None else {}
         self.progress = progress
         self.method, self.stage = method, stage
         self.layer = 0  # the decoder layer `hidden` enters
@@ -203,9 +336,21 @@ class LayerwiseRunner:
 
     @contextmanager
     def moved(self, module: nn.Module) -> Iterator[nn.Module]:
-        """`module` moved to the runner's device for the duration of the block (moved back afterwards)."""
+        """`module` moved to the runner's device for the duration of the block (moved back afterwards); a streamed
+        module (weights on the meta device, `streamed_model`) is read from its checkpoint and dropped afterwards."""
         p = next(iter(module.parameters()), None)
         home = p.device if p is not None else self.device
+        if home.type == "meta":
+            if self.weights is None:
+                raise RuntimeError(f"{self.method}: {type(module).__name__} has its weights on the meta device and the "
+                                   "model has no checkpoint to stream them from; load the model with its weights, "
+                                   "or build it with hf_prune.calibration.streamed_model(path)")
+            self.weights.load(module, self._names[id(module)], self.device)
+            try:
+                yield module
+            finally:
+                self.weights.release(module)
+            return
         if home != self.device:
             module.to(self.device)
         try:

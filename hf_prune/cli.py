@@ -373,10 +373,13 @@ def cmd_prune(args, argv: Sequence[str]) -> int:
     options = _flag_options(args)
     _method_options(args.method, options)  # option names and types, before loading anything
     model_path = args.model if args.model is not None else assets.smollm2_path()
+    logger.info("loading %s (%s)", model_path, args.dtype)
     model, tokenizer = _load(model_path, args.dtype, args.device)
     method = _method_options(args.method, options, seed=args.seed, tokenizer=tokenizer)
+    logger.info("calibration: reading and tokenizing the corpus")
     texts, calib = _calibration_texts(args)
     blocks = data.token_blocks(tokenizer, texts, args.n_samples, args.seq_len, seed=args.seed)
+    del texts  # only the sampled blocks are needed from here on
     calib.tokens, calib.samples, calib.seq_len = int(blocks.numel()), int(blocks.shape[0]), int(blocks.shape[1])
     base, lic = _base_model_info(args.model, args)
     meta = ExportMetadata(
@@ -384,13 +387,17 @@ def cmd_prune(args, argv: Sequence[str]) -> int:
         method_config=method.to_dict(), calibration=calib, before=ModelStats.of(model),
         command=redact("hf-prune " + shlex.join(argv)),
     )
+    logger.info("evaluating the base model")
     meta.evaluations += _measure(model, tokenizer, args, "base")
     batches = [{k: v.to(args.device) for k, v in b.items()} for b in data.batches(blocks, args.batch_size)]
     if method.stages > 1:
         logger.warning("%s runs %d stages back to back without recovery training in between; recovery lives in "
                        "the recipes (recipes/%s.py) and in PruneCallback", args.method, method.stages, args.method)
+    logger.info("pruning with %s (%d stage(s))", args.method, method.stages)
     result = prune(model, method, batches)
+    logger.info("evaluating the pruned model")
     meta.evaluations += _measure(model, tokenizer, args, "pruned")
+    logger.info("saving to %s", args.output)
     out = save(model, tokenizer, args.output, plan=result.plan, metadata=meta, overwrite=args.overwrite,
                model_path=model_path)
     before, after = meta.before.num_parameters, sum(p.numel() for p in model.parameters())

@@ -12,11 +12,11 @@ import torch.nn.functional as F
 
 from .arch import UnsupportedModelError, get_adapter
 from .checks import NonFiniteError, check_int_option, check_optional_int_option
-from .data import adds_bos, load_mc_task, mc_context, tokenize_stream
+from .data import DOC_SEPARATOR, adds_bos, as_texts, load_mc_task, mc_context, tokenize_stream
 from .losses import DEFAULT_CHUNK_TOKENS, IGNORE_INDEX, chunked_causal_lm_loss, output_head
 from .runtime import eval_mode, model_device, progress
 
-__all__ = ["perplexity", "multiple_choice", "load_mc_task", "mc_requests", "lm_eval"]
+__all__ = ["perplexity", "multiple_choice", "load_mc_task", "mc_requests", "lm_eval", "stream_head"]
 
 PADDING_SIDES = ("right", "left")
 
@@ -41,6 +41,30 @@ def _last_hidden(backbone: torch.nn.Module, **inputs) -> torch.Tensor:
 # --------------------------------------------------------------------------------------------------------------------
 # Perplexity
 # --------------------------------------------------------------------------------------------------------------------
+
+
+def stream_head(tokenizer, text: str | Sequence[str], max_tokens: int | None) -> torch.Tensor:
+    """The first `max_tokens` tokens of `tokenize_stream(tokenizer, text)` (all of them when None), tokenizing only
+    a prefix of the text: a cut at a line break with at least 32 tokens to spare, kept only when a prefix 1.5x as
+    long gives the same first `max_tokens` tokens (else the longer prefix is tried, up to the whole text). Scoring
+    4,096 tokens of a 9 MB file tokenizes ~60 kB instead of 9 MB."""
+    if max_tokens is None:
+        return tokenize_stream(tokenizer, text)
+    joined = DOC_SEPARATOR.join(d for d in as_texts(text) if d)
+    chars = max(4096, 8 * max_tokens)
+
+    def head(n_chars: int) -> torch.Tensor | None:
+        cut = joined.rfind("\n", 0, n_chars)
+        piece = joined[: cut if cut > 0 else n_chars]
+        ids = tokenize_stream(tokenizer, [piece])
+        return ids[:max_tokens] if ids.numel() >= max_tokens + 32 else None
+
+    while chars < len(joined):
+        first, second = head(chars), head(chars * 3 // 2)
+        if first is not None and second is not None and torch.equal(first, second):
+            return first
+        chars *= 2
+    return tokenize_stream(tokenizer, text)[:max_tokens]
 
 
 def perplexity(
@@ -72,9 +96,7 @@ def perplexity(
     max_tokens = check_optional_int_option("max_tokens", max_tokens, minimum=2)
     chunk_tokens = check_optional_int_option("chunk_tokens", chunk_tokens, minimum=1)
     use_bos = adds_bos(tokenizer) if bos is None else bool(bos)
-    stream = tokenize_stream(tokenizer, text)
-    if max_tokens is not None:
-        stream = stream[:max_tokens]
+    stream = stream_head(tokenizer, text, max_tokens)
     if use_bos:
         bos_id = torch.tensor([tokenizer.bos_token_id], dtype=stream.dtype)
         windows = [torch.cat([bos_id, w]) for w in stream.split(window - 1)]
