@@ -65,7 +65,7 @@ The Trainer gets the plain pruned model; the next `train()` shards it (with `fsd
 process's weights are broadcast into the shards) and `on_train_begin` scatters the carried optimizer state into the
 new optimizer. A hand-written FSDP2 loop calls the same `prune_sharded_model`, then `hf_prune.sharded.shard_pruned`
 and `load_optimizer_state` (tests/fsdp2_prune_script.py). FSDP1, `fsdp_state_dict_type` other than FULL_STATE_DICT
-and methods with a `finalize` step (LLM Surgeon) are refused under FSDP with the reason; DeepSpeed is refused
+methods with a `finalize` step (LLM Surgeon) and distillation are refused under FSDP with the reason; DeepSpeed is refused
 (`DEEPSPEED_REFUSAL`: ZeRO's optimizer state is flat per-partition, and resuming needs a ZeRO checkpoint of the pruned
 model).
 
@@ -102,7 +102,7 @@ from hf_prune.methods import PruningMethod
 from hf_prune.plan import PrunePlan
 from hf_prune.pipeline import StageResult, compose, finalize, run_stage
 from hf_prune.sharded import (ShardedStage, gather_to_main, is_fsdp2, is_layerwise, load_optimizer_state,
-                              prune_sharded, scoring_memory, scoring_placement, sharded_device)
+                              prune_sharded, scoring_memory, scoring_placement)
 from hf_prune.surgery import layer_widths
 
 __all__ = ["PruneCallback", "PruneSchedule", "load_for_resume", "prune_and_train", "STAGE_PREFIX"]
@@ -246,7 +246,7 @@ def _fsdp2_run(trainer: Trainer) -> bool:
     return is_fsdp2(trainer.model) or (plugin is not None and getattr(plugin, "fsdp_version", 1) == 2)
 
 
-def sharding_problem(trainer: Trainer, method: PruningMethod) -> str | None:
+def sharding_problem(trainer: Trainer, method: PruningMethod, distillation: Any = None) -> str | None:
     """Why a sharded (FSDP / DeepSpeed) run cannot be pruned between its stages (None when it can, or is not
     sharded)."""
     if getattr(trainer, "is_deepspeed_enabled", False):
@@ -267,6 +267,10 @@ def sharding_problem(trainer: Trainer, method: PruningMethod) -> str | None:
         return (f"{method.name} restores an invariant after training (finalize), which needs the whole model; under "
                 "FSDP2 prune it with DDP or a single process, or run hf_prune.pipeline.finalize on the gathered "
                 "model yourself")
+    if distillation is not None:
+        return ("distillation under FSDP: the teacher is a full, unsharded copy on every GPU, and with "
+                "fsdp_cpu_ram_efficient_loading the other ranks' copies hold no weights (transformers loads them on "
+                "the meta device); recover without distillation (recipes: --kd_alpha 0) or with DDP")
     return None
 
 
@@ -423,7 +427,7 @@ class PruneCallback(TrainerCallback):
 
     def bind(self, trainer: Trainer, own_optimizer_check: bool = True) -> None:
         """Check that `trainer` can be pruned between stages, and install the distillation loss."""
-        problem = sharding_problem(trainer, self.method)
+        problem = sharding_problem(trainer, self.method, self.distillation)
         if problem is not None:
             raise ValueError(f"PruneCallback cannot prune this run: {problem}")
         if trainer.args.load_best_model_at_end:
@@ -484,8 +488,6 @@ class PruneCallback(TrainerCallback):
             return
         self._in_loop = False
         self._stop_requested = False
-        if self.distillation is not None and is_fsdp2(self.trainer.model):  # the teacher is a full, unsharded copy
-            self.distillation.teacher.to(sharded_device(self.trainer.model))
         if self._pending_optimizer_state is not None:  # a sharded stage: the optimizer now holds the new shards
             carried = load_optimizer_state(self.trainer.model, _raw_optimizer(self.trainer.optimizer),
                                            self._pending_optimizer_state[0])

@@ -230,6 +230,7 @@ def test_fsdp2_settings_that_cannot_be_pruned_are_refused_with_the_reason():
     msg = sharding_problem(_plugin(state_dict_type=StateDictType.SHARDED_STATE_DICT), ShortGPT())
     assert "SHARDED_STATE_DICT" in msg and "FULL_STATE_DICT" in msg
     assert "finalize" in sharding_problem(_plugin(), LLMSurgeon())
+    assert "--kd_alpha 0" in sharding_problem(_plugin(), ShortGPT(), distillation=object())
 
 
 def test_deepspeed_is_refused_with_the_reason(tmp_path):
@@ -262,7 +263,8 @@ def test_the_fsdp2_accelerate_config_gives_a_plugin_the_callback_accepts(monkeyp
     plugin = FullyShardedDataParallelPlugin()
     fake = _plugin()
     fake.accelerator.state.fsdp_plugin = plugin
-    assert plugin.fsdp_version == 2 and plugin.cpu_ram_efficient_loading
+    # the recipes evaluate the dense model on every rank: every rank must load the weights
+    assert plugin.fsdp_version == 2 and not plugin.cpu_ram_efficient_loading
     assert sharding_problem(fake, ShortGPT()) is None
 
 
