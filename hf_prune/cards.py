@@ -449,6 +449,8 @@ def load_instructions(config: dict[str, Any], repo_id: str | None = None) -> str
 # per-layer one as `deci`); kept here as data so that rendering a card never imports the GGUF writer
 GGUF_UNIFORM_FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
 GGUF_PER_LAYER_FAMILIES = ("llama", "mistral", "qwen2")
+# measured: `pip install llama-cpp-python==0.3.36` from the sdist on this project's 2-core CPU machine
+LLAMA_CPP_BUILD_MINUTES = 4
 
 
 def llama_cpp_instructions(config: dict[str, Any], repo_id: str | None = None) -> str | None:
@@ -466,8 +468,14 @@ def llama_cpp_instructions(config: dict[str, Any], repo_id: str | None = None) -
     what = ("llama.cpp runs models whose layers have different widths through its `deci` architecture (per-layer "
             "query heads, kv heads and feed-forward lengths)" if per_layer else
             f"llama.cpp runs this model as its own `{'llama' if family == 'mistral' else family}` architecture")
-    text = (f"{what}. Convert this folder to GGUF with hf-prune, then run it:\n\n"
-            f"```bash\n{fetch}hf-prune gguf {folder} -o model.gguf{compact}\nllama-cli -m model.gguf\n```")
+    text = (f"{what}. Install hf-prune with llama.cpp support (`llama-cpp-python`, which compiles llama.cpp: about "
+            f"{LLAMA_CPP_BUILD_MINUTES} minutes on 2 CPU cores), convert this folder to GGUF and run it:\n\n"
+            f"```bash\npip install \"hf-prune[gguf]\"\n{fetch}hf-prune gguf {folder} -o model.gguf{compact}\n```\n\n"
+            "```python\nfrom llama_cpp import Llama\n\n"
+            'llm = Llama(model_path="model.gguf", n_ctx=2048)\n'
+            'print(llm("The capital of France is", max_tokens=32)["choices"][0]["text"])\n```\n\n'
+            "or with llama.cpp's own command line, where it is installed: `llama-cli -m model.gguf`. "
+            "`hf-prune gguf --dtype` picks the storage (f16 by default; f32, bf16, q8_0).")
     if compact:
         text += ("\n\nSome projections are stored without their zero rows and columns; llama.cpp multiplies dense "
                  "matrices only, so `--expand-compact` writes them dense again (exact, without the saving).")

@@ -222,8 +222,13 @@ def test_card_says_how_to_run_a_per_layer_export_in_llama_cpp(tmp_path):
     text = (out / "README.md").read_text()
     section = text.split("## Run it in llama.cpp", 1)[1].split("\n## ", 1)[0]
     assert "`deci`" in section
-    assert "hf download me/tiny-het --local-dir tiny-het\nhf-prune gguf tiny-het -o model.gguf\n" \
-           "llama-cli -m model.gguf" in section
+    assert 'pip install "hf-prune[gguf]"\nhf download me/tiny-het --local-dir tiny-het\n' \
+           "hf-prune gguf tiny-het -o model.gguf\n```" in section
+    assert "about 4 minutes on 2 CPU cores" in section
+    assert 'llm = Llama(model_path="model.gguf", n_ctx=2048)' in section and "`llama-cli -m model.gguf`" in section
+    # the Python lines run as written: they are valid Python that builds a Llama from the converted file
+    code = section.split("```python\n", 1)[1].split("```", 1)[0]
+    compile(code, "card", "exec")
 
 
 def test_card_has_no_llama_cpp_section_for_layouts_llama_cpp_cannot_run():

@@ -350,3 +350,24 @@ def test_llama_cpp_tokenizes_like_transformers(tmp_path):
     assert llm.tokenize(text.encode(), add_bos=False) == tok(text, add_special_tokens=False).input_ids
     assert llm.token_bos() == tok.bos_token_id and llm.token_eos() == tok.eos_token_id
     assert json.dumps(llm.metadata.get("general.architecture")) == '"llama"'
+
+
+@needs_llama_cpp
+def test_the_cards_llama_cpp_lines_run_as_written(tmp_path, monkeypatch):
+    from hf_prune.export import save
+
+    out = save(_model("llama", PER_LAYER), tiny_tokenizer(), tmp_path / "tiny", plan=PER_LAYER, repo_id="me/tiny")
+    section = (out / "README.md").read_text().split("## Run it in llama.cpp", 1)[1].split("\n## ", 1)[0]
+    bash = section.split("```bash\n", 1)[1].split("```", 1)[0].splitlines()
+    convert = [line for line in bash if line.startswith("hf-prune gguf ")]
+    assert convert == ["hf-prune gguf tiny -o model.gguf"]
+    monkeypatch.chdir(tmp_path)  # the folder the card's `hf download` line would have made
+    assert main(convert[0].split()[1:]) == 0
+    assert gguf.GGUFReader(tmp_path / "model.gguf").fields["general.architecture"].contents() == "deci"
+    code = section.split("```python\n", 1)[1].split("```", 1)[0]
+    printed = []
+    real_print = print
+    # stdout only: llama-cpp-python prints llama.cpp's log to stderr through print(..., file=sys.stderr)
+    monkeypatch.setattr("builtins.print", lambda *a, **k: real_print(*a, **k) if "file" in k else printed.append(a))
+    exec(compile(code, "model card", "exec"), {})
+    assert len(printed) == 1 and isinstance(printed[0][0], str)
