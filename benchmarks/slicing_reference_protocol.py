@@ -47,7 +47,7 @@ REFERENCE = {"model": "SmolLM2-135M-Instruct", "method": "SliceGPT reference (Tr
 MODELS = {"smollm2": ("SmolLM2-135M-Instruct", "load_smollm2", False),
           "gemma3": ("Gemma-3-270M", "load_gemma3", True)}  # name, hf_prune.assets loader, BOS by default
 FAITHFUL = dict(basis="sublayer", head="untied", token_weighting="none", embedding_basis="embedding", reader_weight=0.0,
-                max_ppl_ratio=0)
+                max_ppl_ratio=0, max_size=100.0)  # no size limit, as the reference
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -73,6 +73,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--window", type=int, default=512)
     p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
     p.add_argument("--no-dense", action="store_true", help="skip the dense row")
+    p.add_argument("--mc", default="", help="comma-separated multiple-choice tasks (names of <data-dir>/mc/*.json "
+                   "without .json) scored on every row, e.g. goal_step_wikihow,social_iqa,cause_and_effect")
+    p.add_argument("--mc-limit", type=int, default=500, help="examples per multiple-choice task (the first ones)")
+    p.add_argument("--mc-batch", type=int, default=16, help="requests per multiple-choice batch")
     p.add_argument("--note", default="", help="free text recorded with the results (e.g. 'CPU shared')")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "slicing_reference_protocol"),
                    help="output path stem (.json and .md)")
@@ -146,6 +150,34 @@ def merge(old: list[dict], new: list[dict]) -> list[dict]:
     return out + [r for r in new if tuple(r[k] for k in ROW_KEY) in fresh]
 
 
+def multiple_choice(model, tok, data_dir: Path, args) -> dict | None:
+    """{task: {acc, acc_norm, n}} for every --mc task (hf_prune.evaluate.multiple_choice, first --mc-limit examples)."""
+    if not args.mc:
+        return None
+    from hf_prune.evaluate import multiple_choice as score
+
+    out = {}
+    for task in args.mc.split(","):
+        path = _mc_path(data_dir, task)
+        out[task] = score(model, tok, path, limit=args.mc_limit, batch_size=args.mc_batch)
+    return out
+
+
+def _mc_path(data_dir: Path, task: str) -> Path:
+    matches = sorted((data_dir / "mc").glob(f"{task}*.json"))
+    if not matches:
+        valid = sorted(p.stem for p in (data_dir / "mc").glob("*.json"))
+        raise SystemExit(f"--mc: no task {task!r} in {data_dir / 'mc'}; valid: {', '.join(valid)}")
+    return matches[0]
+
+
+def _mc_text(r: dict) -> str:
+    mc = r.get("mc")
+    if not mc:
+        return ""
+    return ", ".join(f"{t.split('_')[0]} {v['acc']:.3f}/{v['acc_norm']:.3f} (n={v['n']})" for t, v in mc.items())
+
+
 def write(rows: list[dict], runs: list[dict], protocol: dict, stem: Path) -> None:
     stem.parent.mkdir(parents=True, exist_ok=True)
     data = {"runs": runs, "protocol": protocol, "reference": REFERENCE, "rows": rows}
@@ -172,8 +204,8 @@ def write(rows: list[dict], runs: list[dict], protocol: dict, stem: Path) -> Non
         "`hf_prune.prune` (plan + surgery). The reference measured 0.25 only: at the other sparsities the "
         "`faithful` row (which matches it at 0.25) stands in for it.",
         "",
-        "| model | method | slicing | settings | basis (chosen) | ppl | params | seconds | vs reference (ppl / params / s) | run |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| model | method | slicing | settings | basis (chosen) | ppl | params | seconds | vs reference (ppl / params / s) | run | multiple choice acc / acc_norm |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
         f"| {REFERENCE['model']} | {REFERENCE['method']} | 0.25 | reference | sublayer | {REFERENCE['ppl']} | "
         f"140.65M | {REFERENCE['seconds']:.0f} | | |",
     ]
@@ -188,7 +220,7 @@ def write(rows: list[dict], runs: list[dict], protocol: dict, stem: Path) -> Non
             vs = (f"{r['ppl'] / ref['ppl']:.2f}x / {r['params'] / ref['params']:.2f}x / "
                   f"{r['seconds'] / ref['seconds']:.2f}x" + ("" if ref is REFERENCE else " (vs faithful)"))
         lines.append(f"| {r['model']} | {r['method']} | {r['slicing']} | {r['settings']} | {r['basis']} | "
-                     f"{r['ppl']:.2f} | {r['params'] / 1e6:.2f}M | {r['seconds']:.0f} | {vs} | {r.get('run', '')} |")
+                     f"{r['ppl']:.2f} | {r['params'] / 1e6:.2f}M | {r['seconds']:.0f} | {vs} | {r.get('run', '')} | {_mc_text(r)} |")
     choices = [r for r in rows if r.get("basis_choice")]
     if choices:
         lines += ["", "basis='auto' evidence (held-out calibration perplexity per candidate):", ""]
@@ -200,6 +232,11 @@ def write(rows: list[dict], runs: list[dict], protocol: dict, stem: Path) -> Non
             lines.append(f"- {r['model']} {r['method']} {r['slicing']}: dense {r['basis_choice']['dense_held_out_ppl']:.2f}; "
                          f"{cands}")
     stem.with_suffix(".md").write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+def _reader_summary(prov: dict) -> dict | None:
+    rb = prov.get("reader_basis")
+    return None if rb is None else {k: v for k, v in rb.items() if k != "per_basis"}
 
 
 def _reference_for(row: dict, rows: list[dict]) -> dict | None:
@@ -260,7 +297,8 @@ def main(argv=None) -> None:
     if not args.no_dense:
         ev = perplexity(model, stream, args.window, args.bos_id)
         record({"model": name, "method": "dense", "slicing": 0.0, "basis": None, "settings": "dense",
-                "ppl": ev["ppl"], "params": sum(p.numel() for p in model.parameters()), "seconds": 0.0, **ev})
+                "ppl": ev["ppl"], "params": sum(p.numel() for p in model.parameters()), "seconds": 0.0, **ev,
+                "mc": multiple_choice(model, tok, data_dir, args)})
     del model
     for method in args.methods.split(","):
         for sp in (float(x) for x in args.slicings.split(",")):
@@ -292,7 +330,8 @@ def main(argv=None) -> None:
                            params=sum(p.numel() for p in model.parameters()), scored_tokens=ev["scored_tokens"],
                            head=prov.get("head"), calibration_check=prov.get("calibration_check"),
                            basis_choice=prov.get("basis_choice"), schedule_note=prov.get("schedule_note"),
-                           average_slicing=prov.get("average_slicing"))
+                           average_slicing=prov.get("average_slicing"), reader_basis=_reader_summary(prov),
+                           mc=multiple_choice(model, tok, data_dir, args))
                 print(json.dumps({k: row[k] for k in ("method", "slicing", "settings", "basis", "ppl", "params",
                                                        "seconds")}), flush=True)
                 record(row)

@@ -107,7 +107,7 @@ def test_slicing_directions_without_signal_keeps_logits_and_reloads(tmp_path, mo
     ref = _logits(model, ids, mask)
     assert ref.abs().max() > 1.0
     method = get("slicegpt", slicing=0.5, basis=basis, round_to=8, max_ppl_ratio=0, progress=False)
-    method._size_limit = float("inf")  # tiny models: the point here is exactness, not size
+    method.max_size = float("inf")  # tiny models: the point here is exactness, not size
     plan = method.plan(model, batches)
     dims = plan.residual_widths["residual_dims"]
     assert set(dims) == {32}
@@ -126,7 +126,7 @@ def test_gemma3_embedding_scale_survives_slicing_and_reload(tmp_path):
     ids, mask, batches = _data(model.config.vocab_size)
     dense_emb = model.model.embed_tokens(ids).detach().clone()
     plan = get("slicegpt", slicing=0.5, basis="global", max_ppl_ratio=0, progress=False)
-    plan._size_limit = float("inf")
+    plan.max_size = float("inf")
     p = plan.plan(model, batches)
     apply_slicing(model, p)
     model.save_pretrained(tmp_path)
@@ -146,7 +146,7 @@ def test_sliced_model_returns_hidden_states(family, tmp_path):
     ids, mask, batches = _data(model.config.vocab_size)
     assert model(ids, output_hidden_states=True).hidden_states is not None  # dense hooks installed first, as in use
     method = get("slicegpt", slicing=0.25, basis="global", max_ppl_ratio=0, progress=False)
-    method._size_limit = float("inf")
+    method.max_size = float("inf")
     apply_slicing(model, method.plan(model, batches))
     model.save_pretrained(tmp_path)
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
@@ -156,3 +156,58 @@ def test_sliced_model_returns_hidden_states(family, tmp_path):
         assert out.hidden_states is not None
         assert len(out.hidden_states) == m.config.num_hidden_layers + 1
         assert [h.shape[-1] for h in out.hidden_states] == [dims[0]] + dims[2::2]
+
+
+# ----- reader-aware bases (hf_prune.methods.slicegpt.reader_aware_basis) ------------------------------------------
+def _diag(values) -> torch.Tensor:
+    return torch.diag(torch.tensor(values, dtype=torch.float64))
+
+
+def test_reader_error_is_zero_when_the_signal_fits_the_kept_dims():
+    from hf_prune.methods.slicegpt import pca, reader_error
+
+    g = torch.Generator().manual_seed(0)
+    A = torch.randn(8, 3, generator=g, dtype=torch.float64)
+    C = A @ A.T  # rank 3
+    B = torch.randn(8, 8, generator=g, dtype=torch.float64)
+    M = B @ B.T
+    _, Q = pca(C, damping=0.0)
+    assert reader_error(Q, 3, C, M) == pytest.approx(0.0, abs=1e-12)
+    assert reader_error(Q, 2, C, M) > 1e-3
+
+
+def test_reader_aware_basis_keeps_a_direction_the_readers_amplify():
+    """Little signal (0.01) in a direction its readers scale by 1e3 (M = 1e6): PCA drops it and loses almost all of
+    what the readers see; the reader-aware basis keeps it and drops the least useful other direction."""
+    from hf_prune.methods.slicegpt import READER_WEIGHTS, reader_aware_basis, reader_error
+
+    C = _diag([10, 9, 8, 7, 6, 5, 4, 0.01])
+    M = _diag([1, 1, 1, 1, 1, 1, 1, 1e6])
+    Q, info = reader_aware_basis(C, M, 7, damping=0.0, weights=READER_WEIGHTS, margin=2.0)
+    assert info["pca_reader_error"] > 0.9
+    assert info["reader_weight"] > 0 and info["reader_error"] < 0.01
+    assert info["reader_error"] == pytest.approx(reader_error(Q, 7, C / C.trace(), M / M.trace()))
+    kept = Q[:, :7]
+    assert (kept[7] ** 2).sum().item() == pytest.approx(1.0, abs=1e-9)  # e_7 lies in the kept span
+
+
+def test_reader_aware_basis_stays_pca_when_readers_do_not_prefer_a_direction():
+    from hf_prune.methods.slicegpt import READER_WEIGHTS, pca, reader_aware_basis
+
+    C = _diag([10, 9, 8, 7, 6, 5, 4, 3])
+    for M in (torch.eye(8, dtype=torch.float64), _diag([1, 1, 1, 1, 1, 1, 1.5, 1])):  # uniform; a slight preference
+        Q, info = reader_aware_basis(C, M, 6, damping=0.0, weights=READER_WEIGHTS, margin=2.0)
+        assert info["reader_weight"] == 0.0
+        assert torch.allclose(Q.abs(), pca(C / C.trace(), 0.0)[1].abs())
+    _, info = reader_aware_basis(C, _diag([1, 1, 1, 1, 1, 1, 1.5, 1]), 6, damping=0.0, weights=READER_WEIGHTS,
+                                 margin=1.0)
+    assert info["reader_weight"] > 0  # without the margin the slightly better estimate wins
+
+
+def test_reader_weight_option_is_checked_and_zero_is_sliceGPTs_pca():
+    assert get("slicegpt", reader_weight=0.0).reader_weights == (0.0,)
+    assert len(get("slicegpt").reader_weights) > 1
+    with pytest.raises(ValueError, match="reader_weight"):
+        get("slicegpt", reader_weight=-1.0)
+    with pytest.raises(ValueError, match="reader_margin"):
+        get("slicegpt", reader_margin=0.5)
