@@ -57,6 +57,7 @@ __all__ = [
     "load_optimizer_state",
     "optimizer_gather_problem",
     "prune_sharded",
+    "raise_on_every_rank",
     "scoring_memory",
     "scoring_placement",
     "shard_model",
@@ -127,6 +128,16 @@ def broadcast_from_main(value: Any) -> Any:
     box = [value if _rank() == 0 else None]
     _dist().broadcast_object_list(box, src=0)
     return box[0]
+
+
+def raise_on_every_rank(error: BaseException | None) -> None:
+    """Collective: raise the main process's `error` there and a RuntimeError naming it on every other rank (so that
+    no rank is left waiting in the next collective); nothing when the main process had none."""
+    message = broadcast_from_main(None if error is None else f"{type(error).__name__}: {error}")
+    if error is not None:
+        raise error
+    if message is not None:
+        raise RuntimeError(f"pruning failed on the main process: {message}")
 
 
 def _nbytes(tensors: Iterator[torch.Tensor] | Sequence[torch.Tensor]) -> int:
@@ -307,13 +318,17 @@ def gather_to_main(model: nn.Module, optimizer: torch.optim.Optimizer | None = N
             osd = get_optimizer_state_dict(model, optimizer, options=options)
         elif _rank() == 0:
             log(f"sharded prune: optimizer state dropped: {problem}")
-    plain, names, state = None, {}, None
+    plain, names, state, error = None, {}, None, None
     if _rank() == 0:
-        plain = _plain_copy(model, full_sd, _non_persistent_buffers(model))
-        names = {p: n for n, p in plain.named_parameters()}
+        try:
+            plain = _plain_copy(model, full_sd, _non_persistent_buffers(model))
+            names = {p: n for n, p in plain.named_parameters()}
+        except Exception as e:  # raised on every rank by `raise_on_every_rank`, not left behind in a collective
+            error = e
         if osd is not None:
             state = dict(osd.get("state", {}))
     del full_sd, osd
+    raise_on_every_rank(error)
     return Gathered(plain, state, names, peft_config, sharded_device(model), steps,
                     problem if optimizer is not None else None)
 
@@ -415,11 +430,19 @@ def _share(model: nn.Module | None, full_copies: bool) -> nn.Module:
     main = _rank() == 0
     payload = broadcast_from_main(
         {"config": model.config, "spec": _state_spec(model), "buffers": _non_persistent_buffers(model)} if main else None)
-    if not main:
-        model = _skeleton(payload["config"], payload["spec"], payload["buffers"])
-    mine = _state_spec(model)
-    if mine != payload["spec"]:  # the main process checks its own too: the two must be the same structure
-        raise RuntimeError("the pruned architecture differs between the main process and this rank")
+    problem = None
+    try:
+        if not main:
+            model = _skeleton(payload["config"], payload["spec"], payload["buffers"])
+        if _state_spec(model) != payload["spec"]:
+            problem = "its state dict's names, shapes or dtypes differ from the main process's"
+    except Exception as e:  # every rank learns of it below, instead of waiting in the next collective
+        problem = f"{type(e).__name__}: {e}"
+    problems: list[Any] = [None] * _world()
+    _dist().all_gather_object(problems, problem)
+    bad = {r: p for r, p in enumerate(problems) if p is not None}
+    if bad:
+        raise RuntimeError(f"ranks could not rebuild the pruned architecture: {bad}")
     if full_copies:
         dev = comm_device()
         with torch.no_grad():
@@ -498,11 +521,8 @@ def prune_sharded(model: nn.Module, optimizer: torch.optim.Optimizer | None, sta
             outcome = stage_fn(gathered)
         except Exception as e:  # tell the other ranks instead of leaving them in the next collective
             error = e
-    shared = broadcast_from_main({"outcome": outcome, "error": None if error is None else f"{type(error).__name__}: {error}"})
-    if error is not None:
-        raise error
-    if shared["error"] is not None:
-        raise RuntimeError(f"pruning failed on the main process: {shared['error']}")
+    raise_on_every_rank(error)
+    shared = {"outcome": broadcast_from_main(outcome)}
     steps = list(gathered.memory)
     pruned = gathered.model
     if _rank() == 0:

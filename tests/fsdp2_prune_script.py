@@ -117,8 +117,10 @@ def run_train(out: str, rank: int, lora: bool, method: str, host_bytes: int | No
     opt = make_optimizer(model)
     before = train(model, opt, rank, BEFORE)
     calibration = torch.randint(4, 300, (4, 16), generator=torch.Generator().manual_seed(2))
-    pruner = (ShortGPT(n_remove=2, per_stage=2, progress=False) if method == "shortgpt"
-              else PIP(target=0.25, steps=1, perturbation="embedding", progress=False))
+    pruner = {"shortgpt": lambda: ShortGPT(n_remove=2, per_stage=2, progress=False),
+              "pip": lambda: PIP(target=0.25, steps=1, perturbation="embedding", progress=False),
+              # scoring fails on the main process (no tokenizer for character perturbations): every rank must raise
+              "failing": lambda: PIP(target=0.25, steps=1, perturbation="chars", progress=False)}[method]()
     cb = PruneCallback(pruner, calibration=calibration)
     state_before = full_optimizer_state(model, opt)
     stage, record = cb.prune_sharded_model(model, opt, max_host_bytes=host_bytes)

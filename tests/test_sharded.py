@@ -37,7 +37,7 @@ REPO = HERE.parent
 # ----- 2 ranks, gloo, hand-written loop ------------------------------------------------------------------------------
 
 
-def _torchrun(out: Path, *script_args: str, nproc: int = 2) -> None:
+def _torchrun(out: Path, *script_args: str, nproc: int = 2, expect_failure: bool = False) -> str:
     if not torch.distributed.is_available() or not torch.distributed.is_gloo_available():
         pytest.skip("torch.distributed with gloo is not available")
     if importlib.util.find_spec("torch.distributed.run") is None:
@@ -50,7 +50,11 @@ def _torchrun(out: Path, *script_args: str, nproc: int = 2) -> None:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_addr",
            "127.0.0.1", "--master_port", str(port), str(HERE / "fsdp2_prune_script.py"), str(out), *script_args]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    if expect_failure:
+        assert proc.returncode != 0
+    else:
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    return proc.stdout + proc.stderr
 
 
 def _ranks(out: Path, mode: str, n: int = 2) -> list[dict]:
@@ -142,6 +146,14 @@ def test_fsdp2_lora_is_merged_pruned_and_reattached(tmp_path):
         assert r["optimizer_states_loaded"] == 0  # the adapter is new after the merge
         assert r["record"]["prune/optimizer_states_dropped"] > 0  # and the old adapter's state is said to be dropped
         _keeps_training(r)
+
+
+@pytest.mark.slow  # torchrun, 2 processes
+def test_fsdp2_scoring_error_on_the_main_process_is_raised_on_every_rank(tmp_path):
+    log = _torchrun(tmp_path, "train", "--method", "failing", expect_failure=True)  # finishes: no rank hangs
+    assert "[rank0]: ValueError: PIP with perturbation='chars' needs the tokenizer" in log
+    assert "[rank1]: RuntimeError: pruning failed on the main process: ValueError: PIP with perturbation" in log
+    assert not list(tmp_path.glob("train_rank*.json"))
 
 
 @pytest.mark.slow  # torchrun, 2 processes
