@@ -382,6 +382,7 @@ class PruneCallback(TrainerCallback):
         self._fast_forward_scheduler = False
         self._pending_logs: list[dict] = []
         self._pending_optimizer_state: list[Any] | None = None  # sharded runs: carried state for the next train()
+        self._scoring_device: torch.device | None = None  # sharded runs: where layer-by-layer scoring runs
         self.export_dir = export_dir
         self.push_to_hub = push_to_hub
         self.hub_private = hub_private
@@ -745,10 +746,11 @@ class PruneCallback(TrainerCallback):
         host copy. Returns what the other ranks need to record the stage."""
         model = gathered.model
         batches = self.calibration
-        need = scoring_memory(model, self.method, batches, gathered.device)
+        device = self._scoring_device or gathered.device
+        need = scoring_memory(model, self.method, batches, device)
         logger.info(need.message())
-        place = (scoring_placement(model, gathered.device) if is_layerwise(self.method)
-                 and gathered.device.type != "cpu" else contextlib.nullcontext(model))
+        place = (scoring_placement(model, device) if is_layerwise(self.method) and device.type != "cpu"
+                 else contextlib.nullcontext(model))
         with place:
             record = run_stage(model, self.method, batches, self.stages_done, planner=None)
         return {
@@ -762,6 +764,7 @@ class PruneCallback(TrainerCallback):
 
     def prune_sharded_model(self, model: nn.Module, optimizer: torch.optim.Optimizer | None = None,
                             full_copies: bool = False, max_host_bytes: int | None = None,
+                            scoring_device: torch.device | str | None = None,
                             ) -> tuple[ShardedStage, dict[str, Any]]:
         """Collective (every rank): the next stage of this callback's method on an FSDP2-sharded `model` (or a plain
         one before its first sharding) through `hf_prune.sharded.prune_sharded`: gathered to the main process's
@@ -771,11 +774,16 @@ class PruneCallback(TrainerCallback):
         re-shards `stage.model` (the next `train()`, or `hf_prune.sharded.shard_pruned`) and loads
         `stage.optimizer_state` with `hf_prune.sharded.load_optimizer_state`. The optimizer state is dropped, with
         the reason logged, when it does not fit next to the weights in `max_host_bytes` (default: the main
-        process's free host memory). Returns (stage, log record)."""
+        process's free host memory). `scoring_device`: where a layer-by-layer method runs its one layer at a time
+        (default: the device of the model's shards). Returns (stage, log record)."""
         if self.kept_original is None:
             self.kept_original = list(range(get_adapter(model).num_layers))
-        stage = prune_sharded(model, optimizer, self._score_gathered, full_copies=full_copies,
-                              max_host_bytes=max_host_bytes, log=logger.info)
+        self._scoring_device = torch.device(scoring_device) if scoring_device is not None else None
+        try:
+            stage = prune_sharded(model, optimizer, self._score_gathered, full_copies=full_copies,
+                                  max_host_bytes=max_host_bytes, log=logger.info)
+        finally:
+            self._scoring_device = None
         out = stage.outcome
         resolved = None if out["resolved"] is None else PrunePlan.from_json(out["resolved"])
         record = StageResult(out["numbers"][0], PrunePlan.from_json(out["plan"]), resolved, *out["numbers"][1:])
@@ -802,7 +810,8 @@ class PruneCallback(TrainerCallback):
         if full_copies and _is_main():
             logger.warning("fsdp_cpu_ram_efficient_loading is off: every rank receives a full host copy of the pruned "
                            "model before the next train() shards it (set it to true to keep one copy)")
-        stage, record = self.prune_sharded_model(trainer.model, _raw_optimizer(trainer.optimizer), full_copies)
+        stage, record = self.prune_sharded_model(trainer.model, _raw_optimizer(trainer.optimizer), full_copies,
+                                                 scoring_device=trainer.args.device)
         base = stage.model
         stage_dir = os.path.join(trainer.args.output_dir, f"{STAGE_PREFIX}{self.stages_done}")
         if trainer.args.should_save:
