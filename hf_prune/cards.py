@@ -40,6 +40,8 @@ from .record import (
 __all__ = [
     "PICTURE_FILENAME",
     "CardExistsError",
+    "basis_choice",
+    "basis_choice_section",
     "card_data",
     "check_card",
     "hub_license",
@@ -113,6 +115,47 @@ def residual_widths(meta: ExportMetadata, config: dict[str, Any] | None = None) 
     if not dims or (n is not None and len(dims) != 2 * n + 1):
         return None
     return [int(d) for d in dims]
+
+
+def basis_choice(plan: PrunePlan | None) -> dict[str, Any] | None:
+    """The evidence of a `basis="auto"` slicing run (`provenance["basis_choice"]` of the plan, or of the last stage
+    that has one when stages were composed), or None when the basis was fixed or the plan is missing."""
+    if plan is None:
+        return None
+    prov = plan.provenance or {}
+    stages = list(prov.get("stages") or []) if prov.get("composed") else [prov]
+    found = [st["basis_choice"] for st in stages if isinstance(st, dict) and isinstance(st.get("basis_choice"), dict)]
+    return found[-1] if found else None
+
+
+def _num(value: Any, fmt: str) -> str:
+    return format(value, fmt) if isinstance(value, (int, float)) and not isinstance(value, bool) else "—"
+
+
+def basis_choice_section(choice: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The card's account of a `basis="auto"` choice: a sentence (chosen basis and head, criterion, held-out tokens,
+    dense perplexity) and one row per candidate (held-out perplexity, parameters, seconds, or why it was refused)."""
+    if not choice or not isinstance(choice.get("candidates"), list):
+        return None
+    chosen = choice.get("chosen") or {}
+    rows = []
+    for c in choice["candidates"]:
+        if not isinstance(c, dict):
+            continue
+        refused = c.get("skipped")
+        rows.append({"basis": c.get("basis", "?"), "head": c.get("head", "?"),
+                     "ppl": "refused" if refused else _num(c.get("held_out_ppl"), ".2f"),
+                     "parameters": _num(c.get("parameters"), ","), "seconds": _num(c.get("seconds"), ".1f"),
+                     "note": "**chosen**" if c.get("chosen") else (str(refused).split(";")[0][:160] if refused else "")})
+    held = choice.get("held_out_tokens")
+    text = (f'The slicing basis was chosen by measurement (`basis="auto"`): every candidate was built on '
+            f"{choice.get('build_batches', '?')} calibration batches and scored on "
+            f"{choice.get('held_out_batches', '?')} held-out batch(es)"
+            + (f" ({held:,} tokens)" if isinstance(held, int) else "")
+            + f"; the rule: {choice.get('criterion', 'not recorded')}. Chosen: basis `{chosen.get('basis', '?')}`, "
+              f"head `{chosen.get('head', '?')}`. The dense model's held-out perplexity is "
+              f"{_num(choice.get('dense_held_out_ppl'), '.2f')}.")
+    return {"text": text, "rows": rows}
 
 
 def _full_width(meta: ExportMetadata, config: dict[str, Any] | None) -> int | None:
@@ -217,9 +260,9 @@ def plot_layers(meta: ExportMetadata, plan: PrunePlan | None, path: str | os.Pat
     n_panels = 4 if dims else 3
     fig, axes = plt.subplots(n_panels, 1, figsize=(max(6.0, 0.28 * n_orig + 2), 1.95 * n_panels), sharex=True)
     xs = list(range(n_orig))
-    if dims:
-        _plot_residual(axes[3], dims, kept, _full_width(meta, config), removed)
-    for k, (ax, title) in enumerate(zip(axes, titles)):
+    if dims:  # a sliced model: the residual widths, what slicing changed, come first
+        _plot_residual(axes[0], dims, kept, _full_width(meta, config), removed)
+    for k, (ax, title) in enumerate(zip(axes[1:] if dims else axes, titles)):
         ax.bar(kept, [after[i][k] for i in kept], color="#3b75af", width=0.8, zorder=2)
         if before is not None:  # outline on top, so a narrowed layer shows what it lost
             ax.bar(xs, [w[k] for w in before], color="none", edgecolor="0.35", linewidth=0.8, width=0.8, zorder=3)
@@ -534,11 +577,13 @@ def render_card(folder: str | os.PathLike, repo_id: str | None = None, picture: 
         rows = []  # depth-only pruning: the table would repeat the same widths for every layer
     sliced = None
     if dims:
+        span = f"{min(dims)} dimensions everywhere" if min(dims) == max(dims) else (
+            f"{min(dims)} to {max(dims)} dimensions; the final residual keeps {dims[-1]}")
         sliced = (f"The residual stream was sliced: rotated, then cut from {full or 'its full width'} to a width per "
-                  f"layer ({min(dims)} to {max(dims)} dimensions; the final residual keeps {dims[-1]}). The table "
-                  "gives, for every layer, the width entering its attention / its MLP; shortcut matrices carry the "
-                  "stream from one width to the next. Query heads, kv heads and MLP channels keep their counts; "
-                  "their projections read and write the narrower stream.")
+                  f"layer ({span}). The table and the picture give, for every layer, the width entering its "
+                  "attention / its MLP; where the width or the basis changes between two points, a shortcut matrix "
+                  "carries the stream across. Query heads, kv heads and MLP channels keep their counts; their "
+                  "projections read and write the narrower stream.")
     r = {
         "title": redact(meta.model_name or folder.resolve().name),
         "summary": _summary(meta, plan, dims, full),
@@ -546,6 +591,7 @@ def render_card(folder: str | os.PathLike, repo_id: str | None = None, picture: 
         "width_changes": narrowed,
         "same_widths": same_widths,
         "sliced": sliced,
+        "basis_choice": basis_choice_section(basis_choice(plan)) if dims else None,
         "picture": picture,
         "layer_rows": rows,
         "size_rows": _size_rows(meta),
