@@ -371,3 +371,18 @@ def test_the_cards_llama_cpp_lines_run_as_written(tmp_path, monkeypatch):
     monkeypatch.setattr("builtins.print", lambda *a, **k: real_print(*a, **k) if "file" in k else printed.append(a))
     exec(compile(code, "model card", "exec"), {})
     assert len(printed) == 1 and isinstance(printed[0][0], str)
+
+
+def test_vllm_benchmark_says_why_it_cannot_run_and_writes_nothing(tmp_path, capsys):
+    import importlib.util as iu
+
+    spec = iu.spec_from_file_location("serving_vllm", Path(__file__).parents[1] / "benchmarks" / "serving_vllm.py")
+    bench = iu.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    if bench.unavailable() is None:
+        pytest.skip("vllm and a CUDA device are present: the benchmark runs for real (benchmarks/serving_vllm.py)")
+    out = tmp_path / "serving_vllm.json"
+    assert bench.main(["--work-dir", str(tmp_path / "work"), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "not run:" in err and ("vllm is not installed" in err or "no CUDA device" in err)
+    assert not out.exists() and not out.with_suffix(".md").exists() and not (tmp_path / "work").exists()
