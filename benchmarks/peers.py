@@ -1,0 +1,529 @@
+"""hf-prune's methods beside the peers the pip registry provides, in one run (issue 18, item 1).
+
+Same model (the offline SmolLM2-135M), same calibration token ids (written once to `<work>/calibration.safetensors`
+and read by every row, in our process or a peer's venv), same evaluation (`hf_prune.evaluate.perplexity` on the same
+wiki slice; `multiple_choice` on the BIG-bench tasks for the rows named by --mc_rows), wall time and peak memory.
+
+Groups (every peer row has the hf-prune rows it is compared with):
+- sparse, 50% of every decoder linear, unstructured and 2:4: llm-compressor's SparseGPT and Wanda (own venv, pinned
+  transformers; benchmarks/peer_env.py) beside hf-prune's LLM Surgeon, K-OBD and magnitude (`llm_surgeon` criteria);
+- width, 20% of all parameters: Torch-Pruning's head + MLP-channel pruning (Taylor and magnitude importance) beside
+  PIP, LLM-Pruner and hf-prune's magnitude; parameter counts are recorded and matched;
+- NVIDIA ModelOpt's pruning of the HF Llama on the CPU (or its exact error);
+- depth, 4 of 30 layers: angular_block, ShortGPT and IteRABRe without recovery, and with the same recovery tokens
+  (recipes/recipe_utils.run_prune_recover: LoRA + distillation from the dense model; one-shot methods prune first and
+  recover on all tokens, IteRABRe recovers an equal share after each of its stages).
+
+A peer runs in its venv (benchmarks/peer_worker.py) and writes its pruned weights back; this process loads them into
+the same model class and evaluates them with the same code, so evaluation is identical for every row. Each row runs
+in its own process (`--row`), torch.set_num_threads(--threads), so its peak RSS (getrusage) is its own; a peer row's
+pruning peak is the worker's. Results are rewritten after every row (`--out`.json/.md); `--resume` keeps finished
+rows.
+
+    nohup nice python benchmarks/peers.py > peers.log 2>&1 &
+    python benchmarks/peers.py --rows dense,llmc_sparsegpt_unstructured --eval_tokens 2048 --out /tmp/try
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "recipes"))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+SHARED = ROOT.parent / "shared" / "data"
+MC_TASKS = ("goal_step_wikihow_step_inference.json", "social_iqa.json", "cause_and_effect_one_sentence.json")
+
+
+def _rows() -> dict[str, dict]:
+    rows: dict[str, dict] = {"dense": {"group": "dense", "label": "dense", "by": "-"}}
+    for mask in ("unstructured", "2:4"):
+        for algo, name in (("sparsegpt", "SparseGPT"), ("wanda", "Wanda")):
+            rows[f"llmc_{algo}_{mask}"] = {"group": f"sparse {mask}", "label": f"{name} {mask}", "by": "peer",
+                                           "peer": "llmcompressor", "algo": algo, "mask": mask}
+        for crit, name in (("surgeon", "LLM Surgeon"), ("kobd", "K-OBD"), ("magnitude", "magnitude")):
+            rows[f"{crit}_{mask}"] = {"group": f"sparse {mask}", "label": f"{name} {mask}", "by": "hf-prune",
+                                      "method": "llm_surgeon", "config": {"mode": mask, "criterion": crit}}
+    for algo in ("taylor", "magnitude"):
+        rows[f"tp_{algo}"] = {"group": "width 20%", "label": f"Torch-Pruning ({algo} importance)", "by": "peer",
+                              "peer": "torch-pruning", "algo": algo}
+    for m, name in (("pip", "PIP"), ("llm_pruner", "LLM-Pruner"), ("magnitude", "magnitude (structured)")):
+        rows[f"width_{m}"] = {"group": "width 20%", "label": name, "by": "hf-prune", "method": m, "config": {}}
+    # its LLM mode needs Megatron-Core; its generic FastNAS search is given --modelopt_timeout seconds
+    rows["modelopt"] = {"group": "width 20%", "label": "ModelOpt prune", "by": "peer", "peer": "modelopt",
+                        "timeout_arg": "modelopt_timeout"}
+    for m, name in (("angular_block", "angular block"), ("shortgpt", "ShortGPT"), ("iterabre", "IteRABRe")):
+        rows[f"depth_{m}"] = {"group": "depth", "label": f"{name}, no recovery", "by": "hf-prune", "method": m,
+                              "depth": True}
+        rows[f"depth_{m}_rec"] = {"group": "depth", "label": f"{name} + recovery", "by": "hf-prune", "method": m,
+                                  "depth": True, "recover": True}
+    return rows
+
+
+ROWS = _rows()
+PEER_DIST = {"llmcompressor": "llmcompressor", "torch-pruning": "torch-pruning", "modelopt": "nvidia-modelopt"}
+# perplexity for every row first (cheap rows of every group early), then the multiple-choice passes on the rows
+# that decide the depth question, then the slowest rows
+DEFAULT_ORDER = (
+    "dense,llmc_sparsegpt_unstructured,kobd_unstructured,magnitude_unstructured,llmc_wanda_unstructured,"
+    "llmc_sparsegpt_2:4,llmc_wanda_2:4,kobd_2:4,magnitude_2:4,"
+    "tp_taylor,tp_magnitude,width_llm_pruner,width_magnitude,modelopt,"
+    "depth_angular_block,depth_shortgpt,depth_angular_block_rec,depth_iterabre_rec,depth_shortgpt_rec,"
+    "depth_iterabre,mc:dense,mc:depth_angular_block_rec,mc:depth_iterabre_rec,"
+    "width_pip,surgeon_unstructured,surgeon_2:4"
+)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--rows", default=DEFAULT_ORDER, help=f"comma list, run in this order; any of {', '.join(ROWS)}")
+    p.add_argument("--mc_rows", default="",
+                   help="rows that get the multiple-choice evaluation right after their perplexity ('all' for every "
+                        "row); an entry 'mc:ROW' in --rows instead scores ROW's saved model later in the queue")
+    p.add_argument("--calibration_text", default=str(SHARED / "austen"))
+    p.add_argument("--calibration_samples", type=int, default=16)
+    p.add_argument("--seq_len", type=int, default=512)
+    p.add_argument("--batch_size", type=int, default=4)
+    p.add_argument("--sparsity", type=float, default=0.5, help="sparse rows: fraction of each decoder linear")
+    p.add_argument("--width_target", type=float, default=0.2, help="structured rows: fraction of all parameters")
+    p.add_argument("--surgeon_shots", type=int, default=2, help="llm_surgeon shots (all three criteria)")
+    p.add_argument("--surgeon_chunk", type=int, default=2000, help="llm_surgeon chunk_size (surgeon criterion)")
+    p.add_argument("--n_remove", type=int, default=4, help="depth rows: layers removed")
+    p.add_argument("--recovery_tokens", type=int, default=8192,
+                   help="depth rows with recovery: total recovery tokens (recipes/configs/iterabre_smollm2.yaml)")
+    p.add_argument("--recovery_seq_len", type=int, default=128)
+    p.add_argument("--iterabre_samples", type=int, default=2,
+                   help="IteRABRe selects on the first N calibration blocks (its selection re-runs the suffix of "
+                        "the network for every candidate layer)")
+    p.add_argument("--lr", type=float, default=2e-4)
+    p.add_argument("--eval_text", default=str(SHARED / "wiki_en.txt"))
+    p.add_argument("--eval_tokens", type=int, default=8192)
+    p.add_argument("--window", type=int, default=512)
+    p.add_argument("--mc_limit", type=int, default=500)
+    p.add_argument("--peer_timeout", type=int, default=900, help="seconds a peer's worker may run")
+    p.add_argument("--modelopt_timeout", type=int, default=300, help="seconds the ModelOpt worker may run")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--work", default=str(Path.home() / ".cache" / "hf_prune" / "peers_work"))
+    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "peers"))
+    p.add_argument("--resume", action="store_true", help="keep rows already in --out.json without an error")
+    p.add_argument("--row", default=None, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    bad = [r for r in args.rows.split(",") if r and r.removeprefix("mc:") not in ROWS]
+    if bad:
+        p.error(f"--rows: unknown {bad}; valid: {', '.join(ROWS)}")
+    return args
+
+
+def peak_rss_gb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
+
+
+def calibration_file(args) -> Path:
+    """Write the calibration token ids once (safetensors `input_ids`, shape (samples, seq_len))."""
+    from safetensors.torch import save_file
+
+    from hf_prune.assets import load_smollm2  # noqa: F401  (tokenizer via the same asset)
+    from hf_prune.data import read_texts, token_blocks
+
+    path = Path(args.work) / f"calibration_{args.calibration_samples}x{args.seq_len}_s{args.seed}.safetensors"
+    if not path.is_file():
+        from transformers import AutoTokenizer
+
+        from hf_prune.assets import smollm2_path
+
+        tok = AutoTokenizer.from_pretrained(smollm2_path())
+        blocks = token_blocks(tok, read_texts(args.calibration_text), args.calibration_samples, args.seq_len,
+                              seed=args.seed)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_file({"input_ids": blocks.contiguous()}, str(path))
+    return path
+
+
+def mc_wanted(args, row: str) -> bool:
+    return args.mc_rows == "all" or row in args.mc_rows.split(",") or f"mc:{row}" in args.rows.split(",")
+
+
+def saved_model_path(args, row: str) -> Path:
+    return Path(args.work) / "models" / f"{row.replace(':', '-')}.pt"
+
+
+def multiple_choice_all(model, tok, args, out: dict) -> None:
+    from hf_prune.evaluate import multiple_choice
+
+    t0 = time.perf_counter()
+    out["mc"] = {Path(t).stem: multiple_choice(model, tok, str(SHARED / "mc" / t), limit=args.mc_limit)
+                 for t in MC_TASKS}
+    out["mc_seconds"] = time.perf_counter() - t0
+
+
+def evaluate(model, tok, args, row: str, out: dict) -> None:
+    from hf_prune.evaluate import perplexity
+
+    text = Path(args.eval_text).read_text(encoding="utf-8")[: 16 * args.eval_tokens]
+    t0 = time.perf_counter()
+    out["perplexity"] = perplexity(model, tok, text, window=args.window, max_tokens=args.eval_tokens)
+    out["ppl_seconds"] = time.perf_counter() - t0
+    if args.mc_rows == "all" or row in args.mc_rows.split(","):
+        multiple_choice_all(model, tok, args, out)
+    elif mc_wanted(args, row):  # scored later by the 'mc:ROW' entry, from this copy
+        import torch
+
+        path = saved_model_path(args, row)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(model, path)
+
+
+def run_mc_row(row: str, args) -> dict:
+    """'mc:ROW': the multiple-choice tasks on ROW's saved pruned model (same code as every other evaluation)."""
+    import torch
+
+    torch.set_num_threads(args.threads)
+    from hf_prune.assets import load_smollm2
+
+    target = row.removeprefix("mc:")
+    dense, tok = load_smollm2()
+    model = dense if target == "dense" else torch.load(saved_model_path(args, target), weights_only=False)
+    out: dict = {"row": row}
+    multiple_choice_all(model.eval(), tok, args, out)
+    out["peak_rss_gb"] = peak_rss_gb()
+    return out
+
+
+def nonzero_fraction(model) -> float:
+    import torch
+
+    lin = [m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and ".layers." in n]
+    return sum(int((m.weight != 0).sum()) for m in lin) / sum(m.weight.numel() for m in lin)
+
+
+def run_peer(spec: dict, args, calib: Path, out: dict):
+    """Prune in the peer's venv; load what it wrote into our model class."""
+    import torch
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from hf_prune.assets import smollm2_path
+    from peer_env import ensure_venv, package_version
+
+    python = ensure_venv(spec["peer"])
+    work = Path(args.work) / "rows" / out["row"].replace(":", "-")
+    shutil.rmtree(work, ignore_errors=True)
+    cmd = [str(python), str(ROOT / "benchmarks" / "peer_worker.py"), "--peer", spec["peer"],
+           "--algo", spec.get("algo", ""), "--mask", spec.get("mask", "unstructured"),
+           "--sparsity", str(args.sparsity), "--target", str(args.width_target), "--batch_size", str(args.batch_size),
+           "--model", smollm2_path(), "--calibration", str(calib), "--out", str(work), "--threads", str(args.threads)]
+    t0 = time.perf_counter()
+    try:
+        timeout = getattr(args, spec.get("timeout_arg", "peer_timeout"))
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired as e:
+        out["worker_wall_seconds"] = time.perf_counter() - t0
+        out["version"] = package_version(python, PEER_DIST[spec["peer"]])
+        out["error"] = f"TimeoutExpired: the peer's pruning call did not return within {timeout} s; killed"
+        if (work / "attempts.json").is_file():
+            out["peer"] = {"attempts": json.loads((work / "attempts.json").read_text())}
+            out["error"] += "; earlier attempts: " + "; ".join(
+                f"{a.get('mode')}: {a['error']}" for a in out["peer"]["attempts"] if "error" in a)
+        tail = (e.stderr.decode(errors="replace") if isinstance(e.stderr, bytes) else (e.stderr or ""))[-3000:]
+        out["traceback"] = tail
+        return None
+    out["worker_wall_seconds"] = time.perf_counter() - t0
+    result_file = work / "result.json"
+    res = json.loads(result_file.read_text()) if result_file.is_file() else {}
+    out["peer"] = {k: v for k, v in res.items() if k not in ("traceback",)}
+    out["version"] = res.get("version")
+    if proc.returncode != 0 or "error" in res:
+        out["error"] = res.get("error") or f"worker exit {proc.returncode}"
+        out["traceback"] = res.get("traceback") or proc.stderr[-4000:]
+        return None
+    out["prune_seconds"] = res["prune_seconds"]
+    out["peak_rss_gb_prune"] = res["peak_rss_gb"]
+    if (work / "layers.safetensors").is_file():
+        model = AutoModelForCausalLM.from_pretrained(smollm2_path(), dtype=torch.float32)
+        missing = model.load_state_dict(load_file(str(work / "layers.safetensors")), strict=False)
+        if missing.unexpected_keys:
+            raise RuntimeError(f"unexpected keys from the peer: {missing.unexpected_keys[:5]}")
+    else:
+        model = AutoModelForCausalLM.from_pretrained(str(work / "model"), dtype=torch.float32)
+    return model.eval()
+
+
+def run_depth_recover(spec: dict, args, model, tok, out: dict):
+    from recipe_utils import DataArguments, RecoveryArguments, run_prune_recover
+    from transformers import TrainingArguments
+
+    from hf_prune.methods import get
+
+    samples = args.iterabre_samples if spec["method"] == "iterabre" else args.calibration_samples
+    data = DataArguments(dataset_name=args.calibration_text, calibration_samples=samples,
+                         calibration_seq_len=args.seq_len, recovery_seq_len=args.recovery_seq_len)
+    kw = {"total_tokens": args.recovery_tokens} if spec["method"] == "iterabre" else {"progress": False}
+    method = get(spec["method"], n_remove=args.n_remove, seed=args.seed, **kw)
+    targs = TrainingArguments(output_dir=str(Path(args.work) / "trainer" / out["row"]),
+                              per_device_train_batch_size=args.batch_size, learning_rate=args.lr,
+                              lr_scheduler_type="constant", warmup_steps=0, logging_steps=2, save_strategy="no",
+                              report_to="none", seed=args.seed, disable_tqdm=True, use_cpu=True)
+    t0 = time.perf_counter()
+    r = run_prune_recover(method, model, tok, data, RecoveryArguments(), targs, args.recovery_tokens)
+    out["prune_seconds"] = time.perf_counter() - t0
+    out["selection_seconds"] = r["selection_seconds"]
+    out["recovery_seconds"] = r["recovery_seconds"]
+    out["recovery_tokens"] = r["recovery_tokens"]
+    out["calibration_tokens"] = samples * args.seq_len
+    out["removed"] = sorted(r["plan"].drop_layers)
+    out["stages"] = r["plan"].provenance.get("stages")
+    out["train_loss"] = [h["loss"] for h in r["log_history"] if "loss" in h]
+    return r["model"].eval()
+
+
+def method_for(spec: dict, args):
+    from hf_prune.methods import get
+
+    if spec["method"] == "llm_surgeon":
+        cfg = dict(spec["config"], target=args.sparsity, shots=args.surgeon_shots, seed=args.seed)
+        if cfg["criterion"] == "surgeon":
+            cfg["chunk_size"] = args.surgeon_chunk
+        return get("llm_surgeon", **cfg)
+    if spec.get("depth"):
+        if spec["method"] == "iterabre":
+            return get("iterabre", n_remove=args.n_remove, seed=args.seed)
+        return get(spec["method"], n_remove=args.n_remove, seed=args.seed, progress=False)
+    return get(spec["method"], target=args.width_target, seed=args.seed, progress=False)
+
+
+def run_row(row: str, args) -> dict:
+    if row.startswith("mc:"):
+        return run_mc_row(row, args)
+    import torch
+
+    torch.set_num_threads(args.threads)
+    from safetensors.torch import load_file
+
+    import hf_prune
+    from hf_prune.assets import load_smollm2
+    from hf_prune.data import batches
+
+    spec = ROWS[row]
+    out: dict = {"row": row, "label": spec["label"], "group": spec["group"], "by": spec["by"]}
+    calib = calibration_file(args)
+    ids = load_file(str(calib))["input_ids"]
+    dense, tok = load_smollm2()
+    dense_params = sum(p.numel() for p in dense.parameters())
+    out["calibration_tokens"] = int(ids.numel())
+    if spec["by"] == "peer":
+        model = run_peer(spec, args, calib, out)
+        if model is None:
+            out["peak_rss_gb"] = peak_rss_gb()
+            return out
+    else:
+        out["version"] = hf_prune.__version__
+        model = dense
+        if row == "dense":
+            pass
+        elif spec.get("recover"):
+            model = run_depth_recover(spec, args, dense, tok, out)
+        else:
+            b = batches(ids, args.batch_size)
+            if spec["method"] == "iterabre":
+                b = batches(ids[: args.iterabre_samples], args.batch_size)
+                out["calibration_tokens"] = int(ids[: args.iterabre_samples].numel())
+            method = method_for(spec, args)
+            t0 = time.perf_counter()
+            result = hf_prune.prune(model, method, b)
+            out["prune_seconds"] = time.perf_counter() - t0
+            out["config"] = method.config_dict() if hasattr(method, "config_dict") else None
+            if result.plan is not None and result.plan.drop_layers:
+                out["removed"] = sorted(result.plan.drop_layers)
+        out["peak_rss_gb_prune"] = peak_rss_gb()
+    out["parameters"] = sum(p.numel() for p in model.parameters())
+    out["parameters_dense"] = dense_params
+    out["layers"] = model.config.num_hidden_layers
+    out["nonzero_linear_fraction"] = nonzero_fraction(model)
+    evaluate(model, tok, args, row, out)
+    out["peak_rss_gb"] = peak_rss_gb()
+    return out
+
+
+def child(row: str, argv: list[str]) -> dict:
+    proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), *argv, "--row", row],
+                          capture_output=True, text=True)
+    lines = [x for x in proc.stdout.splitlines() if x.startswith("ROW ")]
+    if proc.returncode != 0 or not lines:
+        spec = ROWS[row.removeprefix("mc:")]
+        return {"row": row, "label": spec["label"], "group": spec["group"], "by": spec["by"],
+                "error": f"row process exit {proc.returncode}", "traceback": proc.stderr[-4000:]}
+    return json.loads(lines[-1][4:])
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Report
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def _ppl(r: dict | None) -> float | None:
+    return r["perplexity"]["perplexity"] if r and "perplexity" in r else None
+
+
+def _mc_mean(r: dict, key: str = "acc_norm") -> float | None:
+    mc = r.get("mc")
+    return sum(v[key] for v in mc.values()) / len(mc) if mc else None
+
+
+def _fmt(x, spec=".2f") -> str:
+    return "-" if x is None else format(x, spec)
+
+
+def ratio_lines(rows: dict[str, dict]) -> list[str]:
+    """Each peer's perplexity beside every hf-prune row of its group, as hf-prune / peer (below 1: hf-prune wins)."""
+    lines = ["| group | peer (version) | peer ppl | hf-prune method | hf-prune ppl | ratio hf-prune / peer | "
+             "params peer / hf-prune (M) |", "|---|---|---|---|---|---|---|"]
+    for p in rows.values():
+        if p["by"] != "peer":
+            continue
+        peer_ppl = _ppl(p)
+        peer_cell = p["label"] + f" ({p.get('version') or '?'})"
+        ours = [r for r in rows.values() if r["by"] == "hf-prune" and r["group"] == p["group"]]
+        if not ours:
+            ours = [None]
+        for r in ours:
+            ppl = _ppl(r)
+            ratio = ppl / peer_ppl if ppl and peer_ppl else None
+            params = (f"{p['parameters'] / 1e6:.2f} / {r['parameters'] / 1e6:.2f}"
+                      if r and "parameters" in p and "parameters" in r else "-")
+            lines.append(f"| {p['group']} | {peer_cell} | {_fmt(peer_ppl) if peer_ppl else 'error'} | "
+                         f"{r['label'] if r else '-'} | {_fmt(ppl)} | {_fmt(ratio, '.3f')} | {params} |")
+    return lines
+
+
+def markdown(res: dict) -> str:
+    info, a, rows = res["info"], res["args"], res["rows"]
+    dense_ppl = _ppl(rows.get("dense"))
+    lines = ["# hf-prune beside the peers: SmolLM2-135M, one run", "",
+             f"Command: `{info['command']}`  ",
+             f"Machine: {info['machine']}, {info['cpu_count']} CPUs shared with other jobs (load average "
+             f"{res['load_average_start']} at start, {res.get('load_average_end', '-')} at the last row); every row "
+             f"process uses {a['threads']} thread(s) under `nice`; wall times compare only within this run.  ",
+             f"Versions (ours): python {info['python']}, torch {info['torch']}, transformers {info['transformers']}, "
+             f"hf_prune {info['hf_prune']} (git {res['git'][:12]}). Each row's peer version is in its row; "
+             f"llm-compressor runs in its own venv with its pinned transformers (see the JSON).  ",
+             f"Calibration (every row): {a['calibration_samples']} x {a['seq_len']} tokens of "
+             f"{Path(a['calibration_text']).name}/ (seed {a['seed']}), the same token ids for every tool "
+             f"(IteRABRe selects on the first {a['iterabre_samples']} blocks).  ",
+             f"Perplexity: first {a['eval_tokens']} tokens of {Path(a['eval_text']).name}, window {a['window']}. "
+             f"Multiple choice (first {a['mc_limit']} examples per task; cause_and_effect has 51): only the rows in "
+             f"the MC table below (its last column is the measured cost per row; the whole grid would not have "
+             f"finished in the time this shared machine had).  ",
+             f"Sparse rows: {a['sparsity']:.0%} of every decoder linear; LLM Surgeon/K-OBD/magnitude with "
+             f"{a['surgeon_shots']} shots (surgeon chunk_size {a['surgeon_chunk']}). Width rows: "
+             f"{a['width_target']:.0%} of all parameters. Depth rows: {a['n_remove']} of 30 layers; recovery "
+             f"{a['recovery_tokens']} tokens ({a['recovery_seq_len']}-token blocks, LoRA r8 + distillation from "
+             f"the dense model, lr {a['lr']}).", "",
+             "## Ratios (perplexity; ratio < 1: hf-prune better)", "", *ratio_lines(rows), "",
+             "## All rows", "",
+             "| group | row | by | version | params (M) | nonzero linear | ppl | x dense | MC acc_norm (mean) | "
+             "prune s | peak RSS GB (pruning) | peak RSS GB (row) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows.values():
+        if "error" in r:
+            lines.append(f"| {r['group']} | {r['label']} | {r['by']} | {r.get('version') or '-'} | error: "
+                         f"{r['error'][:300].replace('|', '/')} | | | | | | | |")
+            continue
+        ppl = _ppl(r)
+        lines.append(
+            f"| {r['group']} | {r['label']} | {r['by']} | {r.get('version') or '-'} | "
+            f"{r['parameters'] / 1e6:.2f} | {_fmt(r.get('nonzero_linear_fraction'), '.3f')} | {_fmt(ppl)} | "
+            f"{_fmt(ppl / dense_ppl if ppl and dense_ppl else None)} | {_fmt(_mc_mean(r), '.3f')} | "
+            f"{_fmt(r.get('prune_seconds'), '.0f')} | {_fmt(r.get('peak_rss_gb_prune'))} | "
+            f"{_fmt(r.get('peak_rss_gb'))} |")
+    mc_rows = [r for r in rows.values() if r.get("mc")]
+    if mc_rows:
+        tasks = list(mc_rows[0]["mc"])
+        lines += ["", "## Multiple choice (acc / acc_norm)", "",
+                  "| row | " + " | ".join(f"{t} (n={mc_rows[0]['mc'][t]['n']})" for t in tasks) + " | MC s |",
+                  "|---|" + "---|" * (len(tasks) + 1)]
+        for r in mc_rows:
+            lines.append(f"| {r['label']} | " + " | ".join(
+                f"{r['mc'][t]['acc']:.3f} / {r['mc'][t]['acc_norm']:.3f}" for t in tasks) +
+                f" | {r['mc_seconds']:.0f} |")
+    depth = [r for r in rows.values() if r["group"] == "depth" and "error" not in r]
+    if depth:
+        lines += ["", "## Depth", "", "| row | removed | ppl | selection s | recovery s | recovery tokens |",
+                  "|---|---|---|---|---|---|"]
+        for r in depth:
+            lines.append(f"| {r['label']} | {r.get('removed')} | {_fmt(_ppl(r))} | "
+                         f"{_fmt(r.get('selection_seconds', r.get('prune_seconds')), '.0f')} | "
+                         f"{_fmt(r.get('recovery_seconds'), '.0f')} | {r.get('recovery_tokens', 0)} |")
+    errors = [r for r in rows.values() if "error" in r]
+    if errors:
+        lines += ["", "## Errors (exact)", ""]
+        for r in errors:
+            lines += [f"### {r['label']}", "", "```", r["error"][:3000], "```", ""]
+    failed = [(r, a) for r in rows.values() for a in (r.get("peer") or {}).get("attempts", []) if "error" in a]
+    if failed:
+        lines += ["", "## Peer attempts that failed inside a row that then ran otherwise (exact errors)", ""]
+        for r, a in failed:
+            what = {k: v for k, v in a.items() if k not in ("error", "traceback", "seconds")}
+            lines += [f"- {r['label']} {json.dumps(what)}: `{a['error'][:600]}`"]
+        lines += ["", "Torch-Pruning: when its head pruning fails, the row prunes MLP channels only (uniform per layer), "
+                  "at the ratio that removes the same share of parameters; the settings it ran with are in the JSON."]
+    if res.get("notes"):
+        lines += ["", "## Notes", "", *res["notes"]]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> dict | None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parse_args(argv)
+    if args.row is not None:
+        print("ROW " + json.dumps(run_row(args.row, args), default=str), flush=True)
+        return None
+    from recipe_utils import run_info, write_json
+
+    out = Path(args.out)
+    git = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True).stdout
+    res: dict = {"info": run_info(["benchmarks/peers.py", *argv]), "args": vars(args), "git": git.strip(),
+                 "load_average_start": [round(x, 1) for x in os.getloadavg()], "rows": {}}
+    if args.resume and out.with_suffix(".json").is_file():
+        old = json.loads(out.with_suffix(".json").read_text())
+        res["rows"] = {k: v for k, v in old["rows"].items() if "error" not in v}
+        res["notes"] = old.get("notes", [])
+    calibration_file(args)  # written once, before any row
+    child_argv = [a for a in argv if a != "--resume"]
+    for row in [r for r in args.rows.split(",") if r]:
+        target = row.removeprefix("mc:")
+        if row in res["rows"] or (row != target and "mc" in res["rows"].get(target, {})):
+            continue
+        if row != target and "perplexity" not in res["rows"].get(target, {}):
+            continue  # its model was never made
+        t0 = time.perf_counter()
+        r = child(row, child_argv)
+        r["row_wall_seconds"] = time.perf_counter() - t0
+        r["finished"] = time.strftime("%H:%M:%S")
+        if row != target:  # merge into the row it scores
+            if "error" in r:
+                res["rows"][target]["mc_error"] = r["error"] + "\n" + r.get("traceback", "")[-2000:]
+            else:
+                res["rows"][target].update(mc=r["mc"], mc_seconds=r["mc_seconds"], mc_peak_rss_gb=r["peak_rss_gb"])
+            r = dict(res["rows"][target], row_wall_seconds=r["row_wall_seconds"])
+        else:
+            res["rows"][row] = r
+        res["load_average_end"] = [round(x, 1) for x in os.getloadavg()]
+        write_json(out.with_suffix(".json"), res)
+        out.with_suffix(".md").write_text(markdown(res))
+        print(f"[{time.strftime('%H:%M:%S')}] {row}: " +
+              (f"ppl {_ppl(r):.2f}, mc {_fmt(_mc_mean(r), '.3f')}, {r['row_wall_seconds']:.0f} s" if _ppl(r) else
+               "error: " + r.get("error", "")[-500:]), flush=True)
+    return res
+
+
+if __name__ == "__main__":
+    main()
