@@ -141,7 +141,16 @@ def raise_on_every_rank(error: BaseException | None) -> None:
 
 
 def _nbytes(tensors: Iterator[torch.Tensor] | Sequence[torch.Tensor]) -> int:
-    return int(sum(t.numel() * t.element_size() for t in tensors))
+    """Bytes of `tensors`, a tensor shared by several names (tied embeddings) counted once."""
+    seen: set[Any] = set()
+    total = 0
+    for t in tensors:
+        plain = not hasattr(t, "to_local") and t.device.type != "meta" and t.data_ptr() != 0
+        key = (t.device, t.data_ptr(), tuple(t.shape)) if plain else id(t)
+        if key not in seen:
+            seen.add(key)
+            total += t.numel() * t.element_size()
+    return int(total)
 
 
 @dataclass
@@ -525,10 +534,10 @@ def prune_sharded(model: nn.Module, optimizer: torch.optim.Optimizer | None, sta
     shared = {"outcome": broadcast_from_main(outcome)}
     steps = list(gathered.memory)
     pruned = gathered.model
-    if _rank() == 0:
-        where = "every rank's host (CPU)" if full_copies else "the main process's host (CPU); the other ranks hold " \
-                                                              "empty weights"
-        _announce(MemoryStep("pruned_model", where, _nbytes(list(pruned.state_dict().values()))), steps, log)
+    where = "every rank's host (CPU)" if full_copies else "the main process's host (CPU); the other ranks hold " \
+                                                          "empty weights"
+    nbytes = broadcast_from_main(_nbytes(list(pruned.state_dict().values())) if _rank() == 0 else None)
+    _announce(MemoryStep("pruned_model", where, nbytes), steps, log)
     pruned = _share(pruned, full_copies)
     state, dropped = (carry_state_by_name(gathered.names, gathered.optimizer_state, pruned)
                       if _rank() == 0 else (None, {}))

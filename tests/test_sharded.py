@@ -91,8 +91,9 @@ def test_fsdp2_layer_removal_same_architecture_and_weights_on_both_ranks(shortgp
         assert r["record"]["prune/stage"] == 1
         assert r["gathered_sha256"] == r["weights_sha256"] and r["gathered_class"] == "LlamaForCausalLM"
         assert json.loads(r["record"]["prune/kept_original_layers"]) == r["kept_original"]
-        for step in ("gather_weights", "gather_optimizer_state", "score_whole_model"):
-            assert r["record"][f"prune/memory_gib/{step}"] > 0  # stated before the step ran
+        for step in ("gather_weights", "gather_optimizer_state", "score_whole_model", "pruned_model"):
+            assert r["record"][f"prune/memory_gib/{step}"] > 0  # stated before the step ran, on every rank
+        assert r["record"]["prune/memory_gib/pruned_model"] < r["record"]["prune/memory_gib/gather_weights"]
         _keeps_training(r)
 
 
@@ -189,6 +190,16 @@ def test_carry_state_by_name_follows_renamed_survivors_and_drops_the_rest():
     assert sorted(carried) == ["0.bias", "0.weight"]
     assert torch.equal(carried["0.weight"]["exp_avg"], state["1.weight"]["exp_avg"])
     assert sum(dropped.values()) == 4  # the states of layer 0 (removed) and layer 2 (replaced by a cut one)
+
+
+def test_tied_weights_are_counted_once_in_the_stated_memory():
+    model = tiny_model("llama", num_hidden_layers=4, tie_word_embeddings=True)
+    cb = PruneCallback(ShortGPT(n_remove=1, per_stage=1, progress=False),
+                       calibration=torch.randint(4, 300, (4, 16), generator=torch.Generator().manual_seed(0)))
+    _, record = cb.prune_sharded_model(model)
+    weights = sum(p.numel() * 4 for p in model.parameters()) / 2**30  # parameters() yields the tied tensor once
+    embedding = model.model.embed_tokens.weight.numel() * 4 / 2**30
+    assert abs(record["prune/memory_gib/pruned_model"] - weights) < 2e-6 < embedding
 
 
 def test_layerwise_scoring_needs_less_on_the_device_than_the_whole_model():
