@@ -462,7 +462,8 @@ def markdown(result: dict[str, Any]) -> str:
         "",
         f"Command: `{result['command']}`  ",
         f"Machine: {result['machine']['cpu']} ({result['machine']['cpus']} CPUs, load average at start "
-        f"{result['machine']['load_avg_at_start']}); {result['threads']} threads per engine.  ",
+        f"{_load(result['machine']['load_avg_at_start'])}, at the end {_load(result.get('load_avg_at_end'))}); "
+        f"{result['threads']} threads per engine.  ",
         "Versions: " + ", ".join(f"{k} {v}" for k, v in result["versions"].items()) + ".  ",
         f"Date: {result['date']}; wall time {result['wall_seconds']:.0f} s.",
         "",
@@ -555,6 +556,52 @@ def markdown(result: dict[str, Any]) -> str:
 # --------------------------------------------------------------------------------------------------------------------
 # Main
 # --------------------------------------------------------------------------------------------------------------------
+
+
+def notes(result: dict[str, Any]) -> list[str]:
+    """The notes under the tables: how to read them, and what the profile and the alignment control found."""
+    out = [
+        "Ratios compare each model with the dense one in the same engine, dtype and batch; the models are timed in "
+        "turn (dense, pruned, pruned, dense, ...) and the best of the repeats is kept, so the shared CPU affects all "
+        "alike; absolute tokens/s vary with the other jobs on the machine "
+        f"(load average at start {_load(result['machine'].get('load_avg_at_start'))}, at the end "
+        f"{_load(result.get('load_avg_at_end'))}, on {result['machine']['cpus']} CPUs). When other jobs hold the "
+        "cores for longer than a repeat, a best-of-repeats can still fall on a lucky moment for one model and not "
+        "another: a single row far from 1.0 next to rows of the same file near 1.0 is that, not the format.",
+        "llama.cpp pads its KV cache to the widest layer for `deci` files (per-layer kv heads); with 2 query / 1 kv "
+        "heads removed in few layers the padding is small.",
+        "to_gguf pads MLP widths to a multiple of 32 with zero channels (exact; see gguf_parameters in the JSON): "
+        "without it the LLM-Pruner file (widths 1228-1536) ran f16 prefill at about 0.6 of the ideal, because ggml's "
+        "fast matmul paths need rows that are multiples of 32; padded it runs at about the ideal.",
+        "The earlier open item, ShortGPT's llama.cpp f32 decode at 0.80 of the ideal, was the file's tensor "
+        "alignment, not the model. GGUF's default 32-byte alignment puts the tensor data at 0 or 32 mod 64 depending "
+        "on the header's length (the model's name is in it), and llama.cpp multiplies the mapped weights in place, "
+        "so at 32 mod 64 every 64-byte AVX-512 load of its f32 matmuls straddles two cache lines (f16 matmuls load "
+        "32 bytes at a time and were unaffected). The per-op profile located it: the whole gap was in the layer "
+        "matmuls, none in the head, attention or the KV cache, and a file of the same shape (dense's first 24 "
+        "layers) at 0 mod 64 ran 20-30% faster than ShortGPT's at 32 mod 64; a copy of a file kept its speed, a "
+        "rewrite at 64-byte alignment took it. to_gguf now writes `general.alignment` = 64.",
+        "Parameter counts include the tied embedding / head once; the embedding lookup reads one row but the head "
+        "matmul costs as much as its parameters, so the parameter ideal is close to the per-token cost ideal; they "
+        "differ by the GGUF MLP padding, attention over the context and the KV cache (the cost ratio column).",
+        "Python's share of a llama.cpp decode step (llama-cpp-python's eval, reading the logits, argmax) was "
+        "0.1-0.3 ms per token against llama.cpp's own perf counters (llama_perf_context); the profile's wall minus "
+        "its sum of ops adds the eval callback's own overhead.",
+    ]
+    ctrl = result.get("alignment_control")
+    if ctrl:
+        dec, pre = ctrl["decode_ms_per_token"], ctrl["prefill_ms_per_token"]
+        a, b = "64-byte aligned", "32 mod 64"
+        out.append(f"In this run the alignment control measured the misaligned file at {dec[b] / dec[a]:.2f}x the "
+                   f"aligned one's decode time and {pre[b] / pre[a]:.2f}x its prefill time. The probe that found it "
+                   "(same two ShortGPT files, 7 interleaved repeats of 32 decoded tokens, load average about 7) "
+                   "measured 29.1 vs 24.0 ms per token at best (1.21x) and 33.2 vs 25.5 at the median (1.30x); how "
+                   "large the gap is depends on what else holds the memory bus at the time.")
+    return out
+
+
+def _load(value) -> str:
+    return "unknown" if not value else ", ".join(f"{v:.1f}" for v in value)
 
 
 def interleaved_best(timers: dict[str, Callable[[], tuple[float, float]]], repeats: int) -> dict[str, tuple]:
@@ -665,29 +712,8 @@ def main(argv=None) -> int:
                                                             Path(tmp), prompt, args)
             print("alignment", json.dumps(result["alignment_control"]), flush=True)
     result["wall_seconds"] = time.time() - start
-    result["notes"] = [
-        "Ratios compare each model with the dense one in the same engine, dtype and batch; the models are timed in "
-        "turn (dense, pruned, pruned, dense, ...) and the best of the repeats is kept, so the shared CPU affects all "
-        "alike; absolute tokens/s vary with the other jobs on the machine.",
-        "llama.cpp pads its KV cache to the widest layer for `deci` files (per-layer kv heads); with 2 query / 1 kv "
-        "heads removed in few layers the padding is small.",
-        "to_gguf pads MLP widths to a multiple of 32 with zero channels (exact; see gguf_parameters in the JSON): "
-        "without it the LLM-Pruner file (widths 1228-1536) ran f16 prefill at about 0.6 of the ideal, because ggml's "
-        "fast matmul paths need rows that are multiples of 32; padded it runs at about the ideal.",
-        "The previous run's open item, ShortGPT's llama.cpp f32 decode at 0.80 of the ideal, was the file's tensor "
-        "alignment, not the model: GGUF's default 32-byte alignment left that file's tensors at 32 mod 64 (the header's "
-        "length depends on the model's name), and llama.cpp multiplies the mapped weights in place, so every 64-byte "
-        "AVX-512 load of its f32 matmuls straddled two cache lines. The per-op profile put the whole difference in "
-        "the layer matmuls (0.25 ms per layer vs 0.17 for a same-shape file at 0 mod 64), not in the head, attention "
-        "or the KV cache; f16 rows (32-byte loads) were unaffected. to_gguf now writes `general.alignment` = 64; the "
-        "alignment control above measures the same weights both ways in this run.",
-        "Parameter counts include the tied embedding / head once; the embedding lookup costs one row but the head "
-        "matmul costs as much as its parameters, so the parameter ideal is close to the per-token cost ideal; they "
-        "differ by the GGUF MLP padding, attention over the context and the KV cache (the cost ratio column).",
-        "Python's share of a llama.cpp decode step (llama-cpp-python's eval, reading the logits, argmax) is the "
-        "difference between the profile's wall and its sum of ops minus the callback overhead; measured separately "
-        "with llama.cpp's own perf counters (llama_perf_context) it was 0.1-0.3 ms per token.",
-    ]
+    result["load_avg_at_end"] = os.getloadavg() if hasattr(os, "getloadavg") else None
+    result["notes"] = notes(result)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2, allow_nan=False))
