@@ -471,7 +471,8 @@ def load_instructions(config: dict[str, Any], repo_id: str | None = None) -> str
     if is_sliced(config):
         engines = "Engines that only know the standard architectures (vLLM, llama.cpp) cannot load this sliced layout."
     elif llama_cpp_instructions(config) is not None:
-        engines = "vLLM cannot load this layout; llama.cpp can, after conversion (below)."
+        engines = ("vLLM cannot load this layout (its per-layer DeciLM loader varies kv heads and MLP widths, not "
+                   "query heads); llama.cpp can, after conversion (below).")
     else:
         engines = ("vLLM and llama.cpp cannot load this layout (llama.cpp's only architecture with per-layer widths, "
                    "`deci`, has no place for this family's extra norms).")

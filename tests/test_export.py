@@ -222,6 +222,8 @@ def test_card_says_how_to_run_a_per_layer_export_in_llama_cpp(tmp_path):
     text = (out / "README.md").read_text()
     section = text.split("## Run it in llama.cpp", 1)[1].split("\n## ", 1)[0]
     assert "`deci`" in section
+    assert "vLLM cannot load this layout (its per-layer DeciLM loader varies kv heads and MLP widths, not query " \
+           "heads); llama.cpp can" in text
     assert 'pip install "hf-prune[gguf]"\nhf download me/tiny-het --local-dir tiny-het\n' \
            "hf-prune gguf tiny-het -o model.gguf\n```" in section
     assert "about 4 minutes on 2 CPU cores" in section
