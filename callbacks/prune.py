@@ -64,14 +64,14 @@ the broadcast config (checked name by name), and the optimizer state of every su
 The Trainer gets the plain pruned model; the next `train()` shards it (with `fsdp_cpu_ram_efficient_loading` the main
 process's weights are broadcast into the shards) and `on_train_begin` scatters the carried optimizer state into the
 new optimizer. A hand-written FSDP2 loop calls the same `prune_sharded_model`, then `hf_prune.sharded.shard_pruned`
-and `load_optimizer_state` (tests/fsdp2_prune_script.py). FSDP1, `fsdp_state_dict_type` other than FULL_STATE_DICT
-methods with a `finalize` step (LLM Surgeon) and distillation are refused under FSDP with the reason; DeepSpeed is refused
-(`DEEPSPEED_REFUSAL`: ZeRO's optimizer state is flat per-partition, and resuming needs a ZeRO checkpoint of the pruned
-model).
+and `load_optimizer_state` (tests/fsdp2_prune_script.py). FSDP1, `fsdp_state_dict_type` other than FULL_STATE_DICT,
+methods with a `finalize` step (LLM Surgeon) and distillation are refused under FSDP with the reason; DeepSpeed is
+refused (`DEEPSPEED_REFUSAL`: ZeRO's optimizer state is flat per-partition, and resuming needs a ZeRO checkpoint of
+the pruned model).
 
-Limits: `load_best_model_at_end` is refused; the Trainer must create its own optimizer and scheduler (use `optim`/`optimizer_cls_and_kwargs`, not
-`optimizers=(...)`); multi-node runs need an `output_dir` that every node can read (stage checkpoints are written by
-the main process and read by all). While the main process scores, the other ranks wait in a collective, bounded by
+Limits: `load_best_model_at_end` is refused; the Trainer must create its own optimizer and scheduler (use
+`optim`/`optimizer_cls_and_kwargs`, not `optimizers=(...)`); multi-node runs need an `output_dir` that every node can
+read (stage checkpoints are written by the main process and read by all). While the main process scores, the other ranks wait in a collective, bounded by
 `TrainingArguments.ddp_timeout`.
 """
 

@@ -437,8 +437,9 @@ def _share(model: nn.Module | None, full_copies: bool) -> nn.Module:
         assert model is not None
         return model
     main = _rank() == 0
-    payload = broadcast_from_main(
-        {"config": model.config, "spec": _state_spec(model), "buffers": _non_persistent_buffers(model)} if main else None)
+    mine = {"config": model.config, "spec": _state_spec(model), "buffers": _non_persistent_buffers(model)} if main \
+        else None
+    payload = broadcast_from_main(mine)
     problem = None
     try:
         if not main:
@@ -521,8 +522,8 @@ def prune_sharded(model: nn.Module, optimizer: torch.optim.Optimizer | None, sta
     """Collective: gather `model` (FSDP2-sharded) to the main process, run `stage_fn(gathered)` there (it prunes
     `gathered.model` in place; use `scoring_placement(gathered.model, gathered.device)` for layer-by-layer scoring),
     give every rank the pruned architecture (and with `full_copies` the weights) and carry the optimizer state of
-    the surviving parameters (`max_host_bytes`: see `gather_to_main`). `stage_fn`'s return value is broadcast; an exception it raises on the main process is
-    raised on every rank. The sharded `model` is left as it was (drop it afterwards)."""
+    the surviving parameters (`max_host_bytes`: see `gather_to_main`). `stage_fn`'s return value is broadcast; an
+    exception it raises on the main process is raised on every rank. The sharded `model` is left as it was (drop it afterwards)."""
     gathered = gather_to_main(model, optimizer, log=log, max_host_bytes=max_host_bytes)
     outcome, error = None, None
     if _rank() == 0:

@@ -314,8 +314,8 @@ def run_prune_recover(method, model, tok, data: DataArguments, rec: RecoveryArgu
     schedule = PruneSchedule(every_n_steps=max(1, steps // method.stages), at_start=True)
     n_layers = get_adapter(model).num_layers
     if rec.kd_alpha > 0 and (targs.fsdp or os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"):
-        raise ValueError(f"kd_alpha={rec.kd_alpha} under FSDP: the distillation teacher would be a full, unsharded copy "
-                         "on every GPU (and hold no weights on the other ranks with fsdp_cpu_ram_efficient_loading); "
+        raise ValueError(f"kd_alpha={rec.kd_alpha} under FSDP: the distillation teacher would be a full, unsharded "
+                         "copy on every GPU (and hold no weights on the other ranks with fsdp_cpu_ram_efficient_loading); "
                          "pass --kd_alpha 0 with recipes/configs/accelerate_fsdp2.yaml, or use DDP for distillation")
     kd = None
     if rec.kd_alpha > 0:
