@@ -11,24 +11,25 @@ and layers l*..l*+n-1 with the lowest d(l*) are removed (ties: the earliest bloc
 the inner product "for the final token T of the sequence"; the mean is over the calibration sequences).
 `token="all"` averages over every real (unmasked) token instead: more signal from fewer sequences.
 
-One forward pass of the backbone per batch (never the LM head, so no vocabulary-sized logits); hooks on the decoder
-layers keep only the compared tokens of at most n+1 residual-stream states at a time.
+One pass of the decoder layers over the calibration batches, layer by layer (never the LM head, so no
+vocabulary-sized logits; a `hf_prune.calibration.streamed_model` is read one layer at a time); only the compared
+tokens of at most n+1 residual-stream states are kept.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Iterable
+from typing import Iterable, Sequence
 
 import torch
 from torch import nn
 
 from ..arch import get_adapter, unwrap_model
-from ..calibration import Batch, token_cosines
-from ..checks import check_choice, check_int_option, require_finite
+from ..calibration import Batch, LayerwiseRunner, token_cosines
+from ..checks import NonFiniteError, check_choice, check_int_option, require_finite
 from ..plan import PrunePlan, architecture_of
-from ..runtime import eval_mode, progress as progress_bar
+from ..runtime import eval_mode
 from . import PruningMethod, register
 
 __all__ = ["AngularBlock", "TOKEN_CHOICES", "angular_distances", "compared_rows"]
@@ -51,69 +52,53 @@ def compared_rows(attention_mask: torch.Tensor, token: str) -> torch.Tensor:
     return rows[has_real] * t + last[has_real]
 
 
-def _first_tensor(value: object) -> torch.Tensor:
-    """A decoder layer's output: a tensor, or a tuple whose first element is the hidden state."""
-    return value if isinstance(value, torch.Tensor) else value[0]
-
-
 def angular_distances(
     model: nn.Module, batches: Iterable[Batch], n: int, token: str = "last", progress: bool = True, *,
     method: str = "angular_block", stage: int | None = None,
 ) -> tuple[list[float], int]:
-    """(d(l) for every start layer l in 0..L-n, number of compared tokens), one backbone forward per batch.
+    """(d(l) for every start layer l in 0..L-n, number of compared tokens), one pass of the decoder layers.
 
-    d(l) = mean over compared tokens of arccos(cos(h_l, h_{l+n})) / pi, a number in [0, 1]. Non-finite distances
-    raise NonFiniteError naming `method`, `stage` and the start layer.
+    d(l) = mean over compared tokens of arccos(cos(h_l, h_{l+n})) / pi, a number in [0, 1]. The pass runs layer by
+    layer (`hf_prune.calibration.LayerwiseRunner`, so a `streamed_model` is scored one layer's weights at a time)
+    and keeps only the compared tokens of at most n+1 states. Non-finite distances raise NonFiniteError naming
+    `method`, `stage` and the start layer.
     """
     model = unwrap_model(model)
-    ad = get_adapter(model)
-    n_layers = ad.num_layers
+    n_layers = get_adapter(model).num_layers
     if not 1 <= n < n_layers:
         raise ValueError(f"n={n} is not valid for a model with {n_layers} layers; use 1..{n_layers - 1}")
     check_choice("token", token, TOKEN_CHOICES)
-    device = ad.embed_tokens.weight.device
     sums = [0.0] * (n_layers - n + 1)
-    count = 0
-    states: dict[int, torch.Tensor] = {}
-    rows = torch.empty(0, dtype=torch.long)
+    with eval_mode(model):
+        runner = LayerwiseRunner(model, batches, progress=progress, method=method, stage=stage)
+        rows = []
+        for b, h in enumerate(runner.hidden):
+            mask = runner.token_mask(b)
+            mask = torch.ones(h.shape[:2], dtype=torch.long, device=h.device) if mask is None else mask
+            rows.append(compared_rows(mask, token))
+        count = sum(r.numel() for r in rows)
+        if count == 0:
+            raise ValueError(f"{method}: the calibration batches hold no compared token (every sequence is padding)")
 
-    def keep(index: int, hidden: torch.Tensor) -> None:
-        states[index] = hidden.reshape(-1, hidden.shape[-1]).index_select(0, rows.to(hidden.device))
-        start = index - n
-        if start >= 0:
-            cos = token_cosines(states.pop(start), states[index])
-            sums[start] += float((torch.arccos(cos.clamp(-1.0, 1.0)) / math.pi).double().sum())
+        def select(states: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+            return [h.reshape(-1, h.shape[-1]).index_select(0, r.to(h.device)) for h, r in zip(states, rows)]
 
-    def before_first(module, args, kwargs):
-        keep(0, args[0] if args else kwargs["hidden_states"])
+        kept = {0: select(runner.hidden)}
 
-    def after(index: int):
-        return lambda module, args, output: keep(index + 1, _first_tensor(output))
+        def on_layer(i: int, h_in, h_out, masks) -> None:
+            kept[i + 1] = select(h_out)
+            start = i + 1 - n
+            if start >= 0:
+                for a, c in zip(kept.pop(start), kept[i + 1]):
+                    cos = token_cosines(a, c)
+                    sums[start] += float((torch.arccos(cos.clamp(-1.0, 1.0)) / math.pi).double().sum())
 
-    handles = [ad.layer(0).register_forward_pre_hook(before_first, with_kwargs=True)]
-    handles += [ad.layer(i).register_forward_hook(after(i)) for i in range(n_layers)]
-    batches = list(batches)
-    try:
-        with eval_mode(model):
-            for batch in progress_bar(batches, desc=f"{method}: angular distances", enabled=progress):
-                ids = batch["input_ids"].to(device)
-                mask = batch.get("attention_mask")
-                mask = torch.ones_like(ids) if mask is None else mask.to(device)
-                rows = compared_rows(mask, token)
-                if rows.numel() == 0:
-                    continue
-                states.clear()
-                ad.backbone(input_ids=ids, attention_mask=mask, use_cache=False, output_hidden_states=False)
-                if set(states) != set(range(n_layers - n + 1, n_layers + 1)):
-                    raise RuntimeError(f"{method}: the forward pass did not run every one of the {n_layers} decoder "
-                                       f"layers once (states seen: {sorted(states)})")
-                count += rows.numel()
-    finally:
-        for h in handles:
-            h.remove()
-        states.clear()
-    if count == 0:
-        raise ValueError(f"{method}: the calibration batches hold no real token (every attention_mask entry is 0)")
+        try:
+            runner.run(on_layer=on_layer, desc=f"{method}: angular distances")
+        except NonFiniteError as e:  # name the blocks the bad layer belongs to, as the distances would
+            i = runner.layer
+            raise NonFiniteError(f"{e}; so the angular distances of the blocks starting at layer "
+                                 f"{max(0, i + 1 - n)}..{min(i, n_layers - n)} cannot be computed") from e
     distances = [s / count for s in sums]
     for start, d in enumerate(distances):
         require_finite(d, method=method, stage=stage, layer=start, what=f"the angular distance of layers "
