@@ -362,6 +362,7 @@ def cmd_prune(args, argv: Sequence[str]) -> int:
     from . import assets, data
     from .export import ExportMetadata, ModelStats, check_output_dir, redact, save
     from .pipeline import prune
+    from .runtime import release_freed_memory
 
     # everything that can be checked without the model is checked first: no work is done for a run that must fail
     _check_model_path(args.model)
@@ -380,6 +381,7 @@ def cmd_prune(args, argv: Sequence[str]) -> int:
     texts, calib = _calibration_texts(args)
     blocks = data.token_blocks(tokenizer, texts, args.n_samples, args.seq_len, seed=args.seed)
     del texts  # only the sampled blocks are needed from here on
+    release_freed_memory()  # the tokenizer's output over the whole corpus is garbage now: give it back to the OS
     calib.tokens, calib.samples, calib.seq_len = int(blocks.numel()), int(blocks.shape[0]), int(blocks.shape[1])
     base, lic = _base_model_info(args.model, args)
     meta = ExportMetadata(
@@ -389,6 +391,7 @@ def cmd_prune(args, argv: Sequence[str]) -> int:
     )
     logger.info("evaluating the base model")
     meta.evaluations += _measure(model, tokenizer, args, "base")
+    release_freed_memory()
     batches = [{k: v.to(args.device) for k, v in b.items()} for b in data.batches(blocks, args.batch_size)]
     if method.stages > 1:
         logger.warning("%s runs %d stages back to back without recovery training in between; recovery lives in "
@@ -397,6 +400,7 @@ def cmd_prune(args, argv: Sequence[str]) -> int:
     result = prune(model, method, batches)
     logger.info("evaluating the pruned model")
     meta.evaluations += _measure(model, tokenizer, args, "pruned")
+    release_freed_memory()
     logger.info("saving to %s", args.output)
     out = save(model, tokenizer, args.output, plan=result.plan, metadata=meta, overwrite=args.overwrite,
                model_path=model_path)
