@@ -73,6 +73,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--window", type=int, default=512)
     p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
     p.add_argument("--no-dense", action="store_true", help="skip the dense row")
+    p.add_argument("--merge-from", nargs="+", default=None, metavar="JSON",
+                   help="measure nothing: merge the rows (and runs) of these result files into --out (rows with the "
+                        "same model, method, slicing and settings are replaced), e.g. parts run in parallel")
     p.add_argument("--mc", default="", help="comma-separated multiple-choice tasks (names of <data-dir>/mc/*.json "
                    "without .json) scored on every row, e.g. goal_step_wikihow,social_iqa,cause_and_effect")
     p.add_argument("--mc-limit", type=int, default=500, help="examples per multiple-choice task (the first ones)")
@@ -198,11 +201,21 @@ def write(rows: list[dict], runs: list[dict], protocol: dict, stem: Path) -> Non
         ]
     lines += [
         "",
-        "Calibration: 32 x 1024 Austen tokens (offsets from random.Random(0)); evaluation: first 32,768 wiki_en.txt "
-        "tokens, 64 windows of 512 (32,704 scored). SmolLM2 without BOS, as the reference; Gemma-3 with BOS first in "
-        "every block and window (BOS replaces a block's first token; a window is BOS + 511 tokens). Seconds = "
-        "`hf_prune.prune` (plan + surgery). The reference measured 0.25 only: at the other sparsities the "
-        "`faithful` row (which matches it at 0.25) stands in for it.",
+        "Protocol (issue 16): calibration = Austen blocks at offsets from random.Random(0), tokenized once without "
+        "special tokens; evaluation = the first wiki_en.txt tokens in non-overlapping windows. SmolLM2 without BOS, "
+        "as the reference; Gemma-3 with BOS first in every block and window (BOS replaces a block's first token; a "
+        "window is BOS + window - 1 tokens). Each run's budget is in its line below. Seconds = `hf_prune.prune` "
+        "(plan + surgery). The reference measured 0.25 only: at the other sparsities the `faithful` row (which "
+        "matches it at 0.25) stands in for it.",
+        "",
+    ]
+    for i, env in enumerate(runs):
+        b = env.get("budget")
+        if b:
+            lines.append(f"- run {i}: {b['calib_samples']} x {b['calib_len']} calibration tokens (batches of "
+                         f"{b['calib_batch']}), {b['eval_tokens']} evaluation tokens, windows of {b['window']}"
+                         + (f", multiple choice: {b['mc']} ({b['mc_limit']} examples each)" if b.get("mc") else ""))
+    lines += [
         "",
         "| model | method | slicing | settings | basis (chosen) | ppl | params | seconds | vs reference (ppl / params / s) | run | multiple choice acc / acc_norm |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
@@ -253,8 +266,33 @@ def _reference_for(row: dict, rows: list[dict]) -> dict | None:
     return None
 
 
+def merge_files(stem: Path, files: list[str]) -> None:
+    """--merge-from: fold other runs' result files into `stem`'s, keeping each row's run."""
+    path = stem.with_suffix(".json")
+    data = json.loads(path.read_text(encoding="utf-8")) if path.exists() else {"runs": [], "rows": []}
+    runs, rows = list(data.get("runs", [])), list(data.get("rows", []))
+    protocol = data.get("protocol")
+    for f in files:
+        part = json.loads(Path(f).read_text(encoding="utf-8"))
+        offset = len(runs)
+        runs += part["runs"]
+        new = [dict(r, run=r.get("run", 0) + offset) for r in part["rows"]]
+        rows = merge(rows, new)
+        protocol = protocol or part.get("protocol")
+    defaults = vars(parse_args([]))
+    for env in runs:  # runs recorded before budgets were: their command used the default budget
+        if "budget" not in env and not any(flag in env["command"] for flag in ("--calib", "--eval-tokens", "--window",
+                                                                                "--mc")):
+            env["budget"] = {k: defaults[k] for k in ("calib_samples", "calib_len", "calib_batch", "eval_tokens",
+                                                      "window", "mc", "mc_limit")}
+    write(rows, runs, protocol or {}, stem)
+
+
 def main(argv=None) -> None:
     args = parse_args(argv)
+    if args.merge_from:
+        merge_files(Path(args.out), args.merge_from)
+        return
     import torch
 
     torch.set_num_threads(args.threads)
@@ -287,6 +325,8 @@ def main(argv=None) -> None:
     runs = list(old.get("runs", [])) + [env]
     run = len(runs) - 1
     env["model"], env["bos"], env["calibration_tokens_in_corpus"] = name, use_bos, calib["tokens"]
+    env["budget"] = {k: getattr(args, k) for k in ("calib_samples", "calib_len", "calib_batch", "eval_tokens", "window",
+                                                   "mc", "mc_limit")}
     new: list[dict] = []
 
     def record(row: dict) -> None:
