@@ -65,7 +65,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--methods", default="slicegpt,dynamic_slicing", help="comma-separated method names")
     p.add_argument("--slicings", default="0.1,0.2,0.25,0.3", help="slicing fractions (averages for dynamic)")
     p.add_argument("--settings", default="defaults,faithful,global,layer,sublayer",
-                   help="defaults, faithful, or a basis (global, layer, sublayer) over the defaults")
+                   help="defaults, faithful, a basis (global, layer, sublayer) over the defaults, or overrides "
+                        "k=v+k=v (e.g. basis=global+reader_weight=0)")
     p.add_argument("--calib-samples", type=int, default=32)
     p.add_argument("--calib-len", type=int, default=1024)
     p.add_argument("--calib-batch", type=int, default=8, help="sequences per calibration batch")
@@ -266,6 +267,28 @@ def _reference_for(row: dict, rows: list[dict]) -> dict | None:
     return None
 
 
+def setting_options(method: str, setting: str) -> dict:
+    """The method options of a --settings entry: defaults, faithful, a basis, or overrides `k=v+k=v` (typed by the
+    method's own config fields, as the CLI's flags)."""
+    from hf_prune.methods import config_fields, method_class
+
+    if setting == "faithful":
+        return dict(FAITHFUL)
+    if setting in ("global", "layer", "sublayer"):
+        return {"basis": setting}
+    if setting == "defaults":
+        return {}
+    fields = {f.name: f for f in config_fields(method_class(method))}
+    options = {}
+    for part in setting.split("+"):
+        key, sep, value = part.partition("=")
+        if not sep or key not in fields:
+            raise SystemExit(f"--settings: {setting!r} is not defaults, faithful, global, layer, sublayer or "
+                             f"k=v+k=v with k among {', '.join(sorted(fields))}")
+        options[key] = fields[key].parse(value)
+    return options
+
+
 def merge_files(stem: Path, files: list[str]) -> None:
     """--merge-from: fold other runs' result files into `stem`'s, keeping each row's run."""
     path = stem.with_suffix(".json")
@@ -343,11 +366,7 @@ def main(argv=None) -> None:
     for method in args.methods.split(","):
         for sp in (float(x) for x in args.slicings.split(",")):
             for setting in args.settings.split(","):
-                options = dict(FAITHFUL) if setting == "faithful" else {}
-                if setting in ("global", "layer", "sublayer"):
-                    options["basis"] = setting
-                elif setting not in ("defaults", "faithful"):
-                    raise SystemExit(f"--settings: {setting!r} is not defaults, faithful, global, layer or sublayer")
+                options = setting_options(method, setting)
                 m = get(method, slicing=sp, progress=False, **options)
                 model, _ = load()
                 t0 = time.perf_counter()
