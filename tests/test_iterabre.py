@@ -93,3 +93,28 @@ def test_bad_options_name_the_value():
         get("iterabre", similarity="cos")
     with pytest.raises(ValueError, match="unknown option"):
         get("iterabre", n_layers=3)
+
+
+@pytest.mark.parametrize("protect", [(0, 0), (2, 1)])
+def test_selection_equals_the_naive_rule_and_the_reported_cost_is_the_layer_calls_made(protect):
+    """The plan removes the naive rule's layer among the candidates; protected layers are not scored; the cost in
+    the provenance is the number of decoder-layer calls the selection really made (one batch here)."""
+    first, last = protect
+    m = tiny_model("llama", num_hidden_layers=6)
+    b = _batches()
+    naive = _naive_scores(m, b, "cosine")
+    candidates = list(range(first, 6 - last))
+    calls = [0]
+    hooks = [layer.register_forward_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
+             for layer in get_adapter(m).layers]
+    try:
+        plan = get("iterabre", n_remove=1, protect_first=first, protect_last=last).plan(m, b)
+    finally:
+        for h in hooks:
+            h.remove()
+    assert plan.drop_layers == [max(candidates, key=lambda j: naive[j])]
+    scores = plan.provenance["scores"]
+    assert [j for j, s in enumerate(scores) if s is None] == [j for j in range(6) if j not in candidates]
+    cost = plan.provenance["cost"]
+    assert cost["layer_forwards"] == calls[0] == 6 + sum(5 - j for j in candidates)
+    assert cost["candidates"] == len(candidates) and cost["seconds"] >= 0

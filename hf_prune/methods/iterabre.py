@@ -16,14 +16,18 @@ time (`hf_prune.losses.chunked_kl_divergence`), never over a whole batch's (b, t
 
 Cost: the residual stream entering every layer is computed once (prefix cache); skipping layer j then only runs
 layers j+1..L-1 from the cached input of layer j, so scoring all L layers costs L(L-1)/2 layer forwards instead of
-L^2 (plus one full pass).
+L^2 (plus one full pass). Protected layers (`protect_first`, `protect_last`) are not candidates and are not scored
+(protecting the first k layers saves their suffixes, the longest ones). Every stage logs and records in its plan's
+provenance `cost`: seconds, layer forwards over the calibration set, and the same in full forward passes.
 """
 
 from __future__ import annotations
 
 import copy
+import logging
+import time
 from dataclasses import dataclass, field
-from typing import Iterable
+from typing import Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -37,7 +41,9 @@ from ..plan import PrunePlan, architecture_of
 from ..runtime import progress as progress_bar
 from . import Batch, PruningMethod, register
 
-__all__ = ["IteRABRe", "layer_removal_scores"]
+__all__ = ["IteRABRe", "layer_removal_scores", "selection_cost"]
+
+logger = logging.getLogger(__name__)
 
 
 def _masked_mean(values: torch.Tensor, mask: torch.Tensor) -> tuple[float, int]:
@@ -64,8 +70,10 @@ def layer_removal_scores(
     *,
     method: str = "iterabre",
     stage: int | None = None,
-) -> list[float]:
-    """s_j for every current layer j (see module docstring), with the prefix cache.
+    candidates: Sequence[int] | None = None,
+) -> list[float | None]:
+    """s_j for every current layer j in `candidates` (default: every layer; the others get None), with the prefix
+    cache (see module docstring): one full pass, then for candidate j the layers j+1..L-1 from the cached input of j.
 
     `reference` is the model whose output the pruned candidates are compared with (default: `model` itself).
     Empty or all-padding calibration raises ValueError; NaN/inf activations or scores raise NonFiniteError naming
@@ -75,13 +83,16 @@ def layer_removal_scores(
     ad = get_adapter(model)
     ref_ad = get_adapter(reference) if reference is not None else None
     n = ad.num_layers
+    todo = sorted(set(range(n) if candidates is None else candidates))
+    if not todo or todo[0] < 0 or todo[-1] >= n:
+        raise ValueError(f"candidates={list(candidates or [])} is not valid; give layers in 0..{n - 1}")
     sums, count = [0.0] * n, 0
     batches = check_batches(batches, model, method=method)
-    bar = progress_bar(total=len(batches) * n, desc="IteRABRe scoring", enabled=progress)
+    bar = progress_bar(total=len(batches) * len(todo), desc="IteRABRe scoring", enabled=progress)
     for batch in batches:  # one batch at a time: the prefix cache holds n + 1 streams of one batch
         runner = _runner(model, batch, method, stage)
         if runner is None:  # every token of this batch is padding: it adds nothing to any score
-            bar.update(n)
+            bar.update(len(todo))
             continue
         dev = runner.device
         mask = runner.masks[0]
@@ -96,7 +107,7 @@ def layer_removal_scores(
             ref = ref_ad.final_hidden(ref_runner.run().hidden[0]).to(dev)
         require_finite(ref[real], method=method, stage=stage, layer=None,
                        what="the reference model's final hidden state")
-        for j in range(n):
+        for j in todo:
             h = runner.branch(j + 1, [inputs[j]]).run().hidden[0]  # the model without layer j
             s, c = _masked_mean(_similarity(ad.final_hidden(h), ref, ad, similarity), mask)
             sums[j] += s
@@ -105,11 +116,17 @@ def layer_removal_scores(
     bar.close()
     if count == 0:  # check_batches refuses this; kept for callers of the bare function
         raise ValueError(f"{method}: the calibration batches hold no real token (every attention_mask entry is 0)")
-    scores = [s / count for s in sums]
-    for j, score in enumerate(scores):
-        require_finite(score, method=method, stage=stage, layer=j,
+    scores: list[float | None] = [sums[j] / count if j in todo else None for j in range(n)]
+    for j in todo:
+        require_finite(scores[j], method=method, stage=stage, layer=j,
                        what=f"the {similarity} similarity without the layer")
     return scores
+
+
+def selection_cost(num_layers: int, candidates: Sequence[int]) -> int:
+    """Decoder-layer forwards over the calibration set of one selection: the full pass (num_layers) plus, for each
+    candidate j, the suffix j+1..L-1 (L(L-1)/2 when every layer is a candidate)."""
+    return num_layers + sum(num_layers - 1 - j for j in candidates)
 
 
 def _runner(model: nn.Module, batch: Batch, method: str, stage: int | None) -> LayerwiseRunner | None:
@@ -196,13 +213,23 @@ class IteRABRe(PruningMethod):
             if self._teacher is None:
                 self._teacher = copy.deepcopy(model).eval().requires_grad_(False)
             reference = self._teacher
-        scores = layer_removal_scores(model, batches, self.similarity, reference, method=self.name, stage=stage)
         candidates = [j for j in range(self.protect_first, n - self.protect_last)]
         if len(candidates) < 1 or n <= 1:
             raise ValueError(
                 f"no layer can be removed: {n} layers, protect_first={self.protect_first}, "
                 f"protect_last={self.protect_last}"
             )
+        start = time.perf_counter()
+        scores = layer_removal_scores(model, batches, self.similarity, reference, method=self.name, stage=stage,
+                                      candidates=candidates)
+        seconds = time.perf_counter() - start
+        forwards = selection_cost(n, candidates) + (n if reference is not None else 0)
+        cost = {"seconds": round(seconds, 2), "layer_forwards": forwards,
+                "full_passes": round(forwards / n, 2), "candidates": len(candidates),
+                "formula": "L (full pass) + sum over candidates j of (L - 1 - j) suffix layers"
+                           + (" + L (teacher pass)" if reference is not None else "")}
+        logger.info("iterabre stage %d: %d candidates of %d layers scored in %.1f s, %d layer forwards over the "
+                    "calibration set (%.1f full passes)", stage, len(candidates), n, seconds, forwards, forwards / n)
         best = max(candidates, key=lambda j: scores[j])
         original = self._original_index[best]
         self._original_index = [o for j, o in enumerate(self._original_index) if j != best]
@@ -215,6 +242,7 @@ class IteRABRe(PruningMethod):
                 "removed_original_layer": original,
                 "similarity": self.similarity,
                 "reference": self.reference,
-                "scores": [round(s, 6) for s in scores],
+                "scores": [None if s is None else round(s, 6) for s in scores],
+                "cost": cost,
             },
         )
