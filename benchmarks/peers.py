@@ -115,6 +115,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--work", default=str(Path.home() / ".cache" / "hf_prune" / "peers_work"))
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "peers"))
     p.add_argument("--resume", action="store_true", help="keep rows already in --out.json without an error")
+    p.add_argument("--layer_error", action="store_true",
+                   help="instead of rows: add the per-layer reconstruction error of the sparse rows to --out")
+    p.add_argument("--report", action="store_true", help="instead of rows: rewrite --out.md from --out.json")
+    p.add_argument("--layer_error_samples", type=int, default=4, help="calibration blocks for --layer_error")
     p.add_argument("--row", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     bad = [r for r in args.rows.split(",") if r and r.removeprefix("mc:") not in ROWS]
@@ -341,6 +345,13 @@ def run_row(row: str, args) -> dict:
             result = hf_prune.prune(model, method, b)
             out["prune_seconds"] = time.perf_counter() - t0
             out["config"] = method.config_dict() if hasattr(method, "config_dict") else None
+            if spec["method"] == "llm_surgeon":  # kept for the per-layer reconstruction comparison with the peers
+                from safetensors.torch import save_file
+
+                keep = Path(args.work) / "rows" / row.replace(":", "-")
+                keep.mkdir(parents=True, exist_ok=True)
+                save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()
+                           if k.startswith("model.layers.")}, str(keep / "layers.safetensors"))
             if result.plan is not None and result.plan.drop_layers:
                 out["removed"] = sorted(result.plan.drop_layers)
         out["peak_rss_gb_prune"] = peak_rss_gb()
@@ -383,24 +394,32 @@ def _fmt(x, spec=".2f") -> str:
 
 
 def ratio_lines(rows: dict[str, dict]) -> list[str]:
-    """Each peer's perplexity beside every hf-prune row of its group, as hf-prune / peer (below 1: hf-prune wins)."""
-    lines = ["| group | peer (version) | peer ppl | hf-prune method | hf-prune ppl | ratio hf-prune / peer | "
-             "params peer / hf-prune (M) |", "|---|---|---|---|---|---|---|"]
+    """Each peer beside every hf-prune row of its group: perplexity, pruning seconds and pruning peak memory as
+    hf-prune / peer (below 1: hf-prune better, faster, smaller)."""
+    lines = ["| group | peer (version) | peer ppl | hf-prune method | hf-prune ppl | ppl ratio | prune s peer / hf-prune "
+             "(ratio) | peak GB peer / hf-prune (ratio) | params peer / hf-prune (M) |",
+             "|---|---|---|---|---|---|---|---|---|"]
+
+    def pair(p: dict, r: dict | None, key: str, spec: str) -> str:
+        a, b = p.get(key), (r or {}).get(key)
+        if a is None or b is None:
+            return "-"
+        return f"{a:{spec}} / {b:{spec}} ({b / a:.2f})"
+
     for p in rows.values():
         if p["by"] != "peer":
             continue
         peer_ppl = _ppl(p)
         peer_cell = p["label"] + f" ({p.get('version') or '?'})"
-        ours = [r for r in rows.values() if r["by"] == "hf-prune" and r["group"] == p["group"]]
-        if not ours:
-            ours = [None]
+        ours = [r for r in rows.values() if r["by"] == "hf-prune" and r["group"] == p["group"]] or [None]
         for r in ours:
             ppl = _ppl(r)
             ratio = ppl / peer_ppl if ppl and peer_ppl else None
             params = (f"{p['parameters'] / 1e6:.2f} / {r['parameters'] / 1e6:.2f}"
                       if r and "parameters" in p and "parameters" in r else "-")
             lines.append(f"| {p['group']} | {peer_cell} | {_fmt(peer_ppl) if peer_ppl else 'error'} | "
-                         f"{r['label'] if r else '-'} | {_fmt(ppl)} | {_fmt(ratio, '.3f')} | {params} |")
+                         f"{r['label'] if r else '-'} | {_fmt(ppl)} | {_fmt(ratio, '.3f')} | "
+                         f"{pair(p, r, 'prune_seconds', '.0f')} | {pair(p, r, 'peak_rss_gb_prune', '.2f')} | {params} |")
     return lines
 
 
@@ -475,9 +494,85 @@ def markdown(res: dict) -> str:
             lines += [f"- {r['label']} {json.dumps(what)}: `{a['error'][:600]}`"]
         lines += ["", "Torch-Pruning: when its head pruning fails, the row prunes MLP channels only (uniform per layer), "
                   "at the ratio that removes the same share of parameters; the settings it ran with are in the JSON."]
+    if res.get("layer_error"):
+        lines += layer_error_markdown(res["layer_error"])
     if res.get("notes"):
         lines += ["", "## Notes", "", *res["notes"]]
     return "\n".join(lines) + "\n"
+
+
+def layer_error(args) -> dict:
+    """Per-linear relative output error of every sparse row's weights on the calibration inputs of the dense model:
+    e(W') = tr((W - W') H (W - W')^T) / tr(W H W^T), H = sum_x x x^T over the first --layer_error_samples blocks
+    (the objective SparseGPT and Wanda minimise layer by layer; LLM Surgeon weighs errors by the loss curvature G
+    instead). Reads the `layers.safetensors` each sparse row left under --work/rows/<row>/."""
+    import torch
+    from safetensors.torch import load_file
+
+    from hf_prune.arch import get_adapter
+    from hf_prune.assets import load_smollm2
+
+    torch.set_num_threads(args.threads)
+    ids = load_file(str(calibration_file(args)))["input_ids"][: args.layer_error_samples]
+    dense, _ = load_smollm2()
+    ad = get_adapter(dense)
+    names = {m: n for n, m in dense.named_modules() if isinstance(m, torch.nn.Linear) and ".layers." in n}
+    hess: dict[str, torch.Tensor] = {}
+
+    def hook(mod, inp, _out):
+        x = inp[0].detach().reshape(-1, inp[0].shape[-1]).double()
+        n = names[mod]
+        hess[n] = hess.get(n, 0) + x.T @ x
+
+    handles = [m.register_forward_hook(hook) for m in names]
+    with torch.no_grad():
+        for i in range(0, ids.shape[0], args.batch_size):
+            ad.backbone(input_ids=ids[i : i + args.batch_size], use_cache=False)
+    for h in handles:
+        h.remove()
+    dense_w = {n + ".weight": m.weight.detach().double() for m, n in names.items()}
+    out: dict = {"samples": int(ids.shape[0]), "seq_len": int(ids.shape[1]), "rows": {}}
+    for row, spec in ROWS.items():
+        f = Path(args.work) / "rows" / row.replace(":", "-") / "layers.safetensors"
+        if not spec["group"].startswith("sparse") or not f.is_file():
+            continue
+        pruned = load_file(str(f))
+        per_type: dict[str, list[float]] = {}
+        sparsity: dict[str, list[float]] = {}
+        num = den = 0.0
+        for key, w in dense_w.items():
+            sparsity.setdefault(key.split(".")[-2], []).append(float((pruned[key] == 0).double().mean()))
+            d = w - pruned[key].double()
+            h = hess[key.removesuffix(".weight")]
+            e_num, e_den = float(((d @ h) * d).sum()), float(((w @ h) * w).sum())
+            per_type.setdefault(key.split(".")[-2], []).append(e_num / e_den)
+            num, den = num + e_num, den + e_den
+        out["rows"][row] = {"label": spec["label"], "total": num / den,
+                            "by_type": {k: sum(v) / len(v) for k, v in per_type.items()},
+                            "sparsity_by_type": {k: sum(v) / len(v) for k, v in sparsity.items()},
+                            "sparsity_range_by_type": {k: [min(v), max(v)] for k, v in sparsity.items()},
+                            "by_layer_mlp_down": per_type.get("down_proj")}
+    return out
+
+
+def layer_error_markdown(le: dict) -> list[str]:
+    types = sorted({t for r in le["rows"].values() for t in r["by_type"]})
+    lines = ["", f"## Per-layer reconstruction error of the sparse rows (dense inputs, first {le['samples']} x "
+             f"{le['seq_len']} calibration tokens)", "",
+             "Relative output error tr(dW H dW^T) / tr(W H W^T) per linear, H the dense model's input covariance "
+             "(`--layer_error`); 'all' pools every linear of the decoder, the type columns average over the 30 layers.",
+             "", "| row | all | " + " | ".join(types) + " |", "|---|---|" + "---|" * len(types)]
+    for r in le["rows"].values():
+        lines.append(f"| {r['label']} | {r['total']:.4f} | " + " | ".join(f"{r['by_type'][t]:.4f}" for t in types)
+                     + " |")
+    lines += ["", "Where each row put its zeros: mean sparsity per linear type [min-max over the 30 layers].", "",
+              "| row | " + " | ".join(types) + " |", "|---|" + "---|" * len(types)]
+    for r in le["rows"].values():
+        if "sparsity_by_type" in r:
+            lines.append(f"| {r['label']} | " + " | ".join(
+                f"{r['sparsity_by_type'][t]:.2f} [{r['sparsity_range_by_type'][t][0]:.2f}-"
+                f"{r['sparsity_range_by_type'][t][1]:.2f}]" for t in types) + " |")
+    return lines
 
 
 def main(argv: list[str] | None = None) -> dict | None:
@@ -489,6 +584,13 @@ def main(argv: list[str] | None = None) -> dict | None:
     from recipe_utils import run_info, write_json
 
     out = Path(args.out)
+    if args.layer_error or args.report:  # add the diagnostic to an existing result / rewrite its Markdown
+        res = json.loads(out.with_suffix(".json").read_text())
+        if args.layer_error:
+            res["layer_error"] = layer_error(args)
+        write_json(out.with_suffix(".json"), res)
+        out.with_suffix(".md").write_text(markdown(res))
+        return res
     git = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True).stdout
     res: dict = {"info": run_info(["benchmarks/peers.py", *argv]), "args": vars(args), "git": git.strip(),
                  "load_average_start": [round(x, 1) for x in os.getloadavg()], "rows": {}}
