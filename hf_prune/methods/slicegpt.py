@@ -27,8 +27,9 @@ Where this implementation differs from the reference code (knobs, defaults say w
 - `reader_weight=None` (reader-aware bases): a slot's basis is not always the PCA of its signal. Every candidate
   basis, the eigenvectors of C / tr C + w M / tr M for w in (0, 0.25, 1, 4) (M = sum W^T W over the linears that read
   the slot, norm scales folded in; the head's W is E F on a tied model), is scored by the share of the readers'
-  signal energy it loses, tr(M R C R) / tr(M C) with R the dropped directions, and the best is kept (w = 0 is
-  SliceGPT's PCA, `reader_weight=0` forces it). On SmolLM2 the PCA loses 0.1-0.4% per slot at 10% slicing and the
+  signal energy it loses, tr(M R C R) / tr(M C) with R the dropped directions; PCA (w = 0, SliceGPT's; forced by
+  `reader_weight=0`) is kept unless it loses more than `reader_margin` times the best, since small differences in
+  that estimate do not predict perplexity. On SmolLM2 the PCA loses 0.1-0.4% per slot at 10% slicing and the
   choice changes little; on Gemma-3-270M, whose norm scales reach 1,600 and whose readers amplify directions with
   little signal, the PCA loses 25-50% of what the readers see per slot and the reader-aware basis 0.1-0.3%.
 - `head="auto"` keeps a tied head tied: the final norm's scale becomes a d_L x d_0 projection into the embedding's
