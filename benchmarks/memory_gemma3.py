@@ -220,6 +220,8 @@ def main(argv: list[str] | None = None) -> None:
     try:
         for method in args.methods:
             row = {"label": args.label, "extra": extra, **run_one(method, model_path, extra, workdir)}
+            if path.is_file():  # another run may have added rows meanwhile: merge with what is there now
+                rows = json.loads(path.read_text()).get("rows", rows)
             rows = [r for r in rows if not (r["label"] == args.label and r["method"] == method
                                             and r["extra"] == extra)] + [row]
             rows.sort(key=lambda r: (r["label"], " ".join(r["extra"]), METHODS.index(r["method"])))

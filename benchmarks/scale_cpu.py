@@ -553,7 +553,9 @@ def main(argv: list[str] | None = None) -> None:
         ratio = shortgpt_ratio()
         ratio.update(command="nice python benchmarks/scale_cpu.py --shortgpt-ratio", versions=_versions(),
                      load_before=load, load_after=[round(x, 2) for x in os.getloadavg()])
+        print(json.dumps(ratio, indent=1), flush=True)
         old["shortgpt_smollm2"] = ratio
+        args.out.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(old, indent=2) + "\n")
         if "depths" in old:
             (args.out / "scale_cpu.md").write_text(_markdown(old))

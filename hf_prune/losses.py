@@ -4,7 +4,8 @@ A causal LM's forward computes the logits of every token at once: (batch, seq, v
 log-softmax and, in a backward pass, its gradient. At Llama-3's vocabulary (128,256) 2,048 tokens already need
 about 1 GB per fp32 copy, so memory grows with vocabulary x tokens. The helpers here start from the backbone's final
 hidden states (`hf_prune.arch.get_adapter(model).backbone(...).last_hidden_state`, the final norm applied) and run
-the head over at most `chunk_tokens` tokens at a time; with autograd on, every chunk runs under non-reentrant
+the head over at most `chunk_tokens` tokens at a time (fewer when one call's fp32 logits would exceed
+`LOGITS_BUDGET_BYTES`); with autograd on, every chunk runs under non-reentrant
 activation checkpointing, so the backward pass also holds one chunk's logits at a time (it recomputes them: one more
 head matmul per chunk). `chunk_tokens=None` computes everything at once (the plain path, for comparison).
 
@@ -30,8 +31,10 @@ from .arch import ArchAdapter, get_adapter
 __all__ = [
     "DEFAULT_CHUNK_TOKENS",
     "IGNORE_INDEX",
+    "LOGITS_BUDGET_BYTES",
     "REDUCTIONS",
     "chunked_causal_lm_loss",
+    "chunk_rows",
     "chunked_kl_divergence",
     "output_head",
     "sample_labels",
@@ -41,6 +44,10 @@ __all__ = [
 #: 262k (about 3x that with the log-softmax and its gradient), whatever the number of tokens scored; still a large
 #: enough GEMM for the head to run at full speed.
 DEFAULT_CHUNK_TOKENS = 256
+#: ...and never more than this many bytes of fp32 logits per head call: the chunk shrinks below `chunk_tokens` for
+#: large vocabularies (64 MiB: 256 tokens at 65k, 128 at Llama-3's 128k, 64 at Gemma-3's 262k), so the log-softmax
+#: and gradient copies stay near 0.2 GB whatever the vocabulary.
+LOGITS_BUDGET_BYTES = 64 * 2**20
 IGNORE_INDEX = -100
 REDUCTIONS = ("mean", "sum", "none")
 
@@ -75,6 +82,24 @@ def _check_chunk(chunk_tokens: int | None) -> None:
         raise ValueError(f"chunk_tokens={chunk_tokens!r} is not valid; it must be an int >= 1 or None (all at once).")
 
 
+def _vocabulary(head: Head) -> int | None:
+    """Logits per token of `head` when it says (an nn.Linear, or SoftcappedHead around one), else None."""
+    inner = head.lm_head if isinstance(head, SoftcappedHead) else head
+    size = getattr(inner, "out_features", None)
+    return int(size) if isinstance(size, int) and size > 0 else None
+
+
+def chunk_rows(head: Head, rows: int, chunk_tokens: int | None) -> int:
+    """Tokens per head call: all `rows` for None, else `chunk_tokens` capped so that one call's fp32 logits stay
+    within LOGITS_BUDGET_BYTES (at least 1)."""
+    if chunk_tokens is None:
+        return max(rows, 1)
+    vocab = _vocabulary(head)
+    if vocab is None:
+        return chunk_tokens
+    return max(1, min(chunk_tokens, LOGITS_BUDGET_BYTES // (4 * vocab)))
+
+
 def _needs_grad(head: Head, *tensors: torch.Tensor) -> bool:
     if not torch.is_grad_enabled():
         return False
@@ -88,7 +113,7 @@ def _chunked(fn: Callable[..., torch.Tensor], head: Head, tensors: tuple[torch.T
              ) -> list[torch.Tensor]:
     """`fn(head, *chunk)` over the first dimension of `tensors` in chunks, checkpointed when autograd needs it."""
     n = tensors[0].shape[0]
-    step = n if chunk_tokens is None else chunk_tokens
+    step = chunk_rows(head, n, chunk_tokens)
     grad = _needs_grad(head, *tensors)
     out = []
     for s in range(0, max(n, 1), max(step, 1)):
@@ -160,7 +185,7 @@ def sample_labels(
     _check_chunk(chunk_tokens)
     lead = hidden.shape[:-1]
     h = hidden[..., :-1, :].reshape(-1, hidden.shape[-1])
-    step = h.shape[0] if chunk_tokens is None else chunk_tokens
+    step = chunk_rows(lm_head, h.shape[0], chunk_tokens)
     samples = []
     for s in range(0, h.shape[0], max(step, 1)):
         probs = torch.softmax(lm_head(h[s : s + step]).float(), dim=-1)

@@ -267,3 +267,26 @@ def test_hidden_state_scoring_never_calls_the_lm_head(name, options):
         assert counter.calls > 0  # the KL option needs logits: made chunk by chunk
     else:
         assert counter.calls == 0
+
+
+def test_large_vocabularies_get_smaller_chunks_within_the_logits_budget(monkeypatch):
+    """With a budget of 3 tokens' fp32 logits per call, chunk_tokens=8 is cut to 3: more calls, each within the
+    budget, the same loss as the full logits."""
+    import hf_prune.losses as losses
+
+    torch.manual_seed(0)
+    head = torch.nn.Linear(16, 50)
+    hidden = torch.randn(2, 9, 16)
+    labels = torch.randint(0, 50, (2, 9))
+    monkeypatch.setattr(losses, "LOGITS_BUDGET_BYTES", 3 * 50 * 4)
+    rows = []
+    handle = head.register_forward_hook(lambda m, args, out: rows.append(out.shape[0]))
+    try:
+        got = chunked_causal_lm_loss(hidden, head, labels, chunk_tokens=8, reduction="sum")
+        sample_labels(hidden, head, chunk_tokens=8)
+    finally:
+        handle.remove()
+    assert rows[:6] == [3, 3, 3, 3, 3, 1] and max(rows) == 3  # 16 predicted tokens, then 16 sampled ones
+    full = F.cross_entropy(head(hidden[:, :-1]).reshape(-1, 50), labels[:, 1:].reshape(-1), reduction="sum")
+    torch.testing.assert_close(got, full, atol=1e-5, rtol=1e-5)
+    assert losses.chunk_rows(head, 100, None) == 100 and losses.chunk_rows(lambda x: x, 100, 8) == 8
