@@ -52,6 +52,10 @@ def _rows() -> dict[str, dict]:
         for crit, name in (("surgeon", "LLM Surgeon"), ("kobd", "K-OBD"), ("magnitude", "magnitude")):
             rows[f"{crit}_{mask}"] = {"group": f"sparse {mask}", "label": f"{name} {mask}", "by": "hf-prune",
                                       "method": "llm_surgeon", "config": {"mode": mask, "criterion": crit}}
+    # ablation for the 2:4 gap: K-OBD's selection with SparseGPT's kind of weight update (llm_surgeon update_rule)
+    rows["kobd_cols_2:4"] = {"group": "sparse 2:4", "label": "K-OBD + column update 2:4", "by": "hf-prune",
+                             "method": "llm_surgeon", "config": {"mode": "2:4", "criterion": "kobd",
+                                                                 "weight_update": True, "update_rule": "columns"}}
     for algo in ("taylor", "magnitude"):
         rows[f"tp_{algo}"] = {"group": "width 20%", "label": f"Torch-Pruning ({algo} importance)", "by": "peer",
                               "peer": "torch-pruning", "algo": algo}

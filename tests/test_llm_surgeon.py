@@ -26,6 +26,7 @@ from hf_prune.methods.llm_surgeon import (
     apply_updates,
     augmented_weight,
     block24_selection,
+    column_update,
     compaction,
     element_costs,
     element_update,
@@ -219,6 +220,40 @@ def test_element_update_one_chunk_is_exact_and_chunks_keep_the_mask(problem):
     # chunks can only do as well as the joint optimum, and must do better than no update at all
     dW_none = torch.where(mask, -W, torch.zeros_like(W))
     assert cost - 1e-12 <= _quad(W_chunked - W, G, A) < _quad(dW_none, G, A)
+
+
+def test_column_update_is_sparsegpt_obs_per_row(problem):
+    """update_rule='columns': the first column's removal is exact OBS under A; zeroed weights stay zero; a 2:4 mask
+    is reconstructed better than by zeroing alone, and no better than the joint OBS optimum (one chunk, G = I)."""
+    W, _, A, _, Ai = problem
+    first = torch.zeros_like(W, dtype=torch.bool)
+    first[:, 0] = True
+    expected = W - W[:, :1] * Ai[:1] / Ai[0, 0]  # OBS: dw = -w_0 [A^-1]_0,: / [A^-1]_00, row by row
+    torch.testing.assert_close(column_update(W, Ai, first), expected, rtol=1e-9, atol=1e-10)
+    C = W.shape[1] - W.shape[1] % 4
+    _, two_four = block24_selection(W[:, :C].abs())
+    mask = torch.zeros_like(W, dtype=torch.bool)
+    mask[:, :C] = two_four
+    I = torch.eye(W.shape[0], dtype=W.dtype)
+    W_cols = column_update(W, Ai, mask)
+    assert not W_cols[mask].any() and bool((W_cols[~mask] != W[~mask]).any())
+    err = lambda V: _quad(V - W, I, A)  # noqa: E731 - the layer's output error tr(dW A dW^T) / 2
+    assert err(W_cols) < err(torch.where(mask, torch.zeros_like(W), W))
+    assert err(element_update(W, I, Ai, mask, chunk_size=10_000)) <= err(W_cols) * (1 + 1e-9)
+
+
+def test_update_rule_columns_in_a_two_four_run():
+    base = tiny_model("llama", num_hidden_layers=2)
+    kw = dict(target=0.5, shots=1, mode="2:4", criterion="kobd", weight_update=True, verbose=False)
+    cols = LLMSurgeon(update_rule="columns", **kw).prune_step(base, _batches(), 0).updates
+    none = LLMSurgeon(weight_update=False, **{k: v for k, v in kw.items() if k != "weight_update"}
+                      ).prune_step(base, _batches(), 0).updates
+    for name, W in cols.items():
+        assert torch.equal(W == 0, none[name] == 0), name  # the same 2:4 selection, now compensated
+        assert (W.reshape(W.shape[0], -1, 4) == 0).sum(-1).eq(2).all(), name
+    assert any(not torch.allclose(cols[n], none[n]) for n in cols)
+    with pytest.raises(ValueError, match="update_rule='rows'"):
+        LLMSurgeon(update_rule="rows")
 
 
 def test_structures_of_zeros_cost_zero(problem):

@@ -17,7 +17,8 @@ dw = -F^-1 E_Q ([F^-1]_QQ)^-1 w_Q. For rows R and columns K removed together thi
     (rows only, this is the paper's dW = -G^-1 E_R ([G^-1]_RR)^-1 W_R)
 
 (the exact joint solution: the gradient of 1/2 tr(dW^T G dW A) vanishes on the kept block); element and 2:4 sets solve
-the joint system with [G^-1] (x) [A^-1] restricted to the set, in chunks of `chunk_size` weights. Multi-shot: the
+the joint system with [G^-1] (x) [A^-1] restricted to the set, in chunks of `chunk_size` weights (or, with
+`update_rule="columns"`, SparseGPT's column-after-column OBS per row under A alone: `column_update`). Multi-shot: the
 target after shot t (1-based) is t * target / shots, with the curvature recomputed on the updated model every shot.
 
 Counting (structured, `compact=True`): a selected structure can kill coupled ones (a gate row silences its channel's
@@ -81,6 +82,7 @@ logger = logging.getLogger(__name__)
 
 CRITERIA = ("surgeon", "kobd", "magnitude")
 MODES = ("structured", "2:4", "unstructured")
+UPDATE_RULES = ("kfac", "columns")
 TARGET_OF = ("auto", "all", "linears")
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
@@ -294,6 +296,22 @@ def element_update(W: torch.Tensor, Ginv: torch.Tensor, Ainv: torch.Tensor, mask
         Mat.index_put_((local, c), lam, accumulate=True)
         W -= Ginv[:, rows] @ (Mat @ Ainv)
         W[r, c] = 0
+    W[mask] = 0
+    return W
+
+
+def column_update(W: torch.Tensor, Ainv: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """OBS removal of the weights in `mask` row by row under the input curvature A alone, column after column as
+    SparseGPT does (Frantar & Alistarh 2023): with A^-1 = U^T U (U upper triangular), removing column j's masked
+    weights adds dW[:, j:] = -(w_j / U_jj) U_j,j: to the row, so each removed weight is compensated by the weights to
+    its right and a weight already zeroed is never moved again. Exact OBS for the first column; the order makes it
+    an approximation for the others (the weights to the left are frozen). G only scales whole rows under F = G (x) A
+    with G diagonal, so the rows decouple and G drops out. O(R C^2) per matrix."""
+    W = W.clone()
+    U = torch.linalg.cholesky(Ainv, upper=True)
+    for j in torch.nonzero(mask.any(0)).flatten().tolist():
+        err = torch.where(mask[:, j], W[:, j], torch.zeros_like(W[:, j])) / U[j, j]
+        W[:, j:] -= err[:, None] * U[j, j:][None, :]
     W[mask] = 0
     return W
 
@@ -557,6 +575,10 @@ class LLMSurgeon(PruningMethod):
         "help": "empirical (dataset labels) or sampled (labels drawn from the model: the true Fisher)."})
     chunk_size: int = field(default=2000, metadata={
         "help": "Weights solved jointly per chunk in the element / 2:4 update (cost ~ chunk_size^2 per weight)."})
+    update_rule: str = field(default="kfac", metadata={
+        "help": "Element and 2:4 weight update: kfac (the joint K-FAC OBS system in chunks of chunk_size, rows "
+                "coupled through G^-1) or columns (SparseGPT's column-after-column OBS per row with A alone: no "
+                "weight is moved after it was zeroed; much faster). Used where the update is on (weight_update)."})
     weight_update: bool | None = field(default=None, metadata={
         "help": "Apply the correlated OBS weight update to what remains; None: yes for surgeon, no for kobd and "
                 "magnitude. Setting it separates the two halves of the method in ablations (surgeon costs without "
@@ -599,6 +621,8 @@ class LLMSurgeon(PruningMethod):
                              "compute; use criterion 'surgeon' or 'kobd'")
         if self.chunk_size < 1:
             raise ValueError(f"chunk_size={self.chunk_size}; need at least 1")
+        if self.update_rule not in UPDATE_RULES:
+            raise ValueError(f"update_rule={self.update_rule!r}; valid: {UPDATE_RULES}")
         # zeros of the shots so far that surgery could not remove, keyed by (layer, matrix), in the current indices
         self.zero_patterns: dict[tuple[int, str], ZeroPattern] | None = None
 
@@ -864,7 +888,10 @@ class LLMSurgeon(PruningMethod):
                     continue
                 if do_update:
                     Ginv, Ainv = (x.to(dev) for x in cached_inverses.pop(name))
-                    W = element_update(W, Ginv, Ainv, mk, self.chunk_size)
+                    if self.update_rule == "columns":
+                        W = column_update(W, Ainv, mk)
+                    else:
+                        W = element_update(W, Ginv, Ainv, mk, self.chunk_size)
                 else:
                     W = torch.where(mk, torch.zeros_like(W), W)
             weights[name] = W
