@@ -62,6 +62,9 @@ def _rows() -> dict[str, dict]:
     for m, name in (("pip", "PIP"), ("llm_pruner", "LLM-Pruner"), ("magnitude", "magnitude (structured)")):
         rows[f"width_{m}"] = {"group": "width 20%", "label": name, "by": "hf-prune", "method": m, "config": {}}
     # its LLM mode needs Megatron-Core; its generic FastNAS search is given --modelopt_timeout seconds
+    # the same method after the fix of its per-parameter score (sum of squares); width_magnitude may predate it
+    rows["width_magnitude_fixed"] = {"group": "width 20%", "label": "magnitude (structured), mean-square score",
+                                     "by": "hf-prune", "method": "magnitude", "config": {}}
     rows["modelopt"] = {"group": "width 20%", "label": "ModelOpt prune", "by": "peer", "peer": "modelopt",
                         "timeout_arg": "modelopt_timeout"}
     for m, name in (("angular_block", "angular block"), ("shortgpt", "ShortGPT"), ("iterabre", "IteRABRe")):

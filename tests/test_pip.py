@@ -341,3 +341,19 @@ def test_recipe_prunes_with_lora_recovery_and_saves_a_loadable_model(tmp_path, t
     dense = sum(p.numel() for p in gqa_model().parameters())
     n = sum(p.numel() for p in loaded.parameters())
     assert n == report["pruned_recovered"]["params"] and abs(n - round(0.8 * dense)) < 0.02 * dense
+
+
+def test_magnitude_per_parameter_score_does_not_depend_on_group_size(calib):
+    """Magnitude scores are sums of squares, so per parameter they are mean squares: with every weight equal, a kv
+    head group (~100x an MLP channel's parameters here) and an MLP channel score the same per parameter. (An L2 norm
+    per parameter would be rms / sqrt(n) and remove the largest groups first.)"""
+    model = gqa_model()
+    with torch.no_grad():
+        for p in model.model.layers.parameters():
+            p.fill_(0.05)
+    groups = group_scores(model, calib, [2], "magnitude")[2]
+    per_param = {g.kind: g.score / g.num_params for g in groups}
+    assert per_param["attention"] == pytest.approx(0.05**2, rel=1e-5)
+    assert per_param["mlp"] == pytest.approx(0.05**2, rel=1e-5)
+    sizes = {g.kind: g.num_params for g in groups}
+    assert sizes["attention"] > 10 * sizes["mlp"]

@@ -15,7 +15,10 @@ Scores (summed over every weight w of the group):
 * ``"pip"``    I = sum |w * (dL/dw(x) - dL/dw(x~))|, x~ the perturbed view (PIP, Cao et al., arXiv 2501.15278;
   a reconstruction: no public code);
 * ``"taylor"`` I = sum |w * dL/dw(x)|, first-order Taylor (LLM-Pruner, Ma et al., NeurIPS 2023, "param_first");
-* ``"magnitude"`` I = ||w||_2 over the group (data-free).
+* ``"magnitude"`` I = ||w||_2^2 over the group (data-free): a sum over weights like the others, so ranking by score
+  per parameter (``normalize="per_parameter"``) compares mean squares. (Ranked raw, it orders groups as ||w||_2 does;
+  ||w||_2 per parameter would be rms / sqrt(n), which favours removing the largest groups: an attention head group of
+  SmolLM2 has ~170x the parameters of an MLP channel.)
 
 L is the mean next-token cross-entropy over all calibration tokens. Gradients are accumulated in the parameters'
 ``.grad`` across batches and micro-batches (for "pip" the perturbed loss is back-propagated with a minus sign, so
@@ -79,9 +82,8 @@ class LayerImportance:
     """Scores of the prunable structures of one decoder layer (indices of the model as it is now).
 
     ``query_heads[h]``: q rows + o columns of query head h; ``kv_heads[j]``: k and v rows of kv head j;
-    ``mlp_channels[c]``: gate/up rows + down column of channel c. For "magnitude" these are sums of squares, and a
-    group's score is the square root of their sum (its L2 norm); for the gradient criteria they are sums of
-    |w * g| and a group's score is their sum.
+    ``mlp_channels[c]``: gate/up rows + down column of channel c. For "magnitude" these are sums of squares, for the
+    gradient criteria sums of |w * g|; a group's score is their sum.
     """
 
     layer: int
@@ -194,10 +196,8 @@ def build_groups(adapter: ArchAdapter, imp: LayerImportance, head_grouping: str 
     i = imp.layer
     a, m = adapter.attention(i), adapter.mlp(i)
     hd, nq, nkv, g = a.head_dim, a.num_heads, a.num_kv_heads, a.group_size
-    magnitude = imp.criterion == "magnitude"
-
     def finish(total: float) -> float:
-        return float(total) ** 0.5 if magnitude else float(total)
+        return float(total)
 
     groups: list[Group] = []
     if attention:

@@ -9,7 +9,7 @@
 * ``"llm_pruner"`` — LLM-Pruner's block-wise Taylor pruning (Ma et al., NeurIPS 2023): I(G) = sum |w * dL/dw(x)| on
   clean text, one shot, the same budget in every prunable layer, first 3 and last layer kept (the repository's
   defaults for 32-layer Llama). Uses the same groups as PIP (kv head with its query heads; MLP channel).
-* ``"magnitude"`` — data-free: I(G) = ||w_G||_2.
+* ``"magnitude"`` — data-free: I(G) = ||w_G||_2^2 (per parameter: the mean square, comparable across sizes).
 
 Targets are parameter counts: ``target`` is the fraction removed of all parameters (``target_of="all"``, as the
 papers count; tied embeddings counted once) or of the decoder-layer parameters (``target_of="layers"``). After step s
@@ -350,7 +350,8 @@ class LLMPruner(GroupPruning):
 @register("magnitude")
 @dataclass
 class MagnitudePruning(GroupPruning):
-    """Data-free baseline: I(G) = ||w_G||_2 over the group's weights, same groups and schedule as PIP."""
+    """Data-free baseline: I(G) = ||w_G||_2^2 over the group's weights (ranked per parameter: the mean square), same
+    groups and schedule as PIP."""
 
     criterion: ClassVar[str] = "magnitude"
 
