@@ -527,6 +527,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--iterabre-max-layers", type=int, default=8, help="deepest depth for streamed_iterabre")
     ap.add_argument("--calib-rows", type=int, default=4,
                     help=f"calibration sequences of {CALIB_LEN} tokens (default 4; 1 on a crowded CPU)")
+    ap.add_argument("--ratio-rows", type=int, default=32, help="sequences of 1,024 tokens for --shortgpt-ratio")
     ap.add_argument("--tmp", default=None, help="folder for the temporary checkpoints (default: the system's)")
     ap.add_argument("--out", type=Path, default=RESULTS)
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
@@ -550,8 +551,8 @@ def main(argv: list[str] | None = None) -> None:
 
         torch.set_num_threads(1)
         load = [round(x, 2) for x in os.getloadavg()]
-        ratio = shortgpt_ratio()
-        ratio.update(command="nice python benchmarks/scale_cpu.py --shortgpt-ratio", versions=_versions(),
+        ratio = shortgpt_ratio(rows=args.ratio_rows)
+        ratio.update(command=f"nice python benchmarks/scale_cpu.py --shortgpt-ratio --ratio-rows {args.ratio_rows}", versions=_versions(),
                      load_before=load, load_after=[round(x, 2) for x in os.getloadavg()])
         print(json.dumps(ratio, indent=1), flush=True)
         old["shortgpt_smollm2"] = ratio
