@@ -412,13 +412,16 @@ def extrapolate(depths: list[dict]) -> list[dict]:
     layer_gb = LINEAR_PARAMS["8b"] * 2 / 1e9
     out = []
     for task, r in by.items():
+        if task.startswith("perplexity") or task == "taylor_full_logits":
+            continue  # the LM head's fixed cost dominates at these depths: seconds do not scale with layers
         per_pass = r["seconds_per_layer_pass"]
+        grow = 2.0 if task == "llm_pruner" else 1.0  # weights, plus the gradients of every scored layer
         for target, width, scale in ((32, "8b", 1.0), (80, "70b", ratio70)):
             seconds = per_pass * layer_passes(task, target) * scale
             if task.startswith("streamed_"):
                 memory = r["peak_rss_gb"] + (scale - 1.0) * layer_gb
             else:
-                memory = r["peak_rss_gb"] + (target * scale - r["layers"]) * layer_gb
+                memory = r["peak_rss_gb"] + grow * (target * scale - r["layers"]) * layer_gb
             out.append({"task": task, "layers": target, "width": width, "seconds": round(seconds, 0),
                         "hours": round(seconds / 3600, 2), "peak_rss_gb": round(memory, 1)})
     return out
@@ -436,7 +439,8 @@ def _markdown(result: dict) -> str:
         f"{v['hf_prune_commit']}  ",
         f"Load average before / after: {result['load_before']} / {result['load_after']}. **The CPU is shared by "
         "several engineers' jobs** (load 8-10 on 2 cores during these runs): seconds and utilisation are indicative "
-        "and pessimistic; memory figures are per process and not affected. One thread per worker.",
+        "and pessimistic; memory figures are per process and not affected. One thread per worker. (The earlier "
+        "run with 4 x 256 tokens, 2 threads and the full-logits rows is in git history, commit c91107d.)",
         "",
         "Random bf16 weights with Llama-3.1-8B's shapes (hidden 4096, 32/8 heads, intermediate 14336, vocabulary "
         f"128,256). Calibration: {CALIB_ROWS} x {CALIB_LEN} tokens in one batch. Perplexity: {PPL_TOKENS} tokens in "
@@ -488,12 +492,16 @@ def _markdown(result: dict) -> str:
                     notes.append(f"- {depth['layers']} layers, {k}: {by[k]['seconds'] / by['forward']['seconds']:.2f}"
                                  " plain backbone forwards.")
     if notes:
-        lines += ["", "Ratios and before / after the chunked losses (hf_prune.losses):", "", *notes]
+        lines += ["", "Ratios to the plain forward, and before / after the chunked losses where both were run:", "",
+                  *notes]
     ext = extrapolate(result["depths"])
     if ext:
         lines += ["", "Extrapolation from the deepest measured depth (same CPU, same load, one thread; 80 layers at "
                   "70B width: per-layer cost x3.92): seconds scale with layer passes (IteRABRe: L + L(L-1)/2 per "
-                  "stage), in-memory peaks grow by the added layers' bf16 weights, streamed peaks by one layer only.",
+                  "stage), in-memory peaks grow by the added layers' bf16 weights (LLM-Pruner: and their gradients), streamed "
+                  "peaks by one layer only. Perplexity is left out (its LM head's fixed cost dominates at 2-4 layers). "
+                  "The measured GEMM throughput moved between 19 and 34 GFLOP/s with the other jobs' load, so "
+                  "utilisation above 1 means the task ran while the load was lighter than when the GEMM was timed.",
                   "", "| task | layers | width | seconds | hours | peak RSS (GB) |", "|---|---:|---|---:|---:|---:|"]
         lines += [f"| {e['task']} | {e['layers']} | {e['width']} | {e['seconds']:.0f} | {e['hours']:.2f} | "
                   f"{e['peak_rss_gb']:.1f} |" for e in ext]
