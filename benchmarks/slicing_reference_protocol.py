@@ -293,6 +293,10 @@ def merge_files(stem: Path, files: list[str]) -> None:
     """--merge-from: fold other runs' result files into `stem`'s, keeping each row's run."""
     path = stem.with_suffix(".json")
     data = json.loads(path.read_text(encoding="utf-8")) if path.exists() else {"runs": [], "rows": []}
+    if "environment" in data:  # a file from before runs were recorded per row: one run, every row from it
+        data["runs"] = [data.pop("environment")]
+        for r in data["rows"]:
+            r.setdefault("run", 0)
     runs, rows = list(data.get("runs", [])), list(data.get("rows", []))
     protocol = data.get("protocol")
     for f in files:
