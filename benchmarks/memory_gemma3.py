@@ -33,6 +33,9 @@ import threading
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from scale_cpu import versions  # noqa: E402  (one record of the versions for both benchmarks)
+
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
 DATA = Path(os.environ.get("HF_PRUNE_DATA", REPO.parent / "shared" / "data"))
@@ -146,17 +149,6 @@ def _log_time(line: str, start: float) -> float | None:
     return stamp.timestamp() - start
 
 
-def _versions() -> dict:
-    import torch
-    import transformers
-
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
-    dirty = bool(subprocess.run(["git", "status", "--porcelain", "--", "hf_prune"], cwd=REPO, capture_output=True,
-                                text=True).stdout.strip())
-    return {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
-            "hf_prune_commit": commit + ("+dirty" if dirty else "")}
-
-
 def _machine() -> dict:
     import psutil
 
@@ -214,7 +206,7 @@ def main(argv: list[str] | None = None) -> None:
     old = json.loads(path.read_text()) if path.is_file() else {}
     rows = old.get("rows", [])
     versions_by_label = old.get("versions_by_label", {})
-    versions_by_label[args.label] = _versions()
+    versions_by_label[args.label] = versions()
     extra = [e for x in args.extra for e in x.split("=", 1)] if args.extra else []
     workdir = Path(tempfile.mkdtemp(prefix="hf_prune_mem_"))
     try:

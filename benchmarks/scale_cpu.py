@@ -368,7 +368,8 @@ def shortgpt_ratio(rows: int = 32, seq_len: int = 1024, batch_size: int = 4, rep
 # ----- driver ---------------------------------------------------------------------------------------------------------
 
 
-def _versions() -> dict:
+def versions() -> dict:
+    """Python, torch, transformers and the hf-prune commit (+dirty when hf_prune/ has uncommitted changes)."""
     import torch
     import transformers
 
@@ -560,7 +561,7 @@ def main(argv: list[str] | None = None) -> None:
         torch.set_num_threads(1)
         load = [round(x, 2) for x in os.getloadavg()]
         ratio = shortgpt_ratio(rows=args.ratio_rows)
-        ratio.update(command=f"nice python benchmarks/scale_cpu.py --shortgpt-ratio --ratio-rows {args.ratio_rows}", versions=_versions(),
+        ratio.update(command=f"nice python benchmarks/scale_cpu.py --shortgpt-ratio --ratio-rows {args.ratio_rows}", versions=versions(),
                      load_before=load, load_after=[round(x, 2) for x in os.getloadavg()])
         print(json.dumps(ratio, indent=1), flush=True)
         old["shortgpt_smollm2"] = ratio
@@ -595,7 +596,7 @@ def main(argv: list[str] | None = None) -> None:
         result = {
             "command": "nice python " + " ".join(["benchmarks/scale_cpu.py",
                                                   *(argv if argv is not None else sys.argv[1:])]),
-            "machine": _machine(), "versions": _versions(), "load_before": load_before,
+            "machine": _machine(), "versions": versions(), "load_before": load_before,
             "load_after": [round(x, 2) for x in os.getloadavg()],
             "note": "CPU shared with other engineers' jobs: seconds are indicative; memory is per process.",
             "calibration": {"rows": CALIB_ROWS, "seq_len": CALIB_LEN}, "depths": depths,

@@ -264,15 +264,17 @@ def reader_aware_basis(
     if M is None or not torch.isfinite(M).all() or M.trace() <= 0:
         weights = [0.0]
     Mn = _normalised(M) if weights != [0.0] else None
-    rows, best = [], None
+    rows, best, first = [], None, None
     for w in weights:
         _, Q = pca(Cn if w == 0 else Cn + w * Mn, damping)
         err = reader_error(Q, d, Cn, Mn) if Mn is not None else None
         rows.append({"reader_weight": w, "reader_error": err})
+        candidate = (err if err is not None else 0.0, w, Q)
+        first = first or candidate
         if best is None or (err is not None and err < best[0]):
-            best = (err if err is not None else 0.0, w, Q)
-    if Mn is not None and weights[0] == 0.0 and best[1] != 0.0 and rows[0]["reader_error"] <= margin * best[0]:
-        best = (rows[0]["reader_error"], 0.0, pca(Cn, damping)[1])
+            best = candidate
+    if Mn is not None and first[1] == 0.0 and best[1] != 0.0 and first[0] <= margin * best[0]:
+        best = first  # PCA, unless it loses more than `margin` times the best
     return best[2], {"reader_weight": best[1], "reader_error": best[0] if Mn is not None else None,
                      "pca_reader_error": rows[0]["reader_error"] if weights[0] == 0 else None}
 
