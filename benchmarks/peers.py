@@ -193,18 +193,68 @@ def evaluate(model, tok, args, row: str, out: dict) -> None:
         torch.save(model, path)
 
 
+def load_row_model(args, target: str, dense):
+    """ROW's pruned model for 'mc:ROW', from what its row left under --work: the copy saved for this purpose
+    (models/ROW.pt), else the pruned decoder weights (rows/ROW/layers.safetensors: peer sparse rows and hf-prune's
+    llm_surgeon rows, loaded into the dense model), else a peer's saved model (rows/ROW/model). None if none exists.
+    Returns (model, source description)."""
+    import torch
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from hf_prune.assets import smollm2_path
+
+    saved = saved_model_path(args, target)
+    work = Path(args.work) / "rows" / target.replace(":", "-")
+    if saved.is_file():
+        return torch.load(saved, weights_only=False), f"{saved} ({time.ctime(saved.stat().st_mtime)})"
+    if (work / "layers.safetensors").is_file():
+        f = work / "layers.safetensors"
+        missing = dense.load_state_dict(load_file(str(f)), strict=False)
+        if missing.unexpected_keys:
+            raise RuntimeError(f"unexpected keys in {f}: {missing.unexpected_keys[:5]}")
+        return dense, f"{f} ({time.ctime(f.stat().st_mtime)})"
+    if (work / "model").is_dir():
+        return (AutoModelForCausalLM.from_pretrained(str(work / "model"), dtype=torch.float32),
+                f"{work / 'model'} ({time.ctime((work / 'model').stat().st_mtime)})")
+    return None, None
+
+
 def run_mc_row(row: str, args) -> dict:
-    """'mc:ROW': the multiple-choice tasks on ROW's saved pruned model (same code as every other evaluation)."""
+    """'mc:ROW': the multiple-choice tasks on ROW's pruned model (same code as every other evaluation).
+
+    The model comes from what ROW's run left under --work (load_row_model); its perplexity is measured again on the
+    same slice (`mc_ppl_check`, compared with the row's in the report) so a file that changed since cannot pass
+    unnoticed. With nothing saved, ROW is pruned again in this process (same seed, same calibration ids) and
+    evaluated in full (`mc_rebuilt`)."""
     import torch
 
     torch.set_num_threads(args.threads)
     from hf_prune.assets import load_smollm2
+    from hf_prune.evaluate import perplexity
 
     target = row.removeprefix("mc:")
     dense, tok = load_smollm2()
-    model = dense if target == "dense" else torch.load(saved_model_path(args, target), weights_only=False)
     out: dict = {"row": row}
-    multiple_choice_all(model.eval(), tok, args, out)
+    if target == "dense":
+        model, source = dense, "dense SmolLM2"
+    else:
+        model, source = load_row_model(args, target, dense)
+    if model is None:  # prune again; run_row evaluates perplexity and (because mc_rows names it) the MC tasks
+        del dense
+        args.mc_rows = target
+        r = run_row(target, args)
+        return {"row": row, "mc": r["mc"], "mc_seconds": r["mc_seconds"], "peak_rss_gb": peak_rss_gb(),
+                "mc_model_source": "pruned again in the mc process (nothing saved under --work)",
+                "mc_ppl_check": r["perplexity"]["perplexity"], "mc_rebuilt": True,
+                "mc_rebuild_prune_seconds": r.get("prune_seconds")}
+    model.eval()
+    out["mc_model_source"] = source
+    if target != "dense":
+        text = Path(args.eval_text).read_text(encoding="utf-8")[: 16 * args.eval_tokens]
+        out["mc_ppl_check"] = perplexity(model, tok, text, window=args.window, max_tokens=args.eval_tokens)[
+            "perplexity"]
+    multiple_choice_all(model, tok, args, out)
     out["peak_rss_gb"] = peak_rss_gb()
     return out
 
@@ -311,9 +361,16 @@ def method_for(spec: dict, args):
     return get(spec["method"], target=args.width_target, seed=args.seed, progress=False)
 
 
+def dirty_sources() -> list[str]:
+    """hf_prune/ files that differ from the commit (the tree is shared: a row records what it ran with)."""
+    st = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "--", "hf_prune"], capture_output=True,
+                        text=True).stdout
+    return [line[3:] for line in st.splitlines()]
+
+
 def run_row(row: str, args) -> dict:
     if row.startswith("mc:"):
-        return run_mc_row(row, args)
+        return dict(run_mc_row(row, args), mc_uncommitted_sources=dirty_sources())
     import torch
 
     torch.set_num_threads(args.threads)
@@ -324,7 +381,8 @@ def run_row(row: str, args) -> dict:
     from hf_prune.data import batches
 
     spec = ROWS[row]
-    out: dict = {"row": row, "label": spec["label"], "group": spec["group"], "by": spec["by"]}
+    out: dict = {"row": row, "label": spec["label"], "group": spec["group"], "by": spec["by"],
+                 "uncommitted_sources": dirty_sources()}
     calib = calibration_file(args)
     ids = load_file(str(calib))["input_ids"]
     dense, tok = load_smollm2()
@@ -400,6 +458,81 @@ def _fmt(x, spec=".2f") -> str:
     return "-" if x is None else format(x, spec)
 
 
+# the comparisons that decide each question: (question, reference row (a peer, or the angular block: the simple
+# depth baseline from Gromov et al. 2024 that the issue asked hf-prune to beat), hf-prune row)
+COMPARISONS = (
+    ("50% unstructured", "llmc_sparsegpt_unstructured", "kobd_unstructured"),
+    ("50% unstructured", "llmc_sparsegpt_unstructured", "surgeon_unstructured"),
+    ("50% unstructured", "llmc_sparsegpt_unstructured", "magnitude_unstructured"),
+    ("50% unstructured", "llmc_wanda_unstructured", "kobd_unstructured"),
+    ("50% unstructured", "llmc_wanda_unstructured", "magnitude_unstructured"),
+    ("2:4", "llmc_sparsegpt_2:4", "kobd_2:4"),
+    ("2:4", "llmc_sparsegpt_2:4", "kobd_cols_2:4"),
+    ("2:4", "llmc_sparsegpt_2:4", "surgeon_2:4"),
+    ("2:4", "llmc_sparsegpt_2:4", "magnitude_2:4"),
+    ("2:4", "llmc_wanda_2:4", "kobd_2:4"),
+    ("2:4", "llmc_wanda_2:4", "magnitude_2:4"),
+    ("20% of parameters", "tp_taylor", "width_llm_pruner"),
+    ("20% of parameters", "tp_taylor", "width_pip"),
+    ("20% of parameters", "tp_magnitude", "width_magnitude_fixed"),
+    ("depth 4/30, no recovery", "depth_angular_block", "depth_shortgpt"),
+    ("depth 4/30, no recovery", "depth_angular_block", "depth_iterabre"),
+    ("depth 4/30, equal recovery", "depth_angular_block_rec", "depth_iterabre_rec"),
+    ("depth 4/30, equal recovery", "depth_angular_block_rec", "depth_shortgpt_rec"),
+)
+
+
+def _mc_se(r: dict, key: str = "acc_norm") -> float | None:
+    """Binomial standard error of the unweighted task mean (examples independent; the tasks are fixed)."""
+    mc = r.get("mc")
+    if not mc:
+        return None
+    return sum(v[key] * (1 - v[key]) / v["n"] for v in mc.values()) ** 0.5 / len(mc)
+
+
+def _verdict(ref: dict, ours: dict) -> str:
+    """Who wins, and by how much, on perplexity and (where both were scored) the mean MC acc_norm."""
+    parts = []
+    pr, po = _ppl(ref), _ppl(ours)
+    if pr and po:
+        parts.append(f"hf-prune, ppl {(1 - po / pr) * 100:.1f}% lower" if po < pr else
+                     f"**reference: hf-prune's ppl {(po / pr - 1) * 100:.1f}% higher**" if po > pr else "tie")
+    mr, mo = _mc_mean(ref), _mc_mean(ours)
+    if mr is not None and mo is not None:
+        se = ((_mc_se(ref) or 0) ** 2 + (_mc_se(ours) or 0) ** 2) ** 0.5
+        d = mo - mr
+        tag = f"{abs(d):.3f} acc_norm ({abs(d) / se:.1f} SE)" if se else f"{abs(d):.3f} acc_norm"
+        parts.append(("MC: hf-prune +" if d > 0 else "MC: **reference +" if d < 0 else "MC: tie ") + tag +
+                     ("**" if d < 0 else ""))
+    return "; ".join(parts) or "-"
+
+
+def comparison_lines(rows: dict[str, dict]) -> list[str]:
+    """The decisive pairs (COMPARISONS) that both ran: hf-prune / reference for perplexity (< 1: hf-prune better)
+    and for the mean MC acc_norm (> 1: hf-prune better), pruning seconds and pruning peak memory."""
+    lines = ["| question | reference (version) | hf-prune | ppl ref / hf-prune | ppl ratio | MC acc_norm ref / "
+             "hf-prune | MC ratio | prune s ref / hf-prune | peak GB ref / hf-prune | who wins, by how much |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for question, a, b in COMPARISONS:
+        ref, ours = rows.get(a), rows.get(b)
+        if not ref or not ours or "error" in ref or "error" in ours:
+            continue
+        pr, po = _ppl(ref), _ppl(ours)
+        mr, mo = _mc_mean(ref), _mc_mean(ours)
+        ver = ref.get("version") if ref["by"] == "peer" else "hf-prune baseline"
+
+        def pair(key, spec):
+            x, y = ref.get(key), ours.get(key)
+            return "-" if x is None or y is None else f"{x:{spec}} / {y:{spec}}"
+
+        lines.append(
+            f"| {question} | {ref['label']} ({ver}) | {ours['label']} | {_fmt(pr)} / {_fmt(po)} | "
+            f"{_fmt(po / pr if pr and po else None, '.3f')} | {_fmt(mr, '.3f')} / {_fmt(mo, '.3f')} | "
+            f"{_fmt(mo / mr if mr and mo is not None else None, '.3f')} | {pair('prune_seconds', '.0f')} | "
+            f"{pair('peak_rss_gb_prune', '.2f')} | {_verdict(ref, ours)} |")
+    return lines
+
+
 def ratio_lines(rows: dict[str, dict]) -> list[str]:
     """Each peer beside every hf-prune row of its group: perplexity, pruning seconds and pruning peak memory as
     hf-prune / peer (below 1: hf-prune better, faster, smaller)."""
@@ -430,11 +563,33 @@ def ratio_lines(rows: dict[str, dict]) -> list[str]:
     return lines
 
 
+def winner_lines(rows: dict[str, dict]) -> list[str]:
+    """Every decisive comparison a reference wins, with its margin."""
+    out = []
+    for question, a, b in COMPARISONS:
+        ref, ours = rows.get(a), rows.get(b)
+        if not ref or not ours or "error" in ref or "error" in ours:
+            continue
+        pr, po, mr, mo = _ppl(ref), _ppl(ours), _mc_mean(ref), _mc_mean(ours)
+        bits = []
+        if pr and po and po > pr:
+            bits.append(f"perplexity {pr:.2f} vs {po:.2f} (hf-prune {(po / pr - 1) * 100:.1f}% higher)")
+        if mr is not None and mo is not None and mo < mr:
+            se = (_mc_se(ref) ** 2 + _mc_se(ours) ** 2) ** 0.5
+            bits.append(f"MC acc_norm {mr:.3f} vs {mo:.3f} ({mr - mo:.3f}, {(mr - mo) / se:.1f} SE)")
+        if bits:
+            out.append(f"- {question}: {ref['label']} beats {ours['label']}: " + "; ".join(bits) + ".")
+    return (["Where the reference wins (by how much):", "", *out] if out else
+            ["No reference wins any of the comparisons above."])
+
+
 def markdown(res: dict) -> str:
     info, a, rows = res["info"], res["args"], res["rows"]
     dense_ppl = _ppl(rows.get("dense"))
     lines = ["# hf-prune beside the peers: SmolLM2-135M, one run", "",
-             f"Command: `{info['command']}`  ",
+             "Commands (this file's rows were made by these runs, in order; `--resume` keeps finished rows and every "
+             "row is its own process, so a restart changes nothing in a finished row):  ",
+             *[f"`{c}`  " for c in res.get("commands") or [info["command"]]],
              f"Machine: {info['machine']}, {info['cpu_count']} CPUs shared with other jobs (load average "
              f"{res['load_average_start']} at start, {res.get('load_average_end', '-')} at the last row); every row "
              f"process uses {a['threads']} thread(s) under `nice`; wall times compare only within this run.  ",
@@ -453,7 +608,15 @@ def markdown(res: dict) -> str:
              f"{a['width_target']:.0%} of all parameters. Depth rows: {a['n_remove']} of 30 layers; recovery "
              f"{a['recovery_tokens']} tokens ({a['recovery_seq_len']}-token blocks, LoRA r8 + distillation from "
              f"the dense model, lr {a['lr']}).", "",
-             "## Ratios (perplexity; ratio < 1: hf-prune better)", "", *ratio_lines(rows), "",
+             "## The comparisons that decide each question", "",
+             "Ratios are hf-prune / reference: perplexity ratio < 1 and MC ratio > 1 mean hf-prune is better. MC is "
+             "the unweighted mean acc_norm over the three tasks (its binomial standard error is about 0.02-0.03, see "
+             "the MC table: differences under ~2 SE are noise). The depth reference is the angular-distance block "
+             "(Gromov et al. 2024, `angular_block`), the simple baseline the issue asked hf-prune to beat. "
+             "Prune seconds and peak GB are the pruning step's (depth rows with recovery: selection + recovery).", "",
+             *comparison_lines(rows), "", *winner_lines(rows), "",
+             "## Every peer beside every hf-prune row of its group (perplexity; ratio < 1: hf-prune better)", "",
+             *ratio_lines(rows), "",
              "## All rows", "",
              "| group | row | by | version | params (M) | nonzero linear | ppl | x dense | MC acc_norm (mean) | "
              "prune s | peak RSS GB (pruning) | peak RSS GB (row) |",
@@ -470,16 +633,27 @@ def markdown(res: dict) -> str:
             f"{_fmt(ppl / dense_ppl if ppl and dense_ppl else None)} | {_fmt(_mc_mean(r), '.3f')} | "
             f"{_fmt(r.get('prune_seconds'), '.0f')} | {_fmt(r.get('peak_rss_gb_prune'))} | "
             f"{_fmt(r.get('peak_rss_gb'))} |")
+    dirty = [f"{r['label']}: {', '.join(r['uncommitted_sources'])}" for r in rows.values()
+             if r.get("uncommitted_sources")]
+    if dirty:
+        lines += ["", "Rows that ran while hf_prune/ had uncommitted changes in the shared working tree (other "
+                  "engineers' work in progress; the git commit above does not fully describe these rows): "
+                  + "; ".join(dirty) + "."]
     mc_rows = [r for r in rows.values() if r.get("mc")]
     if mc_rows:
         tasks = list(mc_rows[0]["mc"])
         lines += ["", "## Multiple choice (acc / acc_norm)", "",
-                  "| row | " + " | ".join(f"{t} (n={mc_rows[0]['mc'][t]['n']})" for t in tasks) + " | MC s |",
-                  "|---|" + "---|" * (len(tasks) + 1)]
+                  "Scored on the row's own model, in its row process, or by an 'mc:ROW' entry from what the row left "
+                  "under --work (the perplexity column 'ppl check' is measured again on that model; it must equal the "
+                  "row's).", "",
+                  "| row | " + " | ".join(f"{t} (n={mc_rows[0]['mc'][t]['n']})" for t in tasks) +
+                  " | mean acc_norm +/- SE | ppl / ppl check | MC s |",
+                  "|---|" + "---|" * (len(tasks) + 3)]
         for r in mc_rows:
+            chk = r.get("mc_ppl_check")
             lines.append(f"| {r['label']} | " + " | ".join(
                 f"{r['mc'][t]['acc']:.3f} / {r['mc'][t]['acc_norm']:.3f}" for t in tasks) +
-                f" | {r['mc_seconds']:.0f} |")
+                f" | {_mc_mean(r):.3f} +/- {_mc_se(r):.3f} | {_fmt(_ppl(r))} / {_fmt(chk)} | {r['mc_seconds']:.0f} |")
     depth = [r for r in rows.values() if r["group"] == "depth" and "error" not in r]
     if depth:
         lines += ["", "## Depth", "", "| row | removed | ppl | selection s | recovery s | recovery tokens |",
@@ -603,8 +777,16 @@ def main(argv: list[str] | None = None) -> dict | None:
                  "load_average_start": [round(x, 1) for x in os.getloadavg()], "rows": {}}
     if args.resume and out.with_suffix(".json").is_file():
         old = json.loads(out.with_suffix(".json").read_text())
-        res["rows"] = {k: v for k, v in old["rows"].items() if "error" not in v}
+        queued = {r.removeprefix("mc:") for r in args.rows.split(",") if r}
+        # a failed row is run again only when it is queued; otherwise its exact error stays in the report
+        res["rows"] = {k: v for k, v in old["rows"].items() if "error" not in v or k not in queued}
         res["notes"] = old.get("notes", [])
+        for key in ("layer_error", "comparison_notes"):
+            if key in old:
+                res[key] = old[key]
+        res["commands"] = old.get("commands") or [old["info"]["command"]]
+    res.setdefault("commands", [])
+    res["commands"].append(res["info"]["command"])
     calibration_file(args)  # written once, before any row
     child_argv = [a for a in argv if a != "--resume"]
     for row in [r for r in args.rows.split(",") if r]:
@@ -621,7 +803,8 @@ def main(argv: list[str] | None = None) -> dict | None:
             if "error" in r:
                 res["rows"][target]["mc_error"] = r["error"] + "\n" + r.get("traceback", "")[-2000:]
             else:
-                res["rows"][target].update(mc=r["mc"], mc_seconds=r["mc_seconds"], mc_peak_rss_gb=r["peak_rss_gb"])
+                res["rows"][target].update(mc=r["mc"], mc_seconds=r["mc_seconds"], mc_peak_rss_gb=r["peak_rss_gb"],
+                                           **{k: v for k, v in r.items() if k.startswith("mc_") and k != "mc_seconds"})
             r = dict(res["rows"][target], row_wall_seconds=r["row_wall_seconds"])
         else:
             res["rows"][row] = r

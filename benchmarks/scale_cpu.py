@@ -513,6 +513,10 @@ def _markdown(result: dict) -> str:
                   f"{sg['seconds']['forward']} s, block influence {sg['seconds']['block_influence']} s: **ratio "
                   f"{sg['ratio_block_influence_to_forward']}** (goal <= 1.2); load {sg['load_before']} -> "
                   f"{sg['load_after']}."]
+        for e in result.get("shortgpt_smollm2_earlier", []):
+            lines += ["", f"Earlier: {e['rows']} x {e['seq_len']} tokens (`{e['command']}`): forward "
+                      f"{e['seconds']['forward']} s, block influence {e['seconds']['block_influence']} s: ratio "
+                      f"{e['ratio_block_influence_to_forward']}; load {e['load_before']} -> {e['load_after']}."]
     return "\n".join(lines) + "\n"
 
 
@@ -537,6 +541,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--calib-rows", type=int, default=4,
                     help=f"calibration sequences of {CALIB_LEN} tokens (default 4; 1 on a crowded CPU)")
     ap.add_argument("--ratio-rows", type=int, default=32, help="sequences of 1,024 tokens for --shortgpt-ratio")
+    ap.add_argument("--ratio-repeats", type=int, default=1,
+                    help="--shortgpt-ratio: alternate forward and scoring this many times (the ratio uses the sums)")
     ap.add_argument("--tmp", default=None, help="folder for the temporary checkpoints (default: the system's)")
     ap.add_argument("--out", type=Path, default=RESULTS)
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
@@ -560,10 +566,16 @@ def main(argv: list[str] | None = None) -> None:
 
         torch.set_num_threads(1)
         load = [round(x, 2) for x in os.getloadavg()]
-        ratio = shortgpt_ratio(rows=args.ratio_rows)
-        ratio.update(command=f"nice python benchmarks/scale_cpu.py --shortgpt-ratio --ratio-rows {args.ratio_rows}", versions=versions(),
-                     load_before=load, load_after=[round(x, 2) for x in os.getloadavg()])
+        ratio = shortgpt_ratio(rows=args.ratio_rows, repeats=args.ratio_repeats)
+        env = " ".join(f"{k}={os.environ[k]}" for k in ("OMP_NUM_THREADS",) if k in os.environ)
+        nice = f"nice -n {os.nice(0)} " if os.nice(0) else ""
+        ratio.update(command=f"{env + ' ' if env else ''}{nice}python benchmarks/scale_cpu.py "
+                             + " ".join(argv if argv is not None else sys.argv[1:]),
+                     versions=versions(), load_before=load, load_after=[round(x, 2) for x in os.getloadavg()],
+                     finished=time.strftime("%Y-%m-%d %H:%M:%S %Z"))
         print(json.dumps(ratio, indent=1), flush=True)
+        if "shortgpt_smollm2" in old:  # earlier measurements stay in the record
+            old.setdefault("shortgpt_smollm2_earlier", []).append(old["shortgpt_smollm2"])
         old["shortgpt_smollm2"] = ratio
         args.out.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(old, indent=2) + "\n")
