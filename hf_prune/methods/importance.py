@@ -8,6 +8,9 @@ A *group* is everything that goes away together, read through the arch adapter:
   the same number of query heads; kv heads are never removed. Within a layer the unit of rank r takes the r-th least
   important query head of every kv group; a layer down to one query head per kv head has nothing left to remove
   in this mode (multi-head attention models should use "kv", where each kv head has one query head).
+* attention, ``head_grouping="auto"`` (the methods' default): "query" when every scored layer has a single kv head
+  shared by several query heads (Gemma-3-270M: "kv" could remove nothing there), else "kv" (grouped-query models
+  with >= 2 kv heads, multi-head attention); :func:`resolve_head_grouping`.
 * MLP: one intermediate channel: its gate and up rows (and biases) and its down column.
 
 Scores (summed over every weight w of the group):
@@ -25,7 +28,9 @@ L is the mean next-token cross-entropy over all calibration tokens. Gradients ar
 ``.grad`` holds the difference directly and no second buffer is needed). Gradients accumulate in the parameters'
 dtype: score bf16/fp16 models in fp32 where the difference of two nearly equal gradients matters. Before any backward
 pass the memory it needs is estimated, logged (INFO) and checked against a budget (:func:`estimate_gradient_memory`,
-:func:`check_memory`).
+:func:`check_memory`). ``micro_batch_size="auto"`` sizes the micro-batch from that estimate
+(:func:`auto_micro_batch_size`): the sum over micro-batches is the same sum, so the scores do not depend on it
+(up to float rounding).
 """
 
 from __future__ import annotations
@@ -40,23 +45,28 @@ from torch import nn
 
 from ..arch import ArchAdapter, get_adapter, unwrap_model
 from ..checks import check_optional_int_option, require_finite
-from ..losses import DEFAULT_CHUNK_TOKENS, IGNORE_INDEX, chunked_causal_lm_loss, output_head
+from ..losses import DEFAULT_CHUNK_TOKENS, IGNORE_INDEX, chunk_rows, chunked_causal_lm_loss, output_head
 from ..perturb import EmbeddingNoise
 from ..runtime import available_memory, progress as progress_bar
 
 __all__ = [
+    "AUTO_ACTIVATION_FRACTION",
+    "AUTO_ACTIVATION_FLOOR_BYTES",
     "CRITERIA",
     "HEAD_GROUPINGS",
+    "HEAD_GROUPING_OPTIONS",
     "Group",
     "InsufficientMemoryError",
     "LayerImportance",
     "MemoryEstimate",
+    "auto_micro_batch_size",
     "build_groups",
     "check_memory",
     "check_removable",
     "compute_importance",
     "estimate_gradient_memory",
     "gradient_pass",
+    "resolve_head_grouping",
     "scored_parameters",
 ]
 
@@ -64,6 +74,13 @@ logger = logging.getLogger(__name__)
 
 CRITERIA: tuple[str, ...] = ("pip", "taylor", "magnitude")
 HEAD_GROUPINGS: tuple[str, ...] = ("kv", "query")
+#: What a method's ``head_grouping`` may be set to: a grouping, or "auto" (resolved per model).
+HEAD_GROUPING_OPTIONS: tuple[str, ...] = ("auto",) + HEAD_GROUPINGS
+#: ``micro_batch_size="auto"``: the activations and logits of one micro-batch may take at most this fraction of the
+#: model's weight bytes (weights 1x + gradients of the scored linears <= 1x + this 0.5x = the 2.5x of issue 18)...
+AUTO_ACTIVATION_FRACTION = 0.5
+#: ...or this many bytes when that is more (small models: a micro-batch of at least this size keeps the GEMMs large).
+AUTO_ACTIVATION_FLOOR_BYTES = 256 * 2**20
 
 Batch = Mapping[str, torch.Tensor]
 
@@ -270,6 +287,21 @@ def check_removable(adapter: ArchAdapter, layers: Sequence[int], head_grouping: 
     return causes
 
 
+def resolve_head_grouping(adapter: ArchAdapter, layers: Sequence[int], head_grouping: str = "auto") -> str:
+    """The attention grouping to use in decoder layers ``layers``: ``head_grouping`` itself when it is "kv" or
+    "query"; for "auto", "query" when every one of these layers has a single kv head shared by several query heads
+    (there "kv" has no removable group: the last kv group always stays), else "kv" (grouped-query attention with
+    >= 2 kv heads somewhere, and multi-head attention, where "query" has nothing to remove)."""
+    if head_grouping not in HEAD_GROUPING_OPTIONS:
+        raise ValueError(f"head_grouping={head_grouping!r} is not valid; use one of {HEAD_GROUPING_OPTIONS}")
+    if head_grouping != "auto":
+        return head_grouping
+    attn = [adapter.attention(i) for i in layers]
+    if attn and all(a.num_kv_heads <= 1 for a in attn) and any(a.group_size > 1 for a in attn):
+        return "query"
+    return "kv"
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Memory
 # ---------------------------------------------------------------------------------------------------------------------
@@ -283,7 +315,8 @@ class MemoryEstimate:
     backward pass (norm inputs/outputs, q/k/v before and after RoPE, attention output, the four MLP
     intermediates, attention probabilities when materialised); with gradient checkpointing only each layer's input
     (D) plus one layer's full set. logits: the logits, their log-softmax and its gradient, fp32, for at most
-    `chunk_tokens` tokens at a time (`hf_prune.losses`): C * V values each, C = min(T, chunk_tokens).
+    `chunk_tokens` tokens at a time (`hf_prune.losses`): C * V values each, C = min(T, chunk_tokens), capped so that
+    one head call's fp32 logits stay within `hf_prune.losses.LOGITS_BUDGET_BYTES` (`chunk_rows`).
     """
 
     weights: int
@@ -344,9 +377,52 @@ def estimate_gradient_memory(
         values = sum(per_layer)
     activations = t * values * elem
     vocab = ad.lm_head.out_features
-    logits = 3 * (t if chunk_tokens is None else min(t, chunk_tokens)) * vocab * 4
+    logits = 3 * min(t, chunk_rows(output_head(ad), t, chunk_tokens)) * vocab * 4
     device = str(params[0].device) if params else "cpu"
     return MemoryEstimate(weights, gradients, activations, logits, t, device)
+
+
+def auto_micro_batch_size(
+    model: nn.Module,
+    rows: int,
+    seq_len: int,
+    scored: Iterable[nn.Parameter] | None = None,
+    gradient_checkpointing: bool = False,
+    memory_budget_gb: float | None = None,
+    chunk_tokens: int | None = DEFAULT_CHUNK_TOKENS,
+) -> int:
+    """Rows per forward/backward for ``micro_batch_size="auto"``: the most rows (at most ``rows``, at least 1) whose
+    activations and logits (:func:`estimate_gradient_memory`) take at most AUTO_ACTIVATION_FRACTION of the weight
+    bytes (or AUTO_ACTIVATION_FLOOR_BYTES when that is more) and whose whole pass fits ``memory_budget_gb`` (None:
+    what it adds beyond the weights fits in the device's free memory). One row when even one does not fit:
+    :func:`check_memory` then says so before the pass.
+    """
+    if rows < 1:
+        raise ValueError(f"rows={rows} is not valid; it must be >= 1")
+    scored = None if scored is None else list(scored)
+    weights = sum(p.numel() * p.element_size() for p in unwrap_model(model).parameters())
+    allowed = max(AUTO_ACTIVATION_FRACTION * weights, AUTO_ACTIVATION_FLOOR_BYTES)
+    free: int | None = None
+
+    def fits(r: int) -> bool:
+        nonlocal free
+        est = estimate_gradient_memory(model, r, seq_len, scored, gradient_checkpointing, chunk_tokens)
+        if est.activations + est.logits > allowed:
+            return False
+        if memory_budget_gb is not None:
+            return est.total <= memory_budget_gb * 1024**3
+        if free is None:
+            free = available_memory(est.device)
+        return est.beyond_weights <= free
+
+    lo, hi = 1, rows  # activations grow with rows: binary search for the largest that fits
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if fits(mid):
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
 
 
 def check_memory(estimate: MemoryEstimate, budget_gb: float | None = None, what: str = "gradient pass") -> None:
@@ -515,7 +591,7 @@ def compute_importance(
     layers: Sequence[int],
     criterion: str,
     embedding_noise: EmbeddingNoise | None = None,
-    micro_batch_size: int | None = None,
+    micro_batch_size: int | str | None = None,
     gradient_checkpointing: bool = False,
     memory_budget_gb: float | None = None,
     progress: bool = True,
@@ -529,11 +605,14 @@ def compute_importance(
     For the gradient criteria the memory of the pass is estimated first and checked against ``memory_budget_gb``
     (None: the device's free memory); InsufficientMemoryError is raised before any forward pass if it won't fit.
     A NaN/inf score raises NonFiniteError naming ``method`` (default: the criterion), ``stage`` and the layer.
-    The loss's logits are made ``chunk_tokens`` tokens at a time (`gradient_pass`).
+    The loss's logits are made ``chunk_tokens`` tokens at a time (`gradient_pass`). ``micro_batch_size``: rows per
+    forward/backward; None: whole batches; "auto": :func:`auto_micro_batch_size` (logged with the estimate).
     """
     if criterion not in CRITERIA:
         raise ValueError(f"criterion={criterion!r} is not valid; use one of {CRITERIA}")
-    micro_batch_size = check_optional_int_option("micro_batch_size", micro_batch_size, minimum=1)
+    auto = micro_batch_size == "auto"
+    if not auto:
+        micro_batch_size = check_optional_int_option("micro_batch_size", micro_batch_size, minimum=1)
     model = unwrap_model(model)
     ad = get_adapter(model)
     params = scored_parameters(ad, layers)
@@ -544,6 +623,10 @@ def compute_importance(
             raise ValueError(f"criterion={criterion!r} needs calibration batches; none were given")
         rows = max(b["input_ids"].shape[0] for b in batches)
         seq_len = max(b["input_ids"].shape[1] for b in batches)
+        if auto:
+            micro_batch_size = auto_micro_batch_size(model, rows, seq_len, params, gradient_checkpointing,
+                                                     memory_budget_gb, chunk_tokens)
+            logger.info("micro_batch_size='auto': %d of %d rows per forward/backward", micro_batch_size, rows)
         est = estimate_gradient_memory(model, min(micro_batch_size or rows, rows), seq_len, params,
                                        gradient_checkpointing, chunk_tokens)
         logger.info("%r gradient pass over %d batches needs about %s", criterion, len(batches), est)

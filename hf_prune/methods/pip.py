@@ -8,7 +8,8 @@
   written in the project's METHODS.md section 4 or, where it is silent, stated in the field's help.
 * ``"llm_pruner"`` — LLM-Pruner's block-wise Taylor pruning (Ma et al., NeurIPS 2023): I(G) = sum |w * dL/dw(x)| on
   clean text, one shot, the same budget in every prunable layer, first 3 and last layer kept (the repository's
-  defaults for 32-layer Llama). Uses the same groups as PIP (kv head with its query heads; MLP channel).
+  defaults for 32-layer Llama). Uses the same groups as PIP (kv head with its query heads, or one query head per kv
+  group where every layer has a single kv head; MLP channel).
 * ``"magnitude"`` — data-free: I(G) = ||w_G||_2^2 (per parameter: the mean square, comparable across sizes).
 
 Targets are parameter counts: ``target`` is the fraction removed of all parameters (``target_of="all"``, as the
@@ -40,13 +41,15 @@ from ..surgery import predicted_num_parameters
 from . import PruningMethod, register
 from .importance import (
     check_removable,
-    HEAD_GROUPINGS,
+    HEAD_GROUPING_OPTIONS,
     Group,
     LayerImportance,
     MemoryEstimate,
     build_groups,
     compute_importance,
+    auto_micro_batch_size,
     estimate_gradient_memory,
+    resolve_head_grouping,
     scored_parameters,
 )
 
@@ -79,9 +82,11 @@ class GroupPruning(PruningMethod):
     )
     steps: int = field(default=4, metadata={"help": "Pruning steps (stages); scores are recomputed at each."})
     head_grouping: str = field(
-        default="kv",
+        default="auto",
         metadata={"help": "Attention group: 'kv' = a kv head with its query heads; 'query' = one query head per kv "
-                  "group (kv heads kept, group sizes stay equal)."},
+                  "group (kv heads kept, group sizes stay equal); 'auto' = 'query' when every prunable layer has a "
+                  "single kv head shared by several query heads (e.g. Gemma-3-270M, where 'kv' can remove nothing), "
+                  "else 'kv' (GQA with >= 2 kv heads, MHA). The plan's provenance records the grouping used."},
     )
     prune_attention: bool = field(default=True, metadata={"help": "Prune attention head groups."})
     prune_mlp: bool = field(default=True, metadata={"help": "Prune MLP channels."})
@@ -103,7 +108,11 @@ class GroupPruning(PruningMethod):
                   "(at least one kv group and one channel always stay)."},
     )
     micro_batch_size: int | None = field(
-        default=None, metadata={"help": "Rows per forward/backward in gradient passes (None: whole batches)."}
+        default=None,
+        metadata={"help": "Rows per forward/backward in gradient passes. None: sized from the memory estimate, the "
+                  "most rows whose activations and logits take at most half the weight bytes (at least 256 MiB) "
+                  "and fit memory_budget_gb / free memory (logged). Scores are sums over micro-batches: the same "
+                  "for any value up to float rounding. A number >= the batch rows: whole batches."},
     )
     gradient_checkpointing: bool = field(
         default=False, metadata={"help": "Activation checkpointing during gradient passes (less memory, ~30% slower)."}
@@ -128,7 +137,7 @@ class GroupPruning(PruningMethod):
         if not 0.0 <= self.target < 1.0:
             raise ValueError(f"target={self.target} is not valid; it must be in [0, 1)")
         _check_choice("target_of", self.target_of, TARGETS_OF)
-        _check_choice("head_grouping", self.head_grouping, HEAD_GROUPINGS)
+        _check_choice("head_grouping", self.head_grouping, HEAD_GROUPING_OPTIONS)
         _check_choice("allocation", self.allocation, ALLOCATIONS)
         _check_choice("normalize", self.normalize, NORMALIZATIONS)
         if self.steps < 1:
@@ -141,6 +150,7 @@ class GroupPruning(PruningMethod):
         if not (self.prune_attention or self.prune_mlp):
             raise ValueError("prune_attention and prune_mlp are both False: nothing to prune")
         self._dense_num_parameters: int | None = self.reference_num_parameters
+        self._grouping: str | None = None  # head_grouping as resolved at stage 0 (kept for the later stages)
 
     # ----- PruningMethod API ---------------------------------------------------------------------------------------
     @property
@@ -196,14 +206,15 @@ class GroupPruning(PruningMethod):
         target = self.target_num_parameters(model, stage)
         need = now - target
         layers = self.prunable_layers(ad.num_layers)
-        if stage == 0 and self.prune_attention and self.head_grouping == "query":
+        grouping = self.resolved_head_grouping(model, stage)
+        if stage == 0 and self.prune_attention and grouping == "query":
             mha = [i for i in layers if ad.attention(i).group_size == 1]
             if mha:
                 raise ValueError(
                     f"head_grouping='query' removes query heads inside kv groups, but layers {mha} have one query "
                     "head per kv head (multi-head attention); use head_grouping='kv'"
                 )
-        not_pruned = check_removable(ad, layers, self.head_grouping, self.prune_attention, self.prune_mlp,
+        not_pruned = check_removable(ad, layers, grouping, self.prune_attention, self.prune_mlp,
                                      method=self.name, allow_partial=self.allow_partial) if stage == 0 else []
         for cause in not_pruned:
             warnings.warn(cause + " (allow_partial=True: pruning the rest)", stacklevel=2)
@@ -214,6 +225,7 @@ class GroupPruning(PruningMethod):
             "stage": stage,
             "stages": self.steps,
             "config": self.config_dict(),
+            "head_grouping": grouping,
             "reference_num_parameters": self._dense_num_parameters,
             "num_parameters_before": now,
             "target_num_parameters": target,
@@ -225,9 +237,9 @@ class GroupPruning(PruningMethod):
         groups = [
             g
             for imp in scores
-            for g in build_groups(ad, imp, self.head_grouping, attention=self.prune_attention, mlp=self.prune_mlp)
+            for g in build_groups(ad, imp, grouping, attention=self.prune_attention, mlp=self.prune_mlp)
         ]
-        limits = _removal_limits(ad, layers, self.head_grouping, self.max_layer_prune_fraction)
+        limits = _removal_limits(ad, layers, grouping, self.max_layer_prune_fraction)
         layer_sizes = {i: _layer_params(ad, i) for i in layers}
         chosen = select_groups(groups, need, limits, self.allocation, self.normalize, layer_sizes)
         plan = _plan_from_groups(ad, chosen)
@@ -254,18 +266,41 @@ class GroupPruning(PruningMethod):
         plan.provenance = provenance
         return plan
 
+    def resolved_head_grouping(self, model: nn.Module, stage: int = 0) -> str:
+        """`head_grouping` as used on `model`: 'kv' or 'query' ('auto' resolved from the prunable layers at stage 0,
+        and kept for the later stages of this method object; `importance.resolve_head_grouping`)."""
+        if self.head_grouping != "auto":
+            return self.head_grouping
+        if stage == 0 or self._grouping is None:
+            ad = get_adapter(unwrap_model(model))
+            self._grouping = resolve_head_grouping(ad, self.prunable_layers(ad.num_layers), "auto")
+        return self._grouping
+
+    def micro_batch_rows(self, model: nn.Module, batch_rows: int, seq_len: int) -> int:
+        """Rows per forward/backward of the gradient pass for batches of `batch_rows` x `seq_len` tokens."""
+        if self.micro_batch_size is not None:
+            return min(self.micro_batch_size, batch_rows)
+        model = unwrap_model(model)
+        ad = get_adapter(model)
+        params = scored_parameters(ad, self.prunable_layers(ad.num_layers))
+        return auto_micro_batch_size(model, batch_rows, seq_len, params, self.gradient_checkpointing,
+                                     self.memory_budget_gb)
+
     def memory_estimate(self, model: nn.Module, batch_rows: int, seq_len: int) -> MemoryEstimate:
         """Peak memory of this method's gradient pass on `model` for batches of `batch_rows` x `seq_len` tokens."""
         model = unwrap_model(model)
         ad = get_adapter(model)
         params = scored_parameters(ad, self.prunable_layers(ad.num_layers))
-        rows = min(self.micro_batch_size or batch_rows, batch_rows)
+        rows = self.micro_batch_rows(model, batch_rows, seq_len)
         return estimate_gradient_memory(model, rows, seq_len, params, self.gradient_checkpointing)
+
+    def _micro_batch_option(self) -> int | str:
+        return "auto" if self.micro_batch_size is None else self.micro_batch_size
 
     def importance(self, model: nn.Module, batches: list, layers: Sequence[int], stage: int) -> list[LayerImportance]:
         """Per-structure scores of `layers` (the criterion of this method)."""
         return compute_importance(
-            model, batches, layers, self.criterion, micro_batch_size=self.micro_batch_size,
+            model, batches, layers, self.criterion, micro_batch_size=self._micro_batch_option(),
             gradient_checkpointing=self.gradient_checkpointing, memory_budget_gb=self.memory_budget_gb,
             progress=self.progress,
         )
@@ -321,7 +356,7 @@ class PIP(GroupPruning):
             pert = CharPerturbation(self.perturb_rate, self.perturb_ops, seed=self.seed + stage)
             batches = add_perturbed_views(self.tokenizer, batches, pert)
         return compute_importance(
-            model, batches, layers, "pip", embedding_noise=noise, micro_batch_size=self.micro_batch_size,
+            model, batches, layers, "pip", embedding_noise=noise, micro_batch_size=self._micro_batch_option(),
             gradient_checkpointing=self.gradient_checkpointing, memory_budget_gb=self.memory_budget_gb,
             progress=self.progress,
         )
@@ -333,7 +368,8 @@ class LLMPruner(GroupPruning):
     """LLM-Pruner block-wise, first-order Taylor: I(G) = sum_{w in G} |w * dL/dw(x)| (Ma et al., NeurIPS 2023).
 
     Defaults follow the repository's block-wise script: one shot, the same ratio in every prunable layer, layers
-    [3, L-1) prunable, kv head groups for grouped-query attention. Its calibration (10 samples of 64 tokens) and
+    [3, L-1) prunable, kv head groups for grouped-query attention (query heads inside the group where every layer
+    has one kv head: ``head_grouping="auto"``). Its calibration (10 samples of 64 tokens) and
     LoRA recovery are the caller's. The ratio is applied as an equal *parameter* fraction per layer, ranked inside the
     layer, rather than equal fractions of heads and of channels: small GQA models have too few kv heads per layer
     (3 in SmolLM2) for a 20-25% head ratio.
