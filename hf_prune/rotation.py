@@ -50,10 +50,22 @@ def random_orthogonal(n: int, seed: int = 0, dtype: torch.dtype = torch.float64)
     return q.to(dtype)
 
 
-def _update(param: torch.Tensor, fn, device: torch.device | None) -> None:
+_UPDATE_BLOCK_BYTES = 32 * 2**20  # float64 working copy per block: a 262k x 640 embedding is not copied whole
+
+
+def _update(param: torch.Tensor, fn, device: torch.device | None, split_dim: int | None = None) -> None:
+    """param <- fn(param) computed in float64 on `device`. `fn` must act on slices along `split_dim` independently
+    (rows for W Q, columns for Q^T W); large weights then go through in blocks of about _UPDATE_BLOCK_BYTES."""
     dev = device or param.device
-    new = fn(param.detach().to(device=dev, dtype=torch.float64))
-    param.data.copy_(new.to(device=param.device, dtype=param.dtype))
+    if split_dim is None or param.dim() != 2 or param.numel() * 8 <= _UPDATE_BLOCK_BYTES:
+        new = fn(param.detach().to(device=dev, dtype=torch.float64))
+        param.data.copy_(new.to(device=param.device, dtype=param.dtype))
+        return
+    step = max(1, _UPDATE_BLOCK_BYTES // (8 * param.shape[1 - split_dim]))
+    for start in range(0, param.shape[split_dim], step):
+        block = param.data.narrow(split_dim, start, min(step, param.shape[split_dim] - start))
+        block.copy_(fn(block.detach().to(device=dev, dtype=torch.float64)).to(device=param.device,
+                                                                            dtype=param.dtype))
 
 
 @torch.no_grad()
@@ -112,8 +124,8 @@ def rotate(
             _update(sc.weight, right, dev)
     for s in group:
         for m in slot_readers(model, s):
-            _update(m.weight, right, dev)
+            _update(m.weight, right, dev, split_dim=0)
         for m in slot_writers(model, s):
-            _update(m.weight, left, dev)
+            _update(m.weight, left, dev, split_dim=1)
             if getattr(m, "bias", None) is not None:
                 _update(m.bias, lambda b: (Qd.to(b.device).T @ b), dev)

@@ -211,3 +211,42 @@ def test_reader_weight_option_is_checked_and_zero_is_sliceGPTs_pca():
         get("slicegpt", reader_weight=-1.0)
     with pytest.raises(ValueError, match="reader_margin"):
         get("slicegpt", reader_margin=0.5)
+
+
+@pytest.mark.parametrize("rotation", ["global", "per_slot"])
+@pytest.mark.parametrize("model_type,tied", [("gemma3_text", True), ("llama", True), ("llama", False),
+                                             ("qwen3", True)])
+def test_masked_slicing_computes_what_the_sliced_model_computes(model_type, tied, rotation):
+    """`masked_slicing` (zeroing at full width, used to score candidates without a copy) gives the sliced model's
+    logits exactly, with shortcut matrices, identity carries that cut or pad, and widths that differ per slot; the
+    model is whole again afterwards. A width of the full stream everywhere would make the test blind: the widths cut
+    real signal (the logits move far from the dense ones)."""
+    import copy
+
+    from hf_prune.surgery import masked_slicing
+
+    model = make_rotation_invariant(_model(model_type, tied=tied, seed=3))
+    model.eval()
+    ids, mask, _ = _data(model.config.vocab_size)
+    dense = _logits(model, ids, mask)
+    D = model.config.hidden_size
+    n = 2 * model.config.num_hidden_layers + 1
+    if rotation == "global":
+        rotate(model, random_orthogonal(D, seed=7))
+        dims = [D - 8 * (1 + s % 3) for s in range(n)]  # global basis, widths that shrink and grow between slots
+    else:
+        for s in range(n):  # a basis per slot: every residual add gets a shortcut matrix
+            rotate(model, random_orthogonal(D, seed=7 + s), [s])
+        dims = [D - 4 * (s % 5) - 8 for s in range(n)]
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    sliced = apply_slicing(copy.deepcopy(model), dims)
+    expected = _logits(sliced, ids, mask)
+    with masked_slicing(model, dims) as masked:
+        got = _logits(masked, ids, mask)
+    assert _max_diff(got, expected) < 1e-4 * max(1.0, expected.abs().max().item())
+    assert _max_diff(expected, dense) > 1e-2  # the widths really cut signal
+    after = _logits(model, ids, mask)
+    assert _max_diff(after, dense) < 1e-4 * max(1.0, dense.abs().max().item())  # restored: the full model again
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    assert all(layer.attn_shortcut is None or isinstance(layer.attn_shortcut, nn.Linear)
+               for layer in model.model.layers)

@@ -87,7 +87,8 @@ from ..rotation import (
     slot_widths,
     slot_writers,
 )
-from ..surgery.slicing import apply_slicing
+from ..losses import LOGITS_BUDGET_BYTES
+from ..surgery.slicing import apply_slicing, masked_slicing
 from . import Batch, PruningMethod, register
 
 __all__ = [
@@ -164,10 +165,11 @@ def split_holdout(batches: list, fraction: float) -> tuple[list, list, bool]:
 
 
 @torch.no_grad()
-def calibration_loss(model: nn.Module, batches: list, device=None, chunk: int = 1024) -> tuple[float, int]:
+def calibration_loss(model: nn.Module, batches: list, device=None, chunk: int | None = None) -> tuple[float, int]:
     """(mean next-token NLL, number of predictions) of `model` on `batches`: every real token followed by a real
-    token is a prediction. Runs layer by layer (LayerwiseRunner); the head sees `chunk` positions at a time, so
-    memory does not grow with vocabulary x tokens. Gemma's final logit soft-capping is applied when configured."""
+    token is a prediction. Runs layer by layer (LayerwiseRunner); the head sees `chunk` positions at a time (default:
+    as many as fit `hf_prune.losses.LOGITS_BUDGET_BYTES` of fp32 logits, 64 at Gemma's 262k vocabulary), so memory
+    does not grow with vocabulary x tokens. Gemma's final logit soft-capping is applied when configured."""
     model = unwrap_model(model)
     was_training = model.training
     model.eval()
@@ -175,6 +177,8 @@ def calibration_loss(model: nn.Module, batches: list, device=None, chunk: int = 
     runner.run(desc="calibration loss")
     ad = runner.adapter
     cap = getattr(model.config, "final_logit_softcapping", None)
+    if chunk is None:
+        chunk = max(1, LOGITS_BUDGET_BYTES // (4 * ad.lm_head.weight.shape[0]))
     total, count = 0.0, 0
     with runner.moved(ad.final_norm), runner.moved(ad.lm_head):
         for h, mask, batch in zip(runner.hidden, runner.masks, batches):
@@ -649,12 +653,11 @@ class SliceGPT(PruningMethod):
         return record
 
     def _calibration_check(self, model: nn.Module, dims: list[int], batches: list) -> dict:
-        """Dense vs sliced next-token loss on `batches`: the rotated full-width model is the dense function; the
-        sliced one is a sliced copy (two passes over `batches`, and a transient second copy of the model)."""
+        """Dense vs sliced next-token loss on `batches`: the rotated full-width model is the dense function, and
+        under `masked_slicing` the sliced one (two passes over `batches`, no copy of the model)."""
         dense_nll, tokens = calibration_loss(model, batches, self.device)
-        sliced = apply_slicing(copy.deepcopy(model), dims)
-        nll, _ = calibration_loss(sliced, batches, self.device)
-        del sliced
+        with masked_slicing(model, dims):
+            nll, _ = calibration_loss(model, batches, self.device)
         return self._judge(dense_nll, nll, tokens, held_out=False)
 
     def _plan_auto(self, model: nn.Module, batches: list, stage: int, start: float) -> PrunePlan:

@@ -26,6 +26,7 @@ from .peft import refuse_unsupported_peft_plan
 from .slicing import (
     NotRotationInvariantError,
     apply_slicing,
+    masked_slicing,
     is_rotation_invariant,
     make_rotation_invariant,
     sliced_num_parameters,
@@ -42,6 +43,7 @@ __all__ = [
     "NotRotationInvariantError",
     "apply",
     "apply_slicing",
+    "masked_slicing",
     "apply_structured",
     "attach_weight_update",
     "compact_zeros",

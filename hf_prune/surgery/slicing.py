@@ -23,7 +23,8 @@ configuration_hf_prune_sliced.py): slot 2i feeds layer i's attention, slot 2i + 
 
 from __future__ import annotations
 
-from typing import Iterable
+from contextlib import contextmanager
+from typing import Iterable, Iterator
 
 import torch
 from torch import nn
@@ -40,6 +41,7 @@ __all__ = [
     "attn_writer",
     "is_rotation_invariant",
     "make_rotation_invariant",
+    "masked_slicing",
     "mlp_writer",
     "num_slots",
     "require_invariant",
@@ -350,6 +352,74 @@ def apply_slicing(model: nn.Module, widths) -> nn.Module:
         model.lm_head = keep_leading_cols(model.lm_head, head_in)
     model.config.residual_dims = dims
     return model
+
+
+class _MaskedCarry(nn.Module):
+    """Stands in for a missing shortcut (the identity carry) while `masked_slicing` is active: the stream keeps its
+    leading `width` dims, the rest is zero (what `carry` does by cutting or zero-padding in the sliced model)."""
+
+    def __init__(self, mask: torch.Tensor):
+        super().__init__()
+        self.mask = mask
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.mask.to(x.dtype)
+
+
+@contextmanager
+def masked_slicing(model: nn.Module, widths) -> Iterator[nn.Module]:
+    """Inside the block, the full-width rotation-invariant `model` computes exactly what `apply_slicing(model,
+    widths)` would, without copying or cutting a weight: every write into slot s (the embedding, the sublayer
+    writers, the shortcut matrices and identity carries, a tied head's projection) keeps its leading d_s dims and
+    zeroes the rest, so the stream is zero wherever the sliced model has no dims, and the scale-free norms (averaged
+    over the fixed original width) see the same sums. Used to score slicing candidates and the perplexity check at
+    the memory of one model. The model is restored on exit (hooks removed, identity carries back to None)."""
+    model = require_invariant(model)
+    dims = slicing_dims(model, widths)
+    n = num_slots(model)
+    if len(dims) != n:
+        raise ValueError(f"{len(dims)} widths given; this model has {n} residual slots (2 * num_layers + 1)")
+    current = slot_widths(model)
+    bad = {s: (d, c) for s, (d, c) in enumerate(zip(dims, current)) if not 1 <= d <= c}
+    if bad:
+        raise ValueError(f"widths must be between 1 and the current width; slot: (asked, current) = {bad}")
+    ref = model.model.embed_tokens.weight
+    masks: dict[int, torch.Tensor] = {}
+
+    def mask(d: int, width: int) -> torch.Tensor:
+        if (d, width) not in masks:
+            m = torch.zeros(width, device=ref.device, dtype=ref.dtype)
+            m[:d] = 1
+            masks[(d, width)] = m
+        return masks[(d, width)]
+
+    def keep(d: int):
+        def hook(module, inputs, output):
+            return output * mask(d, output.shape[-1]).to(output.dtype)
+
+        return hook
+
+    handles = [model.model.embed_tokens.register_forward_hook(keep(dims[0]))]
+    carries: list[tuple[nn.Module, str]] = []
+    try:
+        for s in range(1, n):
+            for w in slot_writers(model, s):
+                handles.append(w.register_forward_hook(keep(dims[s])))
+        if model.config.head_projection:
+            handles.append(model.model.norm.proj.register_forward_hook(keep(dims[0])))
+        for layer, attr, src, dst in shortcuts(model):
+            sc = getattr(layer, attr)
+            if sc is None:
+                setattr(layer, attr, _MaskedCarry(mask(min(dims[src], dims[dst]), current[dst])))
+                carries.append((layer, attr))
+            else:
+                handles.append(sc.register_forward_hook(keep(dims[dst])))
+        yield model
+    finally:
+        for h in handles:
+            h.remove()
+        for layer, attr in carries:
+            setattr(layer, attr, None)
 
 
 def sliced_num_parameters(model: nn.Module) -> dict[str, int]:
