@@ -41,6 +41,7 @@ __all__ = [
     "KFACCollector",
     "KFACFactor",
     "KFACMemoryError",
+    "FactorStore",
     "choose_factor_device",
     "collect_lm_kfac",
     "damped",
@@ -48,6 +49,8 @@ __all__ = [
     "decoder_linears",
     "factor_bytes",
     "hidden_next_token_loss",
+    "iter_lm_kfac",
+    "layer_groups",
     "next_token_loss",
 ]
 
@@ -60,30 +63,52 @@ class KFACMemoryError(MemoryError):
     """The K-FAC factors do not fit in the memory that is available."""
 
 
-@dataclass
 class KFACFactor:
     """Kronecker factors of one nn.Linear (R outputs, C inputs): F ~= G (x) A on vec(W_aug), W_aug = [W | b].
 
     Attributes:
-        A: (C', C') second moment of the inputs, C' = C + 1 when the layer has a bias (column of ones).
-        G: (R, R) second moment of the per-token output gradients.
+        A: (C', C') second moment of the inputs, C' = C + 1 when the layer has a bias (column of ones), times `scale`.
+        G: (R, R) second moment of the per-token output gradients, divided by `scale`.
         has_bias: whether the last row/column of A belongs to the bias.
         n_tokens: calibration tokens the expectations were taken over.
+        scale: the equal-norm rescaling (1 until `equalize_norms`). It is kept apart from the stored moments so that
+            linears reading the same input (q/k/v; gate/up) can share one stored A: `A` and `G` return scaled
+            copies, `dense(dtype, device)` scaled copies in the dtype of the algebra.
     """
 
-    A: torch.Tensor
-    G: torch.Tensor
-    has_bias: bool
-    n_tokens: int
+    def __init__(self, A: torch.Tensor, G: torch.Tensor, has_bias: bool, n_tokens: int, scale: float = 1.0):
+        self.A_moment, self.G_moment = A, G
+        self.has_bias, self.n_tokens, self.scale = has_bias, n_tokens, float(scale)
+
+    @property
+    def A(self) -> torch.Tensor:
+        return self.A_moment if self.scale == 1.0 else self.A_moment * self.scale
+
+    @property
+    def G(self) -> torch.Tensor:
+        return self.G_moment if self.scale == 1.0 else self.G_moment / self.scale
+
+    def dense(self, dtype: torch.dtype | None = None, device: torch.device | str | None = None
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(G, A) as new tensors in `dtype` on `device`, rescaled: the stored moments stay as they are (float32),
+        only one linear's factors are upcast at a time."""
+        G = self.G_moment.to(device=device, dtype=dtype, copy=True)
+        A = self.A_moment.to(device=device, dtype=dtype, copy=True)
+        if self.scale != 1.0:
+            G.div_(self.scale)
+            A.mul_(self.scale)
+        return G, A
 
     def equalize_norms(self) -> "KFACFactor":
-        """Rescale A and G to equal Frobenius norm, keeping G (x) A unchanged (in place)."""
-        na, ng = torch.linalg.matrix_norm(self.A).item(), torch.linalg.matrix_norm(self.G).item()
-        if na > 0 and ng > 0:
-            s = math.sqrt(ng / na)
-            self.A.mul_(s)
-            self.G.div_(s)
+        """Rescale A and G to equal Frobenius norm, keeping G (x) A unchanged (sets `scale`; idempotent)."""
+        na = torch.linalg.matrix_norm(self.A_moment).item()
+        ng = torch.linalg.matrix_norm(self.G_moment).item()
+        self.scale = math.sqrt(ng / na) if na > 0 and ng > 0 else 1.0
         return self
+
+    def __repr__(self) -> str:
+        return (f"KFACFactor(A={tuple(self.A_moment.shape)}, G={tuple(self.G_moment.shape)}, "
+                f"has_bias={self.has_bias}, n_tokens={self.n_tokens}, scale={self.scale:.4g})")
 
 
 def damped(M: torch.Tensor, damping: float) -> torch.Tensor:
@@ -122,13 +147,27 @@ def decoder_linears(model: nn.Module) -> dict[str, nn.Linear]:
     return out
 
 
-def factor_bytes(linears: Mapping[str, nn.Linear], dtype: torch.dtype = torch.float32) -> int:
-    """Bytes the A and G factors of `linears` take: sum over layers of (C'^2 + R^2) * itemsize."""
+SHARED_INPUTS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))  # read the same tensor in a layer
+
+
+def factor_bytes(linears: Mapping[str, nn.Linear], dtype: torch.dtype = torch.float32,
+                 share_inputs: bool = False) -> int:
+    """Bytes the A and G factors of `linears` take: sum over layers of (C'^2 + R^2) * itemsize. With `share_inputs`,
+    one A for the q/k/v projections and one for gate/up of the same layer (named `...layers.<i>.<part>.<short>`),
+    as `KFACCollector` stores them."""
     item = torch.empty((), dtype=dtype).element_size()
     total = 0
-    for lin in linears.values():
+    seen: set[tuple[str, int]] = set()
+    for name, lin in linears.items():
         c = lin.in_features + (lin.bias is not None)
-        total += (c * c + lin.out_features**2) * item
+        total += lin.out_features**2 * item
+        prefix, _, short = name.rpartition(".")
+        key = next(((prefix.rpartition(".")[0], k) for k, g in enumerate(SHARED_INPUTS) if short in g), None)
+        if share_inputs and key is not None:
+            if (key, c) in seen:
+                continue
+            seen.add((key, c))
+        total += c * c * item
     return total
 
 
@@ -170,15 +209,18 @@ class KFACCollector:
     """
 
     def __init__(self, modules: Mapping[str, nn.Linear], device: torch.device | str = "cpu",
-                 dtype: torch.dtype = torch.float32):
+                 dtype: torch.dtype = torch.float32, share_inputs: bool = True):
         self.modules = dict(modules)
         self.device = torch.device(device)
         self.dtype = dtype
+        self.share_inputs = share_inputs
         self.token_mask: torch.Tensor | None = None
         self._A: dict[str, torch.Tensor] = {}
         self._G: dict[str, torch.Tensor] = {}
         self._n: dict[str, int] = {}
         self._handles: list = []
+        self.leader: dict[str, str] = {}  # linear -> the linear whose A it shares (itself when it owns one)
+        self._last: tuple[torch.Tensor, str, nn.Linear] | None = None  # the last input seen, its owner
 
     # ----- hooks ---------------------------------------------------------------------------------
     def _select(self, x: torch.Tensor) -> torch.Tensor:
@@ -197,13 +239,36 @@ class KFACCollector:
         else:
             store[name] = outer.to(self.device, copy=True)
 
+    def _owner(self, name: str, lin: nn.Linear, x: torch.Tensor) -> str:
+        """Which linear's A `name` accumulates into: a linear called on the very tensor the previous hooked linear
+        read (q/k/v on the normed stream; gate/up), with the same bias layout, shares that linear's A. Decided at the
+        first forward and checked at every later one."""
+        last, self._last = self._last, None
+        same = (self.share_inputs and last is not None and last[0] is x
+                and (last[2].bias is None) == (lin.bias is None))
+        owner = last[1] if same else name
+        if name not in self.leader:
+            self.leader[name] = owner
+        elif self.leader[name] != owner:
+            raise RuntimeError(
+                f"{name} read the same input as {self.leader[name]} in an earlier pass but not in this one (or the "
+                "other way round); collect its factors with share_inputs=False")
+        self._last = (x, owner, lin)
+        return owner
+
     def _forward_hook(self, name: str, lin: nn.Linear):
         def hook(module, inputs, output):
-            a = self._select(inputs[0])
-            if lin.bias is not None:
-                a = torch.cat([a, a.new_ones(a.shape[0], 1)], dim=1)
-            self._add(self._A, name, a)
-            self._n[name] = self._n.get(name, 0) + a.shape[0]
+            owner = self._owner(name, lin, inputs[0])
+            if owner == name:
+                a = self._select(inputs[0])
+                if lin.bias is not None:
+                    a = torch.cat([a, a.new_ones(a.shape[0], 1)], dim=1)
+                self._add(self._A, name, a)
+                n = a.shape[0]
+            else:
+                n = int(self.token_mask.sum()) if self.token_mask is not None else inputs[0].reshape(
+                    -1, inputs[0].shape[-1]).shape[0]
+            self._n[name] = self._n.get(name, 0) + n
             if output.requires_grad:
                 output.register_hook(lambda grad: self._add(self._G, name, self._select(grad)))
 
@@ -218,24 +283,33 @@ class KFACCollector:
         for h in self._handles:
             h.remove()
         self._handles.clear()
+        self._last = None
 
     # ----- result ----------------------------------------------------------------------------------
     def factors(self, equalize: bool = True) -> dict[str, KFACFactor]:
-        """Expectations A = sum a a^T / N, G = sum g g^T / N per module (N its token count)."""
+        """Expectations A = sum a a^T / N, G = sum g g^T / N per module (N its token count). Linears that read the
+        same input share one A tensor. The sums are divided in place and handed over: call it once."""
         out: dict[str, KFACFactor] = {}
+        for name, A in self._A.items():
+            A.div_(max(self._n.get(name, 0), 1))
         for name, lin in self.modules.items():
             n = self._n.get(name, 0)
-            if n == 0 or name not in self._G:
+            owner = self.leader.get(name, name)
+            if n == 0 or name not in self._G or owner not in self._A:
                 raise RuntimeError(
                     f"{name} saw no tokens with an output gradient; run forward and backward through it "
                     "(is the loss connected to this layer, and does the batch hold unmasked tokens?)"
                 )
-            f = KFACFactor(A=self._A[name] / n, G=self._G[name] / n, has_bias=lin.bias is not None, n_tokens=n)
+            if owner != name and self._n[owner] != n:
+                raise RuntimeError(f"{name} shares the input of {owner} but saw {n} tokens, not {self._n[owner]}")
+            f = KFACFactor(A=self._A[owner], G=self._G.pop(name).div_(n), has_bias=lin.bias is not None, n_tokens=n)
             m = re.search(r"layers\.(\d+)\.", name)
             for what, t in (("A (input activations)", f.A), ("G (output gradients)", f.G)):
                 require_finite(t, method="K-FAC", stage=None, layer=int(m.group(1)) if m else None,
                                what=f"the factor {what} of {name}")
             out[name] = f.equalize_norms() if equalize else f
+        self._A.clear()
+        self._n.clear()
         return out
 
 
@@ -280,10 +354,133 @@ def hidden_next_token_loss(hidden: torch.Tensor, head: Callable[[torch.Tensor], 
     return chunked_causal_lm_loss(hidden, head, target, chunk_tokens=chunk_tokens, reduction="sum")
 
 
+def layer_groups(model: nn.Module, linears: Mapping[str, nn.Linear], max_bytes: int | None
+                 ) -> list[list[str]]:
+    """Split `linears` into groups of consecutive decoder layers whose factors (float32, A shared within a layer)
+    take at most `max_bytes` each (None: one group); a layer is never split, so a group holds at least one layer.
+    Linears outside the decoder layers go with the first group."""
+    ad = get_adapter(unwrap_model(model))
+    layer_of = {id(lin): i for i in range(ad.num_layers) for _, lin in ad.linears(i)}
+    by_layer: dict[int, dict[str, nn.Linear]] = {}
+    for name, lin in linears.items():
+        by_layer.setdefault(layer_of.get(id(lin), -1), {})[name] = lin
+    groups: list[list[str]] = []
+    size = 0
+    for i in sorted(by_layer):
+        b = factor_bytes(by_layer[i], share_inputs=True)
+        if not groups or (max_bytes is not None and size + b > max_bytes and i >= 0):
+            groups.append([])
+            size = 0
+        groups[-1] += list(by_layer[i])
+        size += b
+    return groups
+
+
+def _first_layer(model: nn.Module, names: list[str], linears: Mapping[str, nn.Linear]) -> int:
+    ad = get_adapter(unwrap_model(model))
+    ids = {id(linears[n]) for n in names}
+    for i in range(ad.num_layers):
+        if any(id(lin) in ids for _, lin in ad.linears(i)):
+            return i
+    return -1
+
+
+def _micro_batches(batch: Mapping[str, torch.Tensor], size: int | None):
+    n = batch["input_ids"].shape[0]
+    if size is None or size >= n:
+        yield batch
+        return
+    for s in range(0, n, size):
+        yield {k: (v[s:s + size] if torch.is_tensor(v) and v.dim() > 0 and v.shape[0] == n else v)
+               for k, v in batch.items()}
+
+
+def iter_lm_kfac(model: nn.Module, batches: Iterable[Mapping[str, torch.Tensor]], fisher: str = "empirical",
+                 factor_device: str = "auto", seed: int = 0, linears: Mapping[str, nn.Linear] | None = None,
+                 progress: bool = True, log: Callable[[str], None] | None = None,
+                 chunk_tokens: int | None = DEFAULT_CHUNK_TOKENS, max_factor_bytes: int | None = None,
+                 micro_batch_size: int | None = None):
+    """`collect_lm_kfac` one group of layers at a time: yields a dict {name: KFACFactor} per group of consecutive
+    decoder layers whose factors fit in `max_factor_bytes` (`layer_groups`; None: one group of every linear). Each
+    group costs one forward and backward pass over `batches`; the backward starts at the loss and stops at the
+    group's first layer (the graph starts at that layer's input), and only the group's factors are resident. Drop a
+    group's dict before asking for the next to keep it so. `micro_batch_size` splits every batch into that many
+    sequences per pass (the sums are the same; activation memory of the backward scales with it). The sampled
+    Fisher draws the same labels in every group's pass (the generator is re-seeded)."""
+    log = log if log is not None else logger.info
+    model = unwrap_model(model)
+    if fisher not in FISHER_KINDS:
+        raise ValueError(f"fisher={fisher!r}; valid: {FISHER_KINDS}")
+    if micro_batch_size is not None and micro_batch_size < 1:
+        raise ValueError(f"micro_batch_size={micro_batch_size}; need at least 1 (or None: the batches as given)")
+    linears = dict(linears) if linears is not None else decoder_linears(model)
+    ad = get_adapter(model)
+    head = output_head(ad)
+    dev = model_device(model)
+    groups = layer_groups(model, linears, max_factor_bytes)
+    needed = max(factor_bytes({n: linears[n] for n in g}, share_inputs=True) for g in groups)
+    place = choose_factor_device(needed, dev, factor_device)
+    log(f"K-FAC: {len(linears)} linear layers in {len(groups)} pass(es), factors need {_gib(needed)} (fp32, one input "
+        f"factor per shared input) at a time, of {_gib(factor_bytes(linears, share_inputs=True))} in all, kept on "
+        f"{place}; the backward pass needs activation memory like one training step")
+    batches = list(batches)
+    if not batches:
+        raise ValueError("collect_lm_kfac needs at least one calibration batch")
+
+    def start_graph(module, inputs, output):  # gradients must flow although no parameter requires them
+        return output.requires_grad_(True) if not output.requires_grad else output
+
+    def start_graph_at_layer(module, args, kwargs):  # the layers below the group keep no activations
+        if args:
+            return (args[0].detach().requires_grad_(True), *args[1:]), kwargs
+        kwargs = dict(kwargs)
+        kwargs["hidden_states"] = kwargs["hidden_states"].detach().requires_grad_(True)
+        return args, kwargs
+
+    was_training = model.training
+    flags = {p: p.requires_grad for p in model.parameters()}
+    try:
+        model.eval()
+        for p in model.parameters():
+            p.requires_grad_(False)
+        for gi, names in enumerate(groups):
+            first = _first_layer(model, names, linears)
+            hook = (ad.embed_tokens.register_forward_hook(start_graph) if first <= 0 else
+                    ad.layer(first).register_forward_pre_hook(start_graph_at_layer, with_kwargs=True))
+            gen = torch.Generator(device=dev).manual_seed(seed) if fisher == "sampled" else None
+            desc = f"K-FAC ({fisher} Fisher)" + (f", pass {gi + 1}/{len(groups)}" if len(groups) > 1 else "")
+            try:
+                with KFACCollector({n: linears[n] for n in names}, device=place) as kc, torch.enable_grad():
+                    for big in progress_bar(batches, desc=desc, enabled=progress):
+                        for batch in _micro_batches(big, micro_batch_size):
+                            ids = batch["input_ids"].to(dev)
+                            mask = batch.get("attention_mask")
+                            mask = mask.to(dev) if mask is not None else None
+                            labels = batch.get("labels")
+                            labels = labels.to(dev) if labels is not None else None
+                            kc.token_mask = mask.reshape(-1).bool() if mask is not None else None
+                            hidden = ad.backbone(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
+                            loss = hidden_next_token_loss(hidden, head, ids, mask, labels, fisher, gen, chunk_tokens)
+                            require_finite(loss.detach(), method="K-FAC", stage=None, layer=None,
+                                           what="the calibration loss")
+                            loss.backward()
+                            del hidden, loss
+                    factors = kc.factors()
+            finally:
+                hook.remove()
+            yield factors
+            del factors
+    finally:
+        for p, f in flags.items():
+            p.requires_grad_(f)
+        model.train(was_training)
+
+
 def collect_lm_kfac(model: nn.Module, batches: Iterable[Mapping[str, torch.Tensor]], fisher: str = "empirical",
                     factor_device: str = "auto", seed: int = 0, linears: Mapping[str, nn.Linear] | None = None,
                     progress: bool = True, log: Callable[[str], None] | None = None,
-                    chunk_tokens: int | None = DEFAULT_CHUNK_TOKENS) -> dict[str, KFACFactor]:
+                    chunk_tokens: int | None = DEFAULT_CHUNK_TOKENS, micro_batch_size: int | None = None
+                    ) -> dict[str, KFACFactor]:
     """K-FAC factors of every decoder nn.Linear of a causal LM from the next-token loss on `batches`.
 
     Each batch is a dict with `input_ids` and optionally `attention_mask` and `labels`. The model runs in eval mode
@@ -291,53 +488,66 @@ def collect_lm_kfac(model: nn.Module, batches: Iterable[Mapping[str, torch.Tenso
     behind), both restored afterwards; only activation gradients flow, started at the embedding output. The memory
     the factors need is reported through `log` (default: this module's logger at INFO). The loss runs on the
     backbone's final hidden states with the logits made `chunk_tokens` tokens at a time (`hidden_next_token_loss`),
-    so no step holds all tokens' logits.
+    so no step holds all tokens' logits. Linears reading the same input (q/k/v, gate/up) share one A tensor. To keep
+    only some layers' factors resident at a time, use `iter_lm_kfac` with `max_factor_bytes`.
     """
-    log = log if log is not None else logger.info
-    model = unwrap_model(model)
-    if fisher not in FISHER_KINDS:
-        raise ValueError(f"fisher={fisher!r}; valid: {FISHER_KINDS}")
-    linears = dict(linears) if linears is not None else decoder_linears(model)
-    ad = get_adapter(model)
-    head = output_head(ad)
-    dev = model_device(model)
-    needed = factor_bytes(linears)
-    place = choose_factor_device(needed, dev, factor_device)
-    log(f"K-FAC: {len(linears)} linear layers, factors need {_gib(needed)} (fp32), kept on {place}; "
-        f"the backward pass needs activation memory like one training step")
-    batches = list(batches)
-    if not batches:
-        raise ValueError("collect_lm_kfac needs at least one calibration batch")
+    out: dict[str, KFACFactor] = {}
+    for group in iter_lm_kfac(model, batches, fisher=fisher, factor_device=factor_device, seed=seed, linears=linears,
+                              progress=progress, log=log, chunk_tokens=chunk_tokens,
+                              micro_batch_size=micro_batch_size):
+        out.update(group)
+    return out
 
-    was_training = model.training
-    flags = {p: p.requires_grad for p in model.parameters()}
-    gen = torch.Generator(device=dev).manual_seed(seed) if fisher == "sampled" else None
 
-    def start_graph(module, inputs, output):  # gradients must flow although no parameter requires them
-        return output.requires_grad_(True) if not output.requires_grad else output
+class FactorStore:
+    """K-FAC factors by linear name, kept in memory or, with `spill=True`, written to one file per linear in a
+    temporary folder (`directory`, default the system's) and read back on `get`, so that only the factors in use are
+    resident. Use as a context manager; the folder is deleted on exit."""
 
-    embed_hook = ad.embed_tokens.register_forward_hook(start_graph)
-    try:
-        model.eval()
-        for p in model.parameters():
-            p.requires_grad_(False)
-        with KFACCollector(linears, device=place) as kc, torch.enable_grad():
-            for batch in progress_bar(batches, desc=f"K-FAC ({fisher} Fisher)", enabled=progress):
-                ids = batch["input_ids"].to(dev)
-                mask = batch.get("attention_mask")
-                mask = mask.to(dev) if mask is not None else None
-                labels = batch.get("labels")
-                labels = labels.to(dev) if labels is not None else None
-                kc.token_mask = mask.reshape(-1).bool() if mask is not None else None
-                hidden = ad.backbone(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
-                loss = hidden_next_token_loss(hidden, head, ids, mask, labels, fisher, gen, chunk_tokens)
-                require_finite(loss.detach(), method="K-FAC", stage=None, layer=None, what="the calibration loss")
-                loss.backward()
-                del hidden, loss
-            factors = kc.factors()
-    finally:
-        embed_hook.remove()
-        for p, f in flags.items():
-            p.requires_grad_(f)
-        model.train(was_training)
-    return factors
+    def __init__(self, spill: bool = False, directory: str | None = None):
+        self.spill = spill
+        self._mem: dict[str, KFACFactor] = {}
+        self._files: dict[str, str] = {}
+        self._dir = None
+        if spill:
+            import tempfile
+
+            self._dir = tempfile.TemporaryDirectory(prefix="hf_prune_kfac_", dir=directory)
+
+    def put(self, name: str, f: KFACFactor) -> None:
+        if not self.spill:
+            self._mem[name] = f
+            return
+        import os
+
+        path = os.path.join(self._dir.name, f"{len(self._files)}.pt")
+        torch.save({"A": f.A_moment, "G": f.G_moment, "has_bias": f.has_bias, "n_tokens": f.n_tokens,
+                    "scale": f.scale}, path)
+        self._files[name] = path
+
+    def get(self, name: str, device: torch.device | str | None = None) -> KFACFactor:
+        if not self.spill:
+            return self._mem[name]
+        d = torch.load(self._files[name], map_location=device, weights_only=True)
+        return KFACFactor(d["A"], d["G"], d["has_bias"], d["n_tokens"], d["scale"])
+
+    @property
+    def directory(self) -> str | None:
+        """The folder the factors are spilled to (None when they stay in memory)."""
+        return self._dir.name if self._dir is not None else None
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._mem or name in self._files
+
+    def close(self) -> None:
+        self._mem.clear()
+        self._files.clear()
+        if self._dir is not None:
+            self._dir.cleanup()
+            self._dir = None
+
+    def __enter__(self) -> "FactorStore":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

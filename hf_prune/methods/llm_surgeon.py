@@ -55,7 +55,7 @@ import torch
 from torch import nn
 
 from ..arch import get_adapter, unwrap_model
-from ..kfac import collect_lm_kfac, damped, decoder_linears, factor_bytes
+from ..kfac import FactorStore, decoder_linears, factor_bytes, iter_lm_kfac
 from ..plan import PrunePlan
 from ..runtime import progress
 from ..surgery import attach_weight_update
@@ -252,6 +252,19 @@ def _largest_prefix(count, target: int, hi: int) -> int:
 # ------------------------------------------------------------------------------------------------------------------
 # Correlated OBS updates
 # ------------------------------------------------------------------------------------------------------------------
+
+
+def _damp_(M: torch.Tensor, damping: float) -> torch.Tensor:
+    """`hf_prune.kfac.damped` in place: M + damping * mean(diag M) * I (the same values, no second copy)."""
+    if damping < 0:
+        raise ValueError(f"damping={damping} must be >= 0")
+    scale = M.diagonal().mean()
+    if not torch.isfinite(scale):
+        raise ValueError("the curvature factor holds non-finite values; check the calibration data and the model")
+    if scale <= 0:
+        scale = torch.ones_like(scale)
+    M.diagonal().add_(damping * scale)
+    return M
 
 
 def _chol(M: torch.Tensor) -> torch.Tensor:
@@ -587,6 +600,13 @@ class LLMSurgeon(PruningMethod):
                                                                     "float32."})
     factor_device: str = field(default="auto", metadata={
         "help": "Where K-FAC factors live: auto (the model's device when they fit, else cpu), cpu, or a device."})
+    factor_memory: float | None = field(default=0.5, metadata={
+        "help": "GiB of K-FAC factors (float32) resident at once: the decoder layers are collected in groups that "
+                "fit, one forward/backward pass per group, and when there is more than one group the factors wait "
+                "for the update pass in files in the temporary folder; None: every layer in one pass, in memory."})
+    kfac_micro_batch: int | None = field(default=1, metadata={
+        "help": "Sequences per forward/backward pass of the curvature (each calibration batch is split; same sums, "
+                "activation memory of one training step at this batch size); None: the batches as given."})
     compact: bool = field(default=True, metadata={
         "help": "Put dead MLP channels and attention head groups into the plan (physically removed by surgery). "
                 "Never done in 2:4 mode, where removing a column would break the pattern."})
@@ -623,6 +643,10 @@ class LLMSurgeon(PruningMethod):
             raise ValueError(f"chunk_size={self.chunk_size}; need at least 1")
         if self.update_rule not in UPDATE_RULES:
             raise ValueError(f"update_rule={self.update_rule!r}; valid: {UPDATE_RULES}")
+        if self.factor_memory is not None and not self.factor_memory > 0:
+            raise ValueError(f"factor_memory={self.factor_memory}; give GiB > 0, or None for all factors at once")
+        if self.kfac_micro_batch is not None and self.kfac_micro_batch < 1:
+            raise ValueError(f"kfac_micro_batch={self.kfac_micro_batch}; need at least 1 (or None)")
         # zeros of the shots so far that surgery could not remove, keyed by (layer, matrix), in the current indices
         self.zero_patterns: dict[tuple[int, str], ZeroPattern] | None = None
 
@@ -783,48 +807,34 @@ class LLMSurgeon(PruningMethod):
         self._log(f"shot {stage + 1}/{self.shots}: {self.mode} {self.criterion}, target {fraction:.4f} of "
                   f"{self.reference_numel:,} -> remove {want:,} of the current {current:,}")
 
-        factors = None
-        if self.criterion != "magnitude":
-            batches = list(batches)
-            factors = collect_lm_kfac(model, batches, fisher=self.fisher, factor_device=self.factor_device,
-                                      seed=self.seed + stage, linears=linears, progress=self.verbose, log=self._log)
-        n_tokens = next(iter(factors.values())).n_tokens if factors else 0
-        t_curv = time.perf_counter()
         dev = next(model.parameters()).device
         lam_g, lam_a = self.damping
 
-        def curvature(name: str):
-            f = factors[name]
-            G = damped(f.G.to(dev, dtype), lam_g)
-            A = damped(f.A.to(dev, dtype), lam_a)
-            return G, A
+        def curvature(f):
+            """Damped (G, A) of one linear in the compute dtype; the stored factors stay float32."""
+            G, A = f.dense(dtype, dev)
+            return _damp_(G, lam_g), _damp_(A, lam_a)
 
         def inverses(G, A):
             return torch.cholesky_inverse(_chol(G)), torch.cholesky_inverse(_chol(A))
 
-        # ----- costs of every matrix
+        # ----- costs of every matrix, the curvature collected group of layers by group (factor_memory)
         names = list(linears)
-        row_c, col_c, elem_c, block_sel = [], [], [], []
-        cached_inverses: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # element updates reuse them
+        row_c, col_c, elem_c, block_sel = {}, {}, {}, {}
         do_update = self.updates_weights
-        keep_inverses = self.mode != "structured" and do_update
-        if keep_inverses:
-            self._log(f"element updates keep the damped inverses in place of the factors: "
-                      f"{factor_bytes(linears, dtype) / 2**30:.2f} GiB ({self.compute_dtype})")
-        for name in progress(names, desc="costs", enabled=self.verbose):
+        n_tokens = 0
+        fstore = None
+
+        def costs_of(name: str, f) -> None:
             W = augmented_weight(linears[name], dtype).to(dev)
             G = A = Ginv = Ainv = None
-            if factors is not None:
-                G, A = curvature(name)
-                if self.criterion == "surgeon" or keep_inverses:
+            if f is not None:
+                G, A = curvature(f)
+                if self.criterion == "surgeon":
                     Ginv, Ainv = inverses(G, A)
-                    if keep_inverses:  # the inverses replace the factors until the update pass
-                        place = factors.pop(name).G.device
-                        cached_inverses[name] = (Ginv.to(place), Ainv.to(place))
             if self.mode == "structured":
                 r, c = structured_costs(W, self.criterion, G, A, Ginv, Ainv)
-                row_c.append(r.float())
-                col_c.append(c.float())
+                row_c[name], col_c[name] = r.float(), c.float()
             else:
                 e = element_costs(W, self.criterion, G, A, Ginv, Ainv).float()
                 if self.mode == "2:4":
@@ -832,10 +842,38 @@ class LLMSurgeon(PruningMethod):
                     if C % 4:
                         raise ValueError(f"{name} has {C} inputs, not a multiple of 4: 2:4 sparsity is impossible")
                     bc, cheapest = block24_selection(e[:, :C])
-                    elem_c.append(bc)
-                    block_sel.append(cheapest)
+                    elem_c[name], block_sel[name] = bc, cheapest
                 else:
-                    elem_c.append(e)
+                    elem_c[name] = e
+
+        if self.criterion != "magnitude":
+            batches = list(batches)
+            budget = None if self.factor_memory is None else int(self.factor_memory * 2**30)
+            groups = iter_lm_kfac(model, batches, fisher=self.fisher, factor_device=self.factor_device,
+                                  seed=self.seed + stage, linears=linears, progress=self.verbose, log=self._log,
+                                  max_factor_bytes=budget, micro_batch_size=self.kfac_micro_batch)
+            spill = budget is not None and factor_bytes(linears, share_inputs=True) > budget
+            fstore = FactorStore(spill=spill and do_update)
+            if spill and do_update:
+                self._log(f"the factors wait for the update pass in {fstore.directory} "
+                          f"({factor_bytes(linears) / 2**30:.2f} GiB of files)")
+            for group in groups:
+                for name in progress(list(group), desc="costs", enabled=self.verbose):
+                    f = group.pop(name)
+                    n_tokens = f.n_tokens
+                    costs_of(name, f)
+                    if do_update:
+                        fstore.put(name, f)
+                    del f
+                del group
+        else:
+            for name in progress(names, desc="costs", enabled=self.verbose):
+                costs_of(name, None)
+        t_curv = time.perf_counter()
+        row_c = [row_c[n] for n in names] if row_c else []
+        col_c = [col_c[n] for n in names] if col_c else []
+        block_sel = [block_sel[n] for n in names] if block_sel else []
+        elem_c = [elem_c[n] for n in names] if elem_c else []
 
         # ----- global threshold
         layer_names = {i: {short: param_names[id(lin)] for short, lin in ad.linears(i)}
@@ -865,36 +903,48 @@ class LLMSurgeon(PruningMethod):
         self._log(f"threshold {thr:.4g}: {removed:,} parameters selected "
                   f"({(removed + already) / self.reference_numel:.4f} of the reference)")
 
-        # ----- updates
+        # ----- updates, one linear at a time (its factors read back from the store); results in the model's dtype
         weights: dict[str, torch.Tensor] = {}
-        for k, name in enumerate(progress(names, desc="updates", enabled=self.verbose)):
-            lin = linears[name]
-            W = augmented_weight(lin, dtype).to(dev)
-            if self.mode == "structured":
-                r, c = rows[k].to(dev), cols[k].to(dev)
-                if not (bool(r.any()) or bool(c.any())):
-                    weights[name] = W
-                    continue
-                if do_update:
-                    G, A = curvature(name)
-                    W = structured_update(W, G, A, r, c)
+        try:
+            for k, name in enumerate(progress(names, desc="updates", enabled=self.verbose)):
+                lin = linears[name]
+                if self.mode == "structured":
+                    r, c = rows[k].to(dev), cols[k].to(dev)
+                    changed = bool(r.any()) or bool(c.any())
                 else:
-                    W[r] = 0
-                    W[:, c] = 0
-            else:
-                mk = masks[k].to(dev)
-                if not bool(mk.any()):
-                    weights[name] = W
+                    mk = masks[k].to(dev)
+                    changed = bool(mk.any())
+                if not changed:
+                    weights[name] = augmented_weight(lin, lin.weight.dtype)
                     continue
-                if do_update:
-                    Ginv, Ainv = (x.to(dev) for x in cached_inverses.pop(name))
-                    if self.update_rule == "columns":
-                        W = column_update(W, Ainv, mk)
+                W = augmented_weight(lin, dtype).to(dev)
+                if self.mode == "structured":
+                    if do_update:
+                        G, A = curvature(fstore.get(name, dev))
+                        W = structured_update(W, G, A, r, c)
+                        del G, A
                     else:
-                        W = element_update(W, Ginv, Ainv, mk, self.chunk_size)
+                        W[r] = 0
+                        W[:, c] = 0
                 else:
-                    W = torch.where(mk, torch.zeros_like(W), W)
-            weights[name] = W
+                    if do_update:
+                        G, A = curvature(fstore.get(name, dev))
+                        if self.update_rule == "columns":
+                            del G
+                            Ainv = torch.cholesky_inverse(_chol(A))
+                            del A
+                            W = column_update(W, Ainv, mk)
+                        else:
+                            Ginv, Ainv = inverses(G, A)
+                            del G, A
+                            W = element_update(W, Ginv, Ainv, mk, self.chunk_size)
+                    else:
+                        W = torch.where(mk, torch.zeros_like(W), W)
+                weights[name] = W.to(lin.weight.dtype)
+                del W
+        finally:
+            if fstore is not None:
+                fstore.close()
         t_upd = time.perf_counter()
 
         # ----- plan: what surgery can remove physically
