@@ -123,7 +123,8 @@ def run_one(method: str, model_path: str, extra: list[str], workdir: Path) -> di
     proc.returncode = os.waitstatus_to_exitcode(status)
     seconds = time.time() - start
     threads[0].join(timeout=10)
-    shutil.rmtree(out, ignore_errors=True)  # Gemma outputs are never kept
+    evaluations = _evaluations(out)
+    shutil.rmtree(out, ignore_errors=True)  # Gemma outputs are never kept (the figures in hf_prune.json are read first)
     peak_t, peak_sampled = max(samples, key=lambda s: s[1]) if samples else (0.0, 0)
     logs = [ln for t, ln in lines if "hf_prune" in ln or "saved" in ln or "error" in ln.lower()]
     logged = [(t, ln) for t, ln in ((_log_time(ln, start), ln) for _, ln in lines) if t is not None]
@@ -134,8 +135,26 @@ def run_one(method: str, model_path: str, extra: list[str], workdir: Path) -> di
         "seconds": round(seconds, 1), "peak_rss_gb": round(usage.ru_maxrss * 1024 / GB, 3),
         "peak_sampled_gb": round(peak_sampled / GB, 3), "peak_at_s": round(peak_t, 1), "phase_at_peak": phase[-200:],
         "rss_timeline_gb": [[round(t, 1), round(r / GB, 3)] for t, r in samples[::step]],
+        "evaluations": evaluations,
         "log_tail": [ln[-300:] for ln in logs[-12:]] if proc.returncode == 0 else [ln[-300:] for _, ln in lines[-25:]],
     }
+
+
+def _evaluations(out: Path) -> list[dict]:
+    """The evaluation records (stage, metric, value, tokens) of the export's hf_prune.json; [] when there is none."""
+    try:
+        meta = json.loads((out / "hf_prune.json").read_text())
+    except (OSError, ValueError):
+        return []
+    keep = ("stage", "metric", "task", "value", "tokens")
+    return [{k: e.get(k) for k in keep if k in e} for e in meta.get("evaluations") or [] if isinstance(e, dict)]
+
+
+def _perplexity(row: dict) -> str:
+    """'base -> pruned' perplexity of a row ('-' where the run recorded none)."""
+    ppl = {e.get("stage"): e.get("value") for e in row.get("evaluations") or [] if e.get("metric") == "perplexity"}
+    fmt = lambda v: "-" if not isinstance(v, (int, float)) else f"{v:.2f}"  # noqa: E731
+    return "-" if not ppl else f"{fmt(ppl.get('base'))} -> {fmt(ppl.get('pruned'))}"
 
 
 def _log_time(line: str, start: float) -> float | None:
@@ -175,15 +194,16 @@ def _markdown(result: dict) -> str:
         "GB**. Calibration 8 x 256 Austen tokens, perplexity over the first 4,096 wiki_en tokens (windows of 512) "
         "before and after pruning, every method with its defaults.",
         "",
-        "| label | method | extra flags | exit | seconds | peak RSS (GB) | x fp32 weights | within goal | phase at peak |",
-        "|---|---|---|---:|---:|---:|---:|---|---|",
+        "| label | method | extra flags | exit | seconds | peak RSS (GB) | x fp32 weights | within goal | phase at peak "
+        "| perplexity base -> pruned |",
+        "|---|---|---|---:|---:|---:|---:|---|---|---|",
     ]
     for r in result["rows"]:
         ratio = r["peak_rss_gb"] * GB / g["weights_fp32_bytes"]
         ok = "yes" if r["peak_rss_gb"] * GB <= g["goal_bytes"] else "**no**"
         phase = r["phase_at_peak"].split(": ", 1)[-1].replace("|", "/")[:90]
         lines.append(f"| {r['label']} | {r['method']} | {' '.join(r['extra']) or '-'} | {r['exit']} | {r['seconds']} "
-                     f"| {r['peak_rss_gb']:.2f} | {ratio:.2f} | {ok} | {phase} |")
+                     f"| {r['peak_rss_gb']:.2f} | {ratio:.2f} | {ok} | {phase} | {_perplexity(r)} |")
     lines += ["", "Versions per label: " + "; ".join(f"{k}: {v}" for k, v in result["versions_by_label"].items())]
     if result.get("notes"):
         lines += ["", *result["notes"]]
@@ -212,8 +232,11 @@ def main(argv: list[str] | None = None) -> None:
     try:
         for method in args.methods:
             row = {"label": args.label, "extra": extra, **run_one(method, model_path, extra, workdir)}
-            if path.is_file():  # another run may have added rows meanwhile: merge with what is there now
-                rows = json.loads(path.read_text()).get("rows", rows)
+            if path.is_file():  # another run may have added rows, notes or labels meanwhile: merge with what is there now
+                now = json.loads(path.read_text())
+                rows = now.get("rows", rows)
+                old["notes"] = now.get("notes", old.get("notes", []))
+                versions_by_label = {**now.get("versions_by_label", {}), args.label: versions_by_label[args.label]}
             rows = [r for r in rows if not (r["label"] == args.label and r["method"] == method
                                             and r["extra"] == extra)] + [row]
             rows.sort(key=lambda r: (r["label"], " ".join(r["extra"]), METHODS.index(r["method"])))
