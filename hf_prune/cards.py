@@ -152,6 +152,8 @@ def basis_choice_section(choice: dict[str, Any] | None) -> dict[str, Any] | None
             f"{choice.get('build_batches', '?')} calibration batches and scored on "
             f"{choice.get('held_out_batches', '?')} held-out batch(es)"
             + (f" ({held:,} tokens)" if isinstance(held, int) else "")
+            + ("; the kept basis was then rebuilt from every calibration batch"
+               if any(isinstance(c, dict) and c.get("rebuilt_on_all_batches") for c in choice["candidates"]) else "")
             + f"; the rule: {choice.get('criterion', 'not recorded')}. Chosen: basis `{chosen.get('basis', '?')}`, "
               f"head `{chosen.get('head', '?')}`. The dense model's held-out perplexity is "
               f"{_num(choice.get('dense_held_out_ppl'), '.2f')}.")

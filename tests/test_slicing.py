@@ -406,33 +406,62 @@ def test_trust_remote_code_loads_constant_and_dynamic_slices_without_hf_prune(tm
         assert out["gen"].tolist() == expected.tolist()
 
 
-def test_auto_basis_picks_the_lowest_held_out_loss_and_replays_the_winner():
-    """basis='auto' builds every candidate on 3 of 4 batches, scores it on the held-out one and keeps the lowest
-    loss among those not larger than dense; the returned model is exactly the winner's run, and the evidence is in
-    the provenance (strict JSON)."""
+def test_auto_basis_keeps_the_global_basis_that_passes_and_rebuilds_it_on_every_batch():
+    """basis='auto' builds the global basis on 3 of 4 batches, scores it on the held-out one (the figure is that
+    build's loss there), and, since it passes, rebuilds it from all 4: the model equals a fixed global run on all
+    batches; no copy, no other candidate; the evidence is in the provenance (strict JSON)."""
     import json
 
     from hf_prune.methods.slicegpt import calibration_loss
 
     model = _model("llama")
-    dense = sum(p.numel() for p in model.parameters())
     ids, mask = _inputs(model.config.vocab_size, b=8)
     batches = _batches(ids, mask)  # 4 batches: 3 to build, 1 held out
-    twin = copy.deepcopy(model)
+    on_build, on_all = copy.deepcopy(model), copy.deepcopy(model)
     plan = get("slicegpt", slicing=0.3, progress=False).plan(model, batches)
     choice = plan.provenance["basis_choice"]
     json.dumps(plan.provenance, allow_nan=False)
     assert (choice["build_batches"], choice["held_out_batches"]) == (3, 1)
+    [row] = choice["candidates"]
+    assert row["basis"] == "global" and row["chosen"] and row["rebuilt_on_all_batches"]
+    assert choice["chosen"] == {"basis": "global", "head": "tied"} and plan.residual_widths["basis"] == "global"
+    assert plan.provenance["calibration_check"]["held_out"] is True
+    fixed = dict(basis="global", max_ppl_ratio=0, progress=False)
+    p_build = get("slicegpt", slicing=0.3, **fixed).plan(on_build, batches[:3])
+    apply_slicing(on_build, p_build)
+    nll, _ = calibration_loss(on_build, batches[3:])
+    assert nll == pytest.approx(row["held_out_nll"], rel=1e-5)  # the score is the build-batches basis's
+    p_all = get("slicegpt", slicing=0.3, **fixed).plan(on_all, batches)
+    assert p_all.residual_widths == plan.residual_widths
+    apply_slicing(model, plan)
+    apply_slicing(on_all, p_all)
+    assert sum(p.numel() for p in model.parameters()) == row["parameters"]
+    ref = _logits(on_all, ids, mask)
+    assert _max_diff(_logits(model, ids, mask), ref) <= 1e-4 * max(1.0, ref.abs().max().item())
+    assert _max_diff(_logits(on_build, ids, mask), ref) > 1e-3  # the rebuild changed the model: the test can fail
+
+
+def test_auto_basis_escalates_to_the_shortcut_bases_when_the_global_one_fails(monkeypatch):
+    """When the global basis fails its held-out check, 'layer', 'sublayer' and the best with an untied head are
+    built on copies and scored; the lowest held-out loss among those not larger than dense is kept (the smallest
+    within auto_tolerance) and the returned model is exactly the winner's run."""
+    from hf_prune.methods.slicegpt import SliceGPT, calibration_loss
+
+    monkeypatch.setattr(SliceGPT, "_global_passes", lambda self, nll, dense: False)
+    model = _model("llama")
+    dense = sum(p.numel() for p in model.parameters())
+    ids, mask = _inputs(model.config.vocab_size, b=8)
+    batches = _batches(ids, mask)
+    twin = copy.deepcopy(model)
+    plan = get("slicegpt", slicing=0.3, max_ppl_ratio=0, progress=False).plan(model, batches)
+    choice = plan.provenance["basis_choice"]
+    assert {r["basis"] for r in choice["candidates"]} == {"global", "layer", "sublayer"}
+    assert any(r["head"] == "untied" for r in choice["candidates"]) == (choice["candidates"][-1]["head"] == "untied")
     scored = [r for r in choice["candidates"] if r.get("held_out_nll") is not None]
-    assert {r["basis"] for r in choice["candidates"]} >= {"global", "layer", "sublayer"}
-    assert any(r["head"] == "untied" for r in choice["candidates"])  # the head choice on a tied model
     low = min(r["held_out_nll"] for r in scored)
     best = min((r for r in scored if r["held_out_nll"] <= low + math.log1p(0.01)), key=lambda r: r["parameters"])
     assert choice["chosen"] == {"basis": best["basis"], "head": best["head"]} and best["chosen"]
-    assert plan.residual_widths["basis"] == best["basis"]
     assert all(r["parameters"] <= dense for r in scored)
-    assert plan.provenance["calibration_check"]["held_out"] is True
-
     # the same basis and head run alone on the build batches gives the same model
     alone = get("slicegpt", slicing=0.3, basis=best["basis"], head=best["head"], max_ppl_ratio=0, progress=False)
     plan2 = alone.plan(twin, batches[:3])
@@ -440,9 +469,9 @@ def test_auto_basis_picks_the_lowest_held_out_loss_and_replays_the_winner():
     apply_slicing(model, plan)
     apply_slicing(twin, plan2)
     assert sum(p.numel() for p in model.parameters()) == best["parameters"] <= dense
-    assert _max_diff(_logits(model, ids, mask), _logits(twin, ids, mask)) <= 1e-5
+    assert _max_diff(_logits(model, ids, mask), _logits(twin, ids, mask)) <= 1e-4
     nll, _ = calibration_loss(model, batches[3:])
-    assert nll == pytest.approx(best["held_out_nll"], rel=1e-5)
+    assert nll == pytest.approx(best["held_out_nll"], rel=1e-4)
 
 
 @pytest.mark.parametrize("model_type", ["llama", "qwen2", "gemma3_text"])
@@ -507,8 +536,8 @@ def test_a_run_whose_calibration_perplexity_explodes_stops_with_the_figure():
     ref = _logits(model, batches[0]["input_ids"], torch.ones_like(batches[0]["input_ids"]))
     with pytest.raises(SlicingDegradedError, match="held-out calibration tokens.*candidates: global/tied"):
         get("slicegpt", slicing=0.9, max_ppl_ratio=1.5, progress=False).plan(model, batches)
-    assert type(model).__name__ == "LlamaForCausalLM"  # basis='auto' leaves the model untouched when it stops
-    assert _max_diff(_logits(model, batches[0]["input_ids"], torch.ones_like(batches[0]["input_ids"])), ref) == 0
+    # basis='auto' may leave the model rotated when it stops, never changed: the same function
+    assert _max_diff(_logits(model, batches[0]["input_ids"], torch.ones_like(batches[0]["input_ids"])), ref) <= 1e-4
     plan = get("slicegpt", slicing=0.9, basis="global", max_ppl_ratio=0, progress=False).plan(_trained()[0], batches)
     assert plan.provenance["calibration_check"] is None  # 0 skips the check
     with pytest.raises(ValueError, match="max_ppl_ratio"):

@@ -38,15 +38,19 @@ Where this implementation differs from the reference code (knobs, defaults say w
   takes the embedding's PCA over the embeddings AND the head's input (the tied matrix serves both); "embedding" =
   SliceGPT.
 
-`basis="auto"` (the default) measures instead of guessing: it holds out the last `holdout` share of the calibration
-batches, builds every candidate (global, layer and sublayer basis; on a tied model also the winner with an untied
-head) on the rest, slices each candidate copy and keeps the one with the lowest next-token loss on the held-out
-tokens among those not larger than the dense model (`max_size`). The loss, not a reconstruction error: it is
-what perplexity reports, it weighs every slot's error by its effect on the output, and it is cheap next to the build.
-The winner's rotations are replayed on the model (no rebuild); `plan.provenance["basis_choice"]` holds every
-candidate's held-out perplexity, parameter count and seconds. Cost: about 1.6-2x one plain sublayer run (3.5-4
-passes of the calibration set through the model: the dense statistics and the held-out dense loss once, one
-sequential pass per shortcut basis, one held-out pass per candidate) and a second copy of the model in memory.
+`basis="auto"` (the default) measures, global basis first: it holds out the last `holdout` share of the calibration
+batches, builds the global basis on the rest (in place) and scores it by the next-token loss of the sliced model on
+the held-out tokens (`masked_slicing`: the sliced function at full width, no copy). If that perplexity is within
+`max_ppl_ratio` x dense, the global basis is rebuilt from every batch and kept. Only when it fails (or would be larger
+than dense) are the shortcut bases ('layer', 'sublayer', and on a tied model the best of them with an untied head)
+built on copies and scored the same way; the lowest held-out loss wins. Why not always the lowest held-out loss:
+held-out calibration tokens come from the calibration text, and the per-layer bases fit that text at the cost of
+other text. On SmolLM2 at 10-20% slicing the layer basis was 7-8% better than global on held-out Austen tokens and
+worse on wiki; on Gemma-3-270M at 10% it was 2.7x better on held-out Austen (72.6 vs 196) and 2.8x worse on wiki
+(330 vs 117) (benchmarks/results/slicing_reference_protocol.md). The global basis pools every slot's statistics,
+has no shortcut matrices (the smallest and fastest model) and costs about 2.3 passes over the calibration set
+(held-out dense loss, build, held-out score, rebuild). `plan.provenance["basis_choice"]` holds every candidate's
+held-out perplexity, parameter count and seconds.
 Every run also stops (SlicingDegradedError) when the sliced model's perplexity on calibration tokens exceeds
 `max_ppl_ratio` times the dense model's (auto: on the held-out tokens; a fixed basis: on the last `holdout` share of
 its own calibration batches), and refuses (SlicedLargerThanDenseError) a plan predicted larger than the dense model.
@@ -88,7 +92,7 @@ from ..rotation import (
     slot_writers,
 )
 from ..losses import LOGITS_BUDGET_BYTES
-from ..surgery.slicing import apply_slicing, masked_slicing
+from ..surgery.slicing import apply_slicing, masked_slicing, require_invariant
 from . import Batch, PruningMethod, register
 
 __all__ = [
@@ -392,9 +396,10 @@ class SliceGPT(PruningMethod):
         metadata={
             "help": "PCA granularity: 'sublayer' (SliceGPT: attention and MLP inputs, 2 shortcut matrices per "
             "layer), 'layer' (one per layer, 1 shortcut), 'global' (one for the model, no shortcut matrices), "
-            "'auto' (build each basis, and on a tied model the winner with an untied head, on all but the last "
-            "`holdout` of the calibration batches and keep the one with the lowest loss on those held-out tokens "
-            "among the ones not larger than dense; ~1.6-2x the time of one sublayer run, two copies of the model)."
+            "'auto' (the global basis, built on all but the last `holdout` of the calibration batches and kept, "
+            "rebuilt on all of them, when its held-out perplexity is within max_ppl_ratio x dense; otherwise the "
+            "shortcut bases are built on copies and the lowest held-out loss among those not larger than dense "
+            "wins)."
         },
     )
     max_size: float = field(
@@ -406,12 +411,14 @@ class SliceGPT(PruningMethod):
     )
     auto_head: bool = field(
         default=True,
-        metadata={"help": "basis='auto' with head='auto' on a tied model: also try the winning basis with an untied "
-                  "head (SliceGPT's; + vocab x width parameters) when that is not larger than dense."},
+        metadata={"help": "basis='auto' with head='auto' on a tied model, when the global basis failed: also try the "
+                  "best shortcut basis with an untied head (SliceGPT's; + vocab x width parameters) when that is not "
+                  "larger than dense."},
     )
     auto_tolerance: float = field(
         default=0.01,
-        metadata={"help": "basis='auto': candidates whose held-out perplexity is within this relative margin of the "
+        metadata={"help": "basis='auto', when the global basis failed: candidates whose held-out perplexity is within "
+                  "this relative margin of the "
                   "best one count as equal, and the smallest of them is kept (measurement noise does not buy "
                   "parameters)."},
     )
@@ -661,10 +668,14 @@ class SliceGPT(PruningMethod):
         return self._judge(dense_nll, nll, tokens, held_out=False)
 
     def _plan_auto(self, model: nn.Module, batches: list, stage: int, start: float) -> PrunePlan:
-        """basis='auto': every candidate (basis, head) is planned on a copy of `model` with all but the held-out
-        batches, sliced, and scored by its next-token loss on the held-out ones; the winner's rotations are then
-        replayed on `model` (exactly what its run did) and its plan returned with the evidence. `model` is left
-        untouched when every candidate is refused or the winner fails the perplexity check."""
+        """basis='auto': the global basis is built on all but the held-out batches, in place, and scored by its
+        next-token loss on the held-out ones (`masked_slicing`: no copy). If that perplexity is within
+        `max_ppl_ratio` x dense (or the check is off), the global basis is rebuilt from every calibration batch (in
+        the frame the first build left: the same basis a build on all batches gives) and returned. Otherwise (or
+        when the global plan is larger than dense) the shortcut bases ('layer', 'sublayer'; with `auto_head` also
+        the best with an untied head) are built on copies and scored the same way; the lowest held-out loss wins
+        (the smallest within `auto_tolerance`) and its rotations are replayed on `model`, or SlicingDegradedError
+        says that none passes. `model` may be left rotated (the same function) when the run stops."""
         build, held, held_out = split_holdout(batches, self.holdout)
         n_dense = _num_parameters(model)
         tied = (bool(model.config.head_projection) if is_rotation_invariant(model)
@@ -674,74 +685,116 @@ class SliceGPT(PruningMethod):
         dense_nll, n_held = calibration_loss(model, held, self.device)
         dense_seconds = time.perf_counter() - t0
         rows: list[dict] = []
-        best: list = []  # [nll, row, plan, candidate] of the lowest loss so far
-        scored: list = []
-        shared = None
+        scored: list = []  # (nll, row, plan, candidate) of the candidates not larger than dense
 
-        def candidate(basis: str, head: str) -> None:
-            nonlocal shared
+        def score(m: nn.Module, p: PrunePlan, row: dict, t: float) -> float:
+            with masked_slicing(m, p):
+                nll, _ = calibration_loss(m, held, self.device)
+            row.update(held_out_ppl=math.exp(min(nll, 700.0)) if math.isfinite(nll) else None,
+                       held_out_nll=nll if math.isfinite(nll) else None,
+                       parameters=p.provenance["predicted_parameters"][p.residual_widths["basis"]],
+                       seconds=time.perf_counter() - t)
+            rows.append(row)
+            return nll
+
+        def choice(row: dict, criterion: str) -> dict:
+            return {"criterion": criterion, "chosen": {"basis": row["basis"], "head": row["head"]},
+                    "dense_held_out_ppl": math.exp(dense_nll), "held_out_tokens": n_held, "held_out": held_out,
+                    "build_batches": len(build), "held_out_batches": len(held), "dense_parameters": n_dense,
+                    "candidates": rows, "dense_loss_seconds": dense_seconds}
+
+        # 1. the global basis, on the model itself
+        t = time.perf_counter()
+        row: dict = {"basis": "global", "head": head}
+        cand = replace(self, basis="global", head=head, max_ppl_ratio=0.0)
+        try:
+            p = cand.plan(model, build, stage)
+        except SlicedLargerThanDenseError as e:
+            row.update(skipped=str(e), seconds=time.perf_counter() - t)
+            rows.append(row)
+            model = make_rotation_invariant(model, tie_head=head == "tied")
+        else:
+            model = require_invariant(model)
+            nll = score(model, p, row, t)
+            if math.isfinite(nll) and row["parameters"] <= self.max_size * n_dense:
+                scored.append((nll, row, p, cand))
+            if self._global_passes(nll, dense_nll):
+                t = time.perf_counter()
+                final = replace(self, basis="global", head=head, max_ppl_ratio=0.0)
+                p_all = final.plan(model, batches, stage)  # in the frame `p` left: the composition is the basis
+                row.update(chosen=True, rebuilt_on_all_batches=True, rebuild_seconds=time.perf_counter() - t)
+                check = self._judge(dense_nll, nll, n_held, held_out)
+                self._basis = "global"
+                return self._auto_plan(model, p_all, choice(row, self._GLOBAL_FIRST), check, n_dense, start)
+        # 2. the shortcut bases, each on a copy; the winner's rotations are replayed on `model`. The dense
+        # statistics are shared only when the global basis was refused before rotating (same frame).
+        shared = cand._stats if (cand._stats and "skipped" in rows[0]) else None
+        for basis in ("layer", "sublayer"):
             t = time.perf_counter()
-            cand = replace(self, basis=basis, head=head, max_ppl_ratio=0.0)
-            cand._shared_stats, cand._record_rotations = shared, True
-            copy_ = copy.deepcopy(model)
-            row: dict = {"basis": basis, "head": head}
+            row = {"basis": basis, "head": head}
+            c = replace(self, basis=basis, head=head, max_ppl_ratio=0.0)
+            c._shared_stats, c._record_rotations = shared, True
+            m = copy.deepcopy(model)
             try:
-                p = cand.plan(copy_, build, stage)
+                p = c.plan(m, build, stage)
             except SlicedLargerThanDenseError as e:
                 row.update(skipped=str(e), seconds=time.perf_counter() - t)
                 rows.append(row)
-                return
-            finally:
-                shared = shared if shared is not None else cand._stats
-            apply_slicing(copy_, p)
-            nll, _ = calibration_loss(copy_, held, self.device)
-            row.update(held_out_ppl=math.exp(min(nll, 700.0)) if math.isfinite(nll) else None,
-                       held_out_nll=nll if math.isfinite(nll) else None, parameters=_num_parameters(copy_),
-                       seconds=time.perf_counter() - t)
-            del copy_
-            rows.append(row)
+                continue
+            nll = score(m, p, row, t)
+            del m
             if math.isfinite(nll) and row["parameters"] <= self.max_size * n_dense:
-                scored.append((nll, row, p, cand))
-                best[:] = min(scored, key=lambda c: c[0])
-
-        def pick() -> list:  # the smallest candidate within auto_tolerance of the lowest held-out perplexity
-            low = min(c[0] for c in scored)
-            near = [c for c in scored if c[0] <= low + math.log1p(self.auto_tolerance)]
-            return list(min(near, key=lambda c: (c[1]["parameters"], c[0])))
-
-        for basis in ("global", "layer", "sublayer"):  # global first: it computes the shared dense statistics
-            candidate(basis, head)
-        if not best:
+                scored.append((nll, row, p, c))
+        if not scored:
             raise SlicedLargerThanDenseError(
                 f"{self.name} slicing={self.slicing:g}: no basis gives a model of at most {self.max_size:g} x the "
                 f"dense {_fmt(n_dense)} parameters: " + "; ".join(r.get("skipped", str(r)) for r in rows)
             )
-        if self.head == "auto" and head == "tied" and self.auto_head:
-            candidate(best[1]["basis"], "untied")
-        nll, row, p, cand = pick()
+        best = min(scored, key=lambda c: c[0])
+        if self.head == "auto" and head == "tied" and self.auto_head and best[1]["basis"] != "global":
+            t = time.perf_counter()
+            row = {"basis": best[1]["basis"], "head": "untied"}
+            c = replace(self, basis=best[1]["basis"], head="untied", max_ppl_ratio=0.0)
+            c._record_rotations = True
+            m = copy.deepcopy(model)
+            try:
+                p = c.plan(m, build, stage)
+            except SlicedLargerThanDenseError as e:
+                row.update(skipped=str(e), seconds=time.perf_counter() - t)
+                rows.append(row)
+            else:
+                nll = score(m, p, row, t)
+                if math.isfinite(nll) and row["parameters"] <= self.max_size * n_dense:
+                    scored.append((nll, row, p, c))
+            del m
+        low = min(c[0] for c in scored)
+        near = [c for c in scored if c[0] <= low + math.log1p(self.auto_tolerance)]
+        nll, row, p, cand = min(near, key=lambda c: (c[1]["parameters"], c[0]))
         row["chosen"] = True
         self._basis = row["basis"]
-        choice = {
-            "criterion": "lowest next-token loss on held-out calibration tokens among candidates not larger than "
-                         f"{self.max_size:g} x dense; within {self.auto_tolerance:g} of the best perplexity the "
-                         "smallest",
-            "chosen": {"basis": row["basis"], "head": row["head"]},
-            "dense_held_out_ppl": math.exp(dense_nll),
-            "held_out_tokens": n_held,
-            "held_out": held_out,
-            "build_batches": len(build),
-            "held_out_batches": len(held),
-            "dense_parameters": n_dense,
-            "candidates": rows,
-            "dense_loss_seconds": dense_seconds,
-        }
         table = "; candidates: " + ", ".join(
             f"{r['basis']}/{r['head']} " + (f"{r['held_out_ppl']:.4g}" if r.get("held_out_ppl") else "refused")
             for r in rows)
         check = self._judge(dense_nll, nll, n_held, held_out, extra=table)
-        model = make_rotation_invariant(model, tie_head=row["head"] == "tied")
-        for Q, slots in cand._rotations:  # the winner's run, replayed: same matrices, same order
-            rotate(model, Q, slots, device=self.device)
+        if row["basis"] != "global":
+            model = make_rotation_invariant(model, tie_head=row["head"] == "tied")
+            for Q, slots in cand._rotations:  # the winner's run, replayed: same matrices, same order
+                rotate(model, Q, slots, device=self.device)
+        return self._auto_plan(model, p, choice(row, self._ESCALATED), check, n_dense, start)
+
+    def _global_passes(self, nll: float, dense_nll: float) -> bool:
+        """basis='auto' keeps the global basis when its held-out loss is finite and within max_ppl_ratio x dense."""
+        return math.isfinite(nll) and (not self.max_ppl_ratio or nll - dense_nll <= math.log(self.max_ppl_ratio))
+
+    _GLOBAL_FIRST = ("the global basis (no shortcut matrices), built on the build batches, passed the held-out "
+                     "perplexity check and was rebuilt on every calibration batch; the shortcut bases are tried "
+                     "only when it fails")
+    _ESCALATED = ("the global basis failed the held-out perplexity check or was larger than dense: lowest next-token "
+                  "loss on held-out calibration tokens among the candidates not larger than max_size x dense; "
+                  "within auto_tolerance of the best perplexity the smallest; built on the build batches only")
+
+    def _auto_plan(self, model: nn.Module, p: PrunePlan, choice: dict, check: dict, n_dense: int,
+                   start: float) -> PrunePlan:
         provenance = dict(p.provenance)
         provenance.update(config=self.config_dict(), basis_choice=choice, calibration_check=check,
                           dense_parameters=n_dense, seconds=time.perf_counter() - start)
