@@ -57,7 +57,7 @@ from torch import nn
 from ..arch import get_adapter, unwrap_model
 from ..kfac import FactorStore, decoder_linears, factor_bytes, iter_lm_kfac
 from ..plan import PrunePlan
-from ..runtime import progress
+from ..runtime import progress, release_freed_memory
 from ..surgery import attach_weight_update
 from . import Batch, PruningMethod, register
 
@@ -70,6 +70,8 @@ __all__ = [
     "apply_updates",
     "augmented_weight",
     "block24_selection",
+    "column_update",
+    "column_update_nm",
     "element_costs",
     "element_update",
     "select_elements",
@@ -83,6 +85,7 @@ logger = logging.getLogger(__name__)
 CRITERIA = ("surgeon", "kobd", "magnitude")
 MODES = ("structured", "2:4", "unstructured")
 UPDATE_RULES = ("kfac", "columns")
+MASKS_24 = ("adaptive", "fixed")
 TARGET_OF = ("auto", "all", "linears")
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
@@ -313,20 +316,69 @@ def element_update(W: torch.Tensor, Ginv: torch.Tensor, Ainv: torch.Tensor, mask
     return W
 
 
-def column_update(W: torch.Tensor, Ainv: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def column_update(W: torch.Tensor, Ainv: torch.Tensor, mask: torch.Tensor, block_size: int = 128) -> torch.Tensor:
     """OBS removal of the weights in `mask` row by row under the input curvature A alone, column after column as
     SparseGPT does (Frantar & Alistarh 2023): with A^-1 = U^T U (U upper triangular), removing column j's masked
     weights adds dW[:, j:] = -(w_j / U_jj) U_j,j: to the row, so each removed weight is compensated by the weights to
     its right and a weight already zeroed is never moved again. Exact OBS for the first column; the order makes it
     an approximation for the others (the weights to the left are frozen). G only scales whole rows under F = G (x) A
-    with G diagonal, so the rows decouple and G drops out. O(R C^2) per matrix."""
+    with G diagonal, so the rows decouple and G drops out. O(R C^2) per matrix; the columns right of the current
+    `block_size` columns receive their updates once per block (lazy batched updates, the same result)."""
+    return _column_sweep(W, Ainv, mask=mask, block_size=block_size)[0]
+
+
+def column_update_nm(W: torch.Tensor, Ainv: torch.Tensor, groups: torch.Tensor, n: int = 2, m: int = 4,
+                     block_size: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
+    """`column_update` with the N:M mask chosen inside the sweep, as SparseGPT does (Frantar & Alistarh 2023, Alg. 1
+    with B_s = M): when the sweep reaches the first column of a group of `m` inputs, each row whose group is to be
+    pruned (`groups`, R x C/m bool, over the first C = m * groups.shape[1] columns of W) removes the `n` weights of
+    lowest saliency w_j^2 / U_jj^2 (A^-1 = U^T U), computed on the weights as the OBS updates of the columns to the
+    left have already changed them; 1 / U_jj^2 is the OBS denominator of column j with the columns to its left
+    frozen. Columns past C (a bias) are compensated but never removed. Returns (new W, the mask chosen)."""
+    R, ng = groups.shape
+    if ng * m > W.shape[1]:
+        raise ValueError(f"{ng} groups of {m} inputs need {ng * m} columns but W has {W.shape[1]}")
+    return _column_sweep(W, Ainv, groups=groups, n=n, m=m, block_size=block_size)
+
+
+def _column_sweep(W: torch.Tensor, Ainv: torch.Tensor, mask: torch.Tensor | None = None,
+                  groups: torch.Tensor | None = None, n: int = 2, m: int = 4, block_size: int = 128
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
     W = W.clone()
+    R, C = W.shape
     U = torch.linalg.cholesky(Ainv, upper=True)
-    for j in torch.nonzero(mask.any(0)).flatten().tolist():
-        err = torch.where(mask[:, j], W[:, j], torch.zeros_like(W[:, j])) / U[j, j]
-        W[:, j:] -= err[:, None] * U[j, j:][None, :]
-    W[mask] = 0
-    return W
+    chosen = torch.zeros_like(W, dtype=torch.bool) if mask is None else mask.clone()
+    if mask is not None:
+        active = chosen.any(0)
+    else:
+        active = torch.zeros(C, dtype=torch.bool, device=W.device)
+        active[: groups.shape[1] * m] = groups.any(0).repeat_interleave(m)
+    if groups is not None:
+        block_size = max(m, block_size - block_size % m)  # a group never straddles two blocks
+    last = int(torch.nonzero(active).max()) + 1 if bool(active.any()) else 0
+    for i1 in range(0, last, block_size):
+        i2 = min(i1 + block_size, C)
+        if not bool(active[i1:i2].any()):
+            continue
+        W1, U1 = W[:, i1:i2], U[i1:i2, i1:i2]
+        d = U1.diagonal()
+        err = torch.zeros(R, i2 - i1, dtype=W.dtype, device=W.device)
+        for j in range(i2 - i1):
+            col = i1 + j
+            if groups is not None and col % m == 0 and col // m < groups.shape[1] and bool(active[col]):
+                sal = W1[:, j:j + m] ** 2 / d[j:j + m] ** 2
+                low = torch.argsort(sal, dim=1, stable=True)[:, :n]
+                pick = torch.zeros(R, m, dtype=torch.bool, device=W.device).scatter_(1, low, True)
+                chosen[:, col:col + m] = pick & groups[:, col // m, None]
+            if not bool(active[col]):
+                continue
+            e = torch.where(chosen[:, col], W1[:, j], torch.zeros_like(W1[:, j])) / d[j]
+            W1[:, j:] -= e[:, None] * U1[j, j:][None, :]
+            err[:, j] = e
+        if i2 < C:
+            W[:, i2:] -= err @ U[i1:i2, i2:]
+    W[chosen] = 0
+    return W, chosen
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -596,6 +648,11 @@ class LLMSurgeon(PruningMethod):
         "help": "Apply the correlated OBS weight update to what remains; None: yes for surgeon, no for kobd and "
                 "magnitude. Setting it separates the two halves of the method in ablations (surgeon costs without "
                 "the update; K-OBD costs with it). Needs curvature: not with magnitude."})
+    mask_24: str = field(default="adaptive", metadata={
+        "help": "2:4 mode with update_rule=columns: adaptive (SparseGPT's: each group of four inputs picks its two "
+                "weights when the column sweep reaches it, by w^2 / [U]_jj^2 with A^-1 = U^T U, on the weights as the "
+                "updates of the columns to its left left them) or fixed (the two cheapest by the criterion's cost, "
+                "chosen before the sweep). Which groups are pruned in a shot is the global selection either way."})
     compute_dtype: str = field(default="float64", metadata={"help": "dtype of the curvature algebra: float64 or "
                                                                     "float32."})
     factor_device: str = field(default="auto", metadata={
@@ -643,6 +700,8 @@ class LLMSurgeon(PruningMethod):
             raise ValueError(f"chunk_size={self.chunk_size}; need at least 1")
         if self.update_rule not in UPDATE_RULES:
             raise ValueError(f"update_rule={self.update_rule!r}; valid: {UPDATE_RULES}")
+        if self.mask_24 not in MASKS_24:
+            raise ValueError(f"mask_24={self.mask_24!r}; valid: {MASKS_24}")
         if self.factor_memory is not None and not self.factor_memory > 0:
             raise ValueError(f"factor_memory={self.factor_memory}; give GiB > 0, or None for all factors at once")
         if self.kfac_micro_batch is not None and self.kfac_micro_batch < 1:
@@ -667,6 +726,13 @@ class LLMSurgeon(PruningMethod):
     def updates_weights(self) -> bool:
         """Whether shots apply the correlated OBS update (`weight_update`, default: only for surgeon)."""
         return self.weight_update if self.weight_update is not None else self.criterion == "surgeon"
+
+    @property
+    def adaptive_24(self) -> bool:
+        """Whether 2:4 masks are chosen inside the column sweep (mode 2:4, update on, update_rule columns, mask_24
+        adaptive)."""
+        return (self.mode == "2:4" and self.updates_weights and self.update_rule == "columns"
+                and self.mask_24 == "adaptive")
 
     @property
     def damping(self) -> tuple[float, float]:
@@ -822,6 +888,7 @@ class LLMSurgeon(PruningMethod):
         names = list(linears)
         row_c, col_c, elem_c, block_sel = {}, {}, {}, {}
         do_update = self.updates_weights
+        groups_24: dict[str, torch.Tensor] = {}
         n_tokens = 0
         fstore = None
 
@@ -866,9 +933,11 @@ class LLMSurgeon(PruningMethod):
                         fstore.put(name, f)
                     del f
                 del group
+                release_freed_memory()  # the group's factors are freed: give the heap back before the next pass
         else:
             for name in progress(names, desc="costs", enabled=self.verbose):
                 costs_of(name, None)
+        release_freed_memory()
         t_curv = time.perf_counter()
         row_c = [row_c[n] for n in names] if row_c else []
         col_c = [col_c[n] for n in names] if col_c else []
@@ -890,6 +959,7 @@ class LLMSurgeon(PruningMethod):
         elif self.mode == "2:4":
             sel, thr = select_elements(elem_c, want // 2)
             masks = []
+            groups_24 = dict(zip(names, sel)) if self.adaptive_24 else {}
             for name, s, cheapest in zip(names, sel, block_sel):
                 mk = cheapest & s.repeat_interleave(4, dim=1)
                 if linears[name].bias is not None:
@@ -933,7 +1003,10 @@ class LLMSurgeon(PruningMethod):
                             del G
                             Ainv = torch.cholesky_inverse(_chol(A))
                             del A
-                            W = column_update(W, Ainv, mk)
+                            if name in groups_24:  # the 2 of each 4 chosen inside the sweep (SparseGPT)
+                                W, mk = column_update_nm(W, Ainv, groups_24.pop(name).to(dev), 2, 4)
+                            else:
+                                W = column_update(W, Ainv, mk)
                         else:
                             Ginv, Ainv = inverses(G, A)
                             del G, A
@@ -945,6 +1018,7 @@ class LLMSurgeon(PruningMethod):
         finally:
             if fstore is not None:
                 fstore.close()
+        release_freed_memory()
         t_upd = time.perf_counter()
 
         # ----- plan: what surgery can remove physically
