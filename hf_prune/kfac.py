@@ -357,23 +357,42 @@ def hidden_next_token_loss(hidden: torch.Tensor, head: Callable[[torch.Tensor], 
 def layer_groups(model: nn.Module, linears: Mapping[str, nn.Linear], max_bytes: int | None
                  ) -> list[list[str]]:
     """Split `linears` into groups of consecutive decoder layers whose factors (float32, A shared within a layer)
-    take at most `max_bytes` each (None: one group); a layer is never split, so a group holds at least one layer.
-    Linears outside the decoder layers go with the first group."""
+    take at most `max_bytes` each (None: one group): as few groups as the budget allows, as even as the layers allow
+    (the largest group as small as it can be with that many groups). A layer is never split, so a group holds at
+    least one layer. Linears outside the decoder layers go with the first group."""
     ad = get_adapter(unwrap_model(model))
     layer_of = {id(lin): i for i in range(ad.num_layers) for _, lin in ad.linears(i)}
     by_layer: dict[int, dict[str, nn.Linear]] = {}
     for name, lin in linears.items():
         by_layer.setdefault(layer_of.get(id(lin), -1), {})[name] = lin
-    groups: list[list[str]] = []
-    size = 0
-    for i in sorted(by_layer):
-        b = factor_bytes(by_layer[i], share_inputs=True)
-        if not groups or (max_bytes is not None and size + b > max_bytes and i >= 0):
-            groups.append([])
-            size = 0
-        groups[-1] += list(by_layer[i])
-        size += b
-    return groups
+    order = sorted(by_layer)
+    sizes = [factor_bytes(by_layer[i], share_inputs=True) for i in order]
+
+    def pack(cap: float) -> list[list[int]]:
+        out: list[list[int]] = []
+        size = 0
+        for k, b in enumerate(sizes):
+            if not out or (size + b > cap and order[k] >= 0):
+                out.append([])
+                size = 0
+            out[-1].append(k)
+            size += b
+        return out
+
+    if max_bytes is None:
+        packed = [list(range(len(sizes)))]
+    else:
+        packed = pack(max_bytes)  # the fewest groups within the budget (greedy is optimal for consecutive runs)
+        lo, hi = max(sizes), max(max_bytes, max(sizes))
+        for _ in range(40):  # the smallest cap that still needs no more groups: even groups
+            mid = (lo + hi) / 2
+            if len(pack(mid)) <= len(packed):
+                hi = mid
+            else:
+                lo = mid
+        if len(pack(hi)) <= len(packed):
+            packed = pack(hi)
+    return [[n for k in grp for n in by_layer[order[k]]] for grp in packed]
 
 
 def _first_layer(model: nn.Module, names: list[str], linears: Mapping[str, nn.Linear]) -> int:

@@ -100,3 +100,13 @@ def test_low_memory_settings_give_the_same_masks_and_updates(cfg, family):
         assert torch.equal(low.updates[name] == 0, W == 0), name
         torch.testing.assert_close(low.updates[name], W, rtol=1e-4, atol=1e-4 * float(W.abs().max()))
     assert low.stats["selected"] == ref.stats["selected"]
+
+
+def test_layer_groups_are_as_few_and_as_even_as_the_budget_allows():
+    model = tiny_model("llama", num_hidden_layers=9)
+    lin = decoder_linears(model)
+    per = factor_bytes({n: l for n, l in lin.items() if ".layers.0." in n}, share_inputs=True)
+    layers = lambda b: [len(g) // 7 for g in layer_groups(model, lin, b)]  # noqa: E731
+    assert layers(4 * per) == [3, 3, 3]  # greedy would give 4, 4, 1
+    assert layers(8 * per) == [5, 4] and layers(9 * per) == [9] and layers(None) == [9]
+    assert layers(per) == [1] * 9 and layers(1) == [1] * 9  # a layer is never split
