@@ -838,6 +838,7 @@ class LLMSurgeon(PruningMethod):
         from ..surgery.common import refuse_compacted
 
         refuse_compacted(model, "LLM Surgeon")
+        release_freed_memory()  # what the last shot's update and surgery freed, before this shot's factors
         ad = get_adapter(model)
         dtype = DTYPES[self.compute_dtype]
         linears = decoder_linears(model)
