@@ -46,10 +46,10 @@ than dense) are the shortcut bases ('layer', 'sublayer', and on a tied model the
 built on copies and scored the same way; the lowest held-out loss wins. Why not always the lowest held-out loss:
 held-out calibration tokens come from the calibration text, and the per-layer bases fit that text at the cost of
 other text. On SmolLM2 at 10-20% slicing the layer basis was 7-8% better than global on held-out Austen tokens and
-worse on wiki; on Gemma-3-270M at 10% it was 2.7x better on held-out Austen (72.6 vs 196) and 2.8x worse on wiki
-(330 vs 117) (benchmarks/results/slicing_reference_protocol.md). The global basis pools every slot's statistics,
-has no shortcut matrices (the smallest and fastest model) and costs about 2.3 passes over the calibration set
-(held-out dense loss, build, held-out score, rebuild). `plan.provenance["basis_choice"]` holds every candidate's
+worse on wiki (70.5 vs 48.7 at 10%); on Gemma-3-270M at 10% it was 2.7x better on held-out Austen (72.6 vs 196) and
+2.3x worse on wiki (264 vs 117, both built on every batch) (benchmarks/results/slicing_reference_protocol.md).
+The global basis pools every slot's statistics, has no shortcut matrices (the smallest and fastest model) and costs
+about 2.3 passes over the calibration set (held-out dense loss, build, held-out score, rebuild). `plan.provenance["basis_choice"]` holds every candidate's
 held-out perplexity, parameter count and seconds.
 Every run also stops (SlicingDegradedError) when the sliced model's perplexity on calibration tokens exceeds
 `max_ppl_ratio` times the dense model's (auto: on the held-out tokens; a fixed basis: on the last `holdout` share of
