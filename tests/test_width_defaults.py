@@ -13,6 +13,7 @@ from hf_prune.data import batches as make_batches
 from hf_prune.data import token_blocks
 from hf_prune.methods import get
 from hf_prune.methods.importance import (
+    auto_gradient_checkpointing,
     auto_micro_batch_size,
     build_groups,
     compute_importance,
@@ -149,3 +150,34 @@ def test_estimate_caps_the_logit_chunk_at_the_budget():
     model = tiny_model("llama", vocab_size=300_000, num_hidden_layers=2)
     est = estimate_gradient_memory(model, 4, 64)
     assert est.logits <= 3 * LOGITS_BUDGET_BYTES
+
+
+def test_auto_checkpointing_follows_the_activation_allowance(monkeypatch):
+    import hf_prune.methods.importance as imp
+
+    model = tiny_model("llama", num_attention_heads=8, num_key_value_heads=2, num_hidden_layers=4)
+    params = scored_parameters(get_adapter(model), [1, 2])
+    assert not auto_gradient_checkpointing(model, 24, params)  # tiny: within the 256 MiB floor
+    monkeypatch.setattr(imp, "AUTO_ACTIVATION_FLOOR_BYTES", 1)
+    monkeypatch.setattr(imp, "AUTO_ACTIVATION_FRACTION", 1e-6)
+    assert auto_gradient_checkpointing(model, 24, params)
+    rows, ckpt = get("llm_pruner", skip_first_layers=1).gradient_settings(model, 4, 24)
+    assert ckpt and rows == 1
+    assert get("llm_pruner", skip_first_layers=1, gradient_checkpointing=False).gradient_settings(model, 4, 24)[1] is False
+
+
+def test_checkpointed_pass_runs_without_dropout_and_restores_the_model(calib):
+    """Per-layer checkpointing in eval mode: a model with dropout gives the same scores with and without it."""
+    model = tiny_model("llama", seed=2, num_attention_heads=8, num_key_value_heads=2, num_hidden_layers=4,
+                       attention_dropout=0.5)
+    model.train()
+    plain = compute_importance(model, calib, [1, 2], "taylor", gradient_checkpointing=False, progress=False)
+    again = compute_importance(model, calib, [1, 2], "taylor", gradient_checkpointing=False, progress=False)
+    ckpt = compute_importance(model, calib, [1, 2], "taylor", gradient_checkpointing=True, micro_batch_size=1,
+                              progress=False)
+    for a, b, c in zip(plain, again, ckpt):
+        torch.testing.assert_close(a.mlp_channels, b.mlp_channels)  # no dropout: deterministic
+        torch.testing.assert_close(a.mlp_channels, c.mlp_channels, rtol=1e-4, atol=1e-8)
+        torch.testing.assert_close(a.query_heads, c.query_heads, rtol=1e-4, atol=1e-8)
+    assert model.training
+    assert not any("forward" in vars(layer) for layer in get_adapter(model).layers)

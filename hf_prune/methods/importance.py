@@ -30,7 +30,8 @@ dtype: score bf16/fp16 models in fp32 where the difference of two nearly equal g
 pass the memory it needs is estimated, logged (INFO) and checked against a budget (:func:`estimate_gradient_memory`,
 :func:`check_memory`). ``micro_batch_size="auto"`` sizes the micro-batch from that estimate
 (:func:`auto_micro_batch_size`): the sum over micro-batches is the same sum, so the scores do not depend on it
-(up to float rounding).
+(up to float rounding); ``gradient_checkpointing=None`` turns per-layer activation checkpointing on where one row's
+activations would be large (:func:`auto_gradient_checkpointing`). The pass runs in eval mode, checkpointing included.
 """
 
 from __future__ import annotations
@@ -47,7 +48,7 @@ from ..arch import ArchAdapter, get_adapter, unwrap_model
 from ..checks import check_optional_int_option, require_finite
 from ..losses import DEFAULT_CHUNK_TOKENS, IGNORE_INDEX, chunk_rows, chunked_causal_lm_loss, output_head
 from ..perturb import EmbeddingNoise
-from ..runtime import available_memory, progress as progress_bar
+from ..runtime import available_memory, progress as progress_bar, release_freed_memory
 
 __all__ = [
     "AUTO_ACTIVATION_FRACTION",
@@ -59,6 +60,7 @@ __all__ = [
     "InsufficientMemoryError",
     "LayerImportance",
     "MemoryEstimate",
+    "auto_gradient_checkpointing",
     "auto_micro_batch_size",
     "build_groups",
     "check_memory",
@@ -76,9 +78,10 @@ CRITERIA: tuple[str, ...] = ("pip", "taylor", "magnitude")
 HEAD_GROUPINGS: tuple[str, ...] = ("kv", "query")
 #: What a method's ``head_grouping`` may be set to: a grouping, or "auto" (resolved per model).
 HEAD_GROUPING_OPTIONS: tuple[str, ...] = ("auto",) + HEAD_GROUPINGS
-#: ``micro_batch_size="auto"``: the activations and logits of one micro-batch may take at most this fraction of the
-#: model's weight bytes (weights 1x + gradients of the scored linears <= 1x + this 0.5x = the 2.5x of issue 18)...
-AUTO_ACTIVATION_FRACTION = 0.5
+#: ``micro_batch_size="auto"`` / ``gradient_checkpointing=None``: the activations and logits of one micro-batch may
+#: take at most this fraction of the model's weight bytes (weights 1x + gradients of the scored linears <= 1x + this
+#: 0.25x, leaving 0.25x of the 2.5x of issue 18 for the runtime, tokenizer and evaluation leftovers)...
+AUTO_ACTIVATION_FRACTION = 0.25
 #: ...or this many bytes when that is more (small models: a micro-batch of at least this size keeps the GEMMs large).
 AUTO_ACTIVATION_FLOOR_BYTES = 256 * 2**20
 
@@ -400,8 +403,7 @@ def auto_micro_batch_size(
     if rows < 1:
         raise ValueError(f"rows={rows} is not valid; it must be >= 1")
     scored = None if scored is None else list(scored)
-    weights = sum(p.numel() * p.element_size() for p in unwrap_model(model).parameters())
-    allowed = max(AUTO_ACTIVATION_FRACTION * weights, AUTO_ACTIVATION_FLOOR_BYTES)
+    allowed = _activation_allowance(model)
     free: int | None = None
 
     def fits(r: int) -> bool:
@@ -423,6 +425,24 @@ def auto_micro_batch_size(
         else:
             hi = mid - 1
     return lo
+
+
+def _activation_allowance(model: nn.Module) -> float:
+    weights = sum(p.numel() * p.element_size() for p in unwrap_model(model).parameters())
+    return max(AUTO_ACTIVATION_FRACTION * weights, AUTO_ACTIVATION_FLOOR_BYTES)
+
+
+def auto_gradient_checkpointing(
+    model: nn.Module,
+    seq_len: int,
+    scored: Iterable[nn.Parameter] | None = None,
+    chunk_tokens: int | None = DEFAULT_CHUNK_TOKENS,
+) -> bool:
+    """``gradient_checkpointing=None``: per-layer activation checkpointing when the activations and logits of a single
+    row of ``seq_len`` tokens, every layer's activations kept, would take more than AUTO_ACTIVATION_FRACTION of the
+    weight bytes (or AUTO_ACTIVATION_FLOOR_BYTES when that is more); it then costs about one more forward pass."""
+    est = estimate_gradient_memory(model, 1, seq_len, scored, False, chunk_tokens)
+    return est.activations + est.logits > _activation_allowance(model)
 
 
 def check_memory(estimate: MemoryEstimate, budget_gb: float | None = None, what: str = "gradient pass") -> None:
@@ -471,28 +491,34 @@ def _gradients_only_for(model: nn.Module, params: Sequence[nn.Parameter]) -> Ite
 
 @contextlib.contextmanager
 def _checkpointing(model: nn.Module, enable: bool) -> Iterator[None]:
-    """Activation checkpointing (non-reentrant) for the pass; the model's own setting and mode are restored after.
+    """The pass in eval mode (no dropout), each decoder layer's forward under non-reentrant activation checkpointing
+    when ``enable`` or when the model has its own checkpointing turned on (which only acts in training mode: here the
+    layers are wrapped instead, so the recomputation runs without dropout and the scores equal those without it).
+    The model's mode is restored after; the layers' forwards are unwrapped."""
+    from torch.utils.checkpoint import checkpoint
 
-    Without checkpointing the pass runs in eval mode (no dropout); checkpointing only acts in training mode.
-    """
     already = bool(getattr(model, "is_activation_checkpointing", False))
     was_training = model.training
-    if not enable or already:
-        try:
-            model.train(already)
-            yield
-        finally:
-            model.train(was_training)
-        return
-    had_hooks = bool(getattr(model, "_require_grads_hooks", None)) or hasattr(model, "_require_grads_hook")
-    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-    model.train()
+    wrapped: list[nn.Module] = []
+    model.eval()
     try:
+        if enable or already:
+            for layer in get_adapter(model).layers:
+                if "forward" in vars(layer):  # already wrapped (or patched by someone else): leave it alone
+                    continue
+                inner = layer.forward
+
+                def forward(*args, _inner=inner, **kwargs):
+                    if not torch.is_grad_enabled():
+                        return _inner(*args, **kwargs)
+                    return checkpoint(_inner, *args, use_reentrant=False, **kwargs)
+
+                layer.forward = forward
+                wrapped.append(layer)
         yield
     finally:
-        model.activation_checkpointing_disable()
-        if not had_hooks and hasattr(model, "disable_input_require_grads"):
-            model.disable_input_require_grads()
+        for layer in wrapped:
+            del layer.forward
         model.train(was_training)
 
 
@@ -592,7 +618,7 @@ def compute_importance(
     criterion: str,
     embedding_noise: EmbeddingNoise | None = None,
     micro_batch_size: int | str | None = None,
-    gradient_checkpointing: bool = False,
+    gradient_checkpointing: bool | None = False,
     memory_budget_gb: float | None = None,
     progress: bool = True,
     *,
@@ -607,6 +633,7 @@ def compute_importance(
     A NaN/inf score raises NonFiniteError naming ``method`` (default: the criterion), ``stage`` and the layer.
     The loss's logits are made ``chunk_tokens`` tokens at a time (`gradient_pass`). ``micro_batch_size``: rows per
     forward/backward; None: whole batches; "auto": :func:`auto_micro_batch_size` (logged with the estimate).
+    ``gradient_checkpointing``: per-layer activation checkpointing; None: :func:`auto_gradient_checkpointing`.
     """
     if criterion not in CRITERIA:
         raise ValueError(f"criterion={criterion!r} is not valid; use one of {CRITERIA}")
@@ -623,6 +650,10 @@ def compute_importance(
             raise ValueError(f"criterion={criterion!r} needs calibration batches; none were given")
         rows = max(b["input_ids"].shape[0] for b in batches)
         seq_len = max(b["input_ids"].shape[1] for b in batches)
+        if gradient_checkpointing is None:
+            gradient_checkpointing = auto_gradient_checkpointing(model, seq_len, params, chunk_tokens)
+            logger.info("gradient_checkpointing=None: per-layer activation checkpointing %s",
+                        "on" if gradient_checkpointing else "off")
         if auto:
             micro_batch_size = auto_micro_batch_size(model, rows, seq_len, params, gradient_checkpointing,
                                                      memory_budget_gb, chunk_tokens)
@@ -631,6 +662,7 @@ def compute_importance(
                                        gradient_checkpointing, chunk_tokens)
         logger.info("%r gradient pass over %d batches needs about %s", criterion, len(batches), est)
         check_memory(est, memory_budget_gb, what=f"{criterion!r} gradient pass")
+        release_freed_memory()  # what the previous stage's surgery and scoring freed, before this pass's peak
         grads = gradient_pass(model, batches, params, difference=criterion == "pip", embedding_noise=embedding_noise,
                               micro_batch_size=micro_batch_size, gradient_checkpointing=gradient_checkpointing,
                               progress=progress, method=method or criterion, stage=stage, chunk_tokens=chunk_tokens)

@@ -47,6 +47,7 @@ from .importance import (
     MemoryEstimate,
     build_groups,
     compute_importance,
+    auto_gradient_checkpointing,
     auto_micro_batch_size,
     estimate_gradient_memory,
     resolve_head_grouping,
@@ -110,12 +111,16 @@ class GroupPruning(PruningMethod):
     micro_batch_size: int | None = field(
         default=None,
         metadata={"help": "Rows per forward/backward in gradient passes. None: sized from the memory estimate, the "
-                  "most rows whose activations and logits take at most half the weight bytes (at least 256 MiB) "
+                  "most rows whose activations and logits take at most a quarter of the weight bytes (at least "
+                  "256 MiB) "
                   "and fit memory_budget_gb / free memory (logged). Scores are sums over micro-batches: the same "
                   "for any value up to float rounding. A number >= the batch rows: whole batches."},
     )
-    gradient_checkpointing: bool = field(
-        default=False, metadata={"help": "Activation checkpointing during gradient passes (less memory, ~30% slower)."}
+    gradient_checkpointing: bool | None = field(
+        default=None,
+        metadata={"help": "Per-layer activation checkpointing during gradient passes (less memory, ~30% slower; "
+                  "same scores). None: on when one row's activations and logits, every layer's kept, would take "
+                  "more than a quarter of the weight bytes (at least 256 MiB), as on Gemma-3-270M (logged)."},
     )
     memory_budget_gb: float | None = field(
         default=None,
@@ -276,23 +281,31 @@ class GroupPruning(PruningMethod):
             self._grouping = resolve_head_grouping(ad, self.prunable_layers(ad.num_layers), "auto")
         return self._grouping
 
-    def micro_batch_rows(self, model: nn.Module, batch_rows: int, seq_len: int) -> int:
-        """Rows per forward/backward of the gradient pass for batches of `batch_rows` x `seq_len` tokens."""
-        if self.micro_batch_size is not None:
-            return min(self.micro_batch_size, batch_rows)
+    def gradient_settings(self, model: nn.Module, batch_rows: int, seq_len: int) -> tuple[int, bool]:
+        """(rows per forward/backward, per-layer checkpointing) of the gradient pass for batches of `batch_rows` x
+        `seq_len` tokens: the fields, or what None resolves to (`importance.auto_gradient_checkpointing`, then
+        `importance.auto_micro_batch_size`)."""
         model = unwrap_model(model)
         ad = get_adapter(model)
         params = scored_parameters(ad, self.prunable_layers(ad.num_layers))
-        return auto_micro_batch_size(model, batch_rows, seq_len, params, self.gradient_checkpointing,
-                                     self.memory_budget_gb)
+        ckpt = self.gradient_checkpointing
+        if ckpt is None:
+            ckpt = auto_gradient_checkpointing(model, seq_len, params)
+        if self.micro_batch_size is not None:
+            return min(self.micro_batch_size, batch_rows), ckpt
+        return auto_micro_batch_size(model, batch_rows, seq_len, params, ckpt, self.memory_budget_gb), ckpt
+
+    def micro_batch_rows(self, model: nn.Module, batch_rows: int, seq_len: int) -> int:
+        """Rows per forward/backward of the gradient pass for batches of `batch_rows` x `seq_len` tokens."""
+        return self.gradient_settings(model, batch_rows, seq_len)[0]
 
     def memory_estimate(self, model: nn.Module, batch_rows: int, seq_len: int) -> MemoryEstimate:
         """Peak memory of this method's gradient pass on `model` for batches of `batch_rows` x `seq_len` tokens."""
         model = unwrap_model(model)
         ad = get_adapter(model)
         params = scored_parameters(ad, self.prunable_layers(ad.num_layers))
-        rows = self.micro_batch_rows(model, batch_rows, seq_len)
-        return estimate_gradient_memory(model, rows, seq_len, params, self.gradient_checkpointing)
+        rows, ckpt = self.gradient_settings(model, batch_rows, seq_len)
+        return estimate_gradient_memory(model, rows, seq_len, params, ckpt)
 
     def _micro_batch_option(self) -> int | str:
         return "auto" if self.micro_batch_size is None else self.micro_batch_size
