@@ -181,3 +181,21 @@ def test_checkpointed_pass_runs_without_dropout_and_restores_the_model(calib):
         torch.testing.assert_close(a.query_heads, c.query_heads, rtol=1e-4, atol=1e-8)
     assert model.training
     assert not any("forward" in vars(layer) for layer in get_adapter(model).layers)
+
+
+@pytest.mark.parametrize("model_type", ["llama", "gemma3_text"])
+def test_removing_query_heads_of_a_single_kv_group_equals_zeroing_their_output(model_type, calib):
+    """What head_grouping='query' plans on a single-kv-head layer: the pruned model computes what the dense one does
+    with those heads' o_proj columns zeroed."""
+    from hf_prune.plan import PrunePlan
+
+    dense, pruned = single_kv(model_type), single_kv(model_type)
+    a = get_adapter(dense).attention(1)
+    with torch.no_grad():
+        for h in (1, 3):
+            a.o_proj.weight[:, h * a.head_dim:(h + 1) * a.head_dim] = 0
+    hf_prune.apply(pruned, PrunePlan(heads={1: [0, 2]}))
+    assert hf_prune.surgery.layer_widths(pruned)[1][:2] == (2, 1)
+    ids = calib[0]["input_ids"]
+    with torch.no_grad():
+        torch.testing.assert_close(pruned(input_ids=ids).logits, dense(input_ids=ids).logits, rtol=1e-5, atol=1e-5)
