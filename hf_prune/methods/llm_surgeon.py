@@ -657,7 +657,7 @@ class LLMSurgeon(PruningMethod):
                                                                     "float32."})
     factor_device: str = field(default="auto", metadata={
         "help": "Where K-FAC factors live: auto (the model's device when they fit, else cpu), cpu, or a device."})
-    factor_memory: float | None = field(default=0.5, metadata={
+    factor_memory: float | None = field(default=0.25, metadata={
         "help": "GiB of K-FAC factors (float32) resident at once: the decoder layers are collected in groups that "
                 "fit, one forward/backward pass per group, and when there is more than one group the factors wait "
                 "for the update pass in files in the temporary folder; None: every layer in one pass, in memory."})
