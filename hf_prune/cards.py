@@ -146,7 +146,8 @@ def basis_choice_section(choice: dict[str, Any] | None) -> dict[str, Any] | None
         rows.append({"basis": c.get("basis", "?"), "head": c.get("head", "?"),
                      "ppl": "refused" if refused else _num(c.get("held_out_ppl"), ".2f"),
                      "parameters": _num(c.get("parameters"), ","), "seconds": _num(c.get("seconds"), ".1f"),
-                     "note": "**chosen**" if c.get("chosen") else (str(refused).split(";")[0][:160] if refused else "")})
+                     "note": "; ".join(x for x in (c.get("schedule"), "**chosen**" if c.get("chosen") else None,
+                                                   str(refused).split(";")[0][:160] if refused else None) if x)})
     held = choice.get("held_out_tokens")
     text = (f'The slicing basis was chosen by measurement (`basis="auto"`): every candidate was built on '
             f"{choice.get('build_batches', '?')} calibration batches and scored on "

@@ -418,7 +418,7 @@ def test_auto_basis_keeps_the_global_basis_that_passes_and_rebuilds_it_on_every_
     ids, mask = _inputs(model.config.vocab_size, b=8)
     batches = _batches(ids, mask)  # 4 batches: 3 to build, 1 held out
     on_build, on_all = copy.deepcopy(model), copy.deepcopy(model)
-    plan = get("slicegpt", slicing=0.3, progress=False).plan(model, batches)
+    plan = get("slicegpt", slicing=0.3, protect_early="none", progress=False).plan(model, batches)
     choice = plan.provenance["basis_choice"]
     json.dumps(plan.provenance, allow_nan=False)
     assert (choice["build_batches"], choice["held_out_batches"]) == (3, 1)
@@ -439,6 +439,48 @@ def test_auto_basis_keeps_the_global_basis_that_passes_and_rebuilds_it_on_every_
     ref = _logits(on_all, ids, mask)
     assert _max_diff(_logits(model, ids, mask), ref) <= 1e-4 * max(1.0, ref.abs().max().item())
     assert _max_diff(_logits(on_build, ids, mask), ref) > 1e-3  # the rebuild changed the model: the test can fail
+
+
+@pytest.mark.parametrize("model_type", ["llama", "gemma3_text"])
+def test_auto_basis_scores_schedules_that_keep_the_first_layers_whole_at_no_more_parameters(model_type):
+    """protect_early='auto': next to one width everywhere, the global basis is scored with the first L/6 and L/3
+    layers (here 1) at full width and the later ones narrower, never more parameters than the uniform plan; each
+    figure is that schedule's held-out loss on the build-batches basis; the lowest wins (uniform unless better by
+    auto_tolerance) and the rebuild on every batch keeps the chosen per-layer fractions."""
+    from hf_prune.methods.slicegpt import calibration_loss
+    from hf_prune.surgery import masked_slicing
+
+    model = _model(model_type)
+    ids, mask = _inputs(model.config.vocab_size, b=8)
+    batches = _batches(ids, mask)
+    twin, on_all = copy.deepcopy(model), copy.deepcopy(model)
+    plan = get("slicegpt", slicing=0.3, progress=False).plan(model, batches)
+    rows = plan.provenance["basis_choice"]["candidates"]
+    uniform, scheduled = rows[0], rows[1:]
+    assert "schedule" not in uniform and scheduled and all(r["schedule"].startswith("first 1 layers") for r in scheduled)
+    fixed = get("slicegpt", slicing=0.3, basis="global", max_ppl_ratio=0, progress=False)
+    p_build = fixed.plan(twin, batches[:3])
+    for r in scheduled:
+        assert r["parameters"] <= uniform["parameters"]
+        assert r["layer_slicing"][0] == 0.0 and r["layer_slicing"][-1] > 0.3
+        dims = fixed.residual_dims(r["layer_slicing"], model.config.hidden_size)
+        with masked_slicing(twin, dims):
+            nll, _ = calibration_loss(twin, batches[3:])
+        assert nll == pytest.approx(r["held_out_nll"], rel=1e-5)
+    best = min(scheduled, key=lambda r: r["held_out_nll"])
+    keep = best if best["held_out_nll"] < uniform["held_out_nll"] - math.log1p(0.01) else uniform
+    assert [r for r in rows if r.get("chosen")] == [keep]
+    assert plan.residual_widths["layer_slicing"] == keep.get("layer_slicing", [0.3] * model.config.num_hidden_layers)
+    del p_build
+    final = get("slicegpt", slicing=0.3, basis="global", max_ppl_ratio=0, progress=False)
+    final._fractions = keep.get("layer_slicing")
+    p_all = final.plan(on_all, batches)
+    assert p_all.residual_widths == plan.residual_widths
+    apply_slicing(model, plan)
+    apply_slicing(on_all, p_all)
+    assert sum(p.numel() for p in model.parameters()) == keep["parameters"]
+    ref = _logits(on_all, ids, mask)
+    assert _max_diff(_logits(model, ids, mask), ref) <= 1e-4 * max(1.0, ref.abs().max().item())
 
 
 def test_auto_basis_escalates_to_the_shortcut_bases_when_the_global_one_fails(monkeypatch):

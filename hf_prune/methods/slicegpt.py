@@ -113,6 +113,7 @@ __all__ = [
 BASES = ("auto", "sublayer", "layer", "global")
 HEADS = ("auto", "tied", "untied")
 EMBEDDING_BASES = ("joint", "embedding")
+PROTECT_EARLY = ("auto", "none")
 TOKEN_WEIGHTINGS = ("norm", "none")
 
 
@@ -384,6 +385,7 @@ class SliceGPT(PruningMethod):
     _stage = None  # the stage plan() is running (named in errors)
     _shared_stats = None  # basis='auto': dense statistics shared by the candidates
     _record_rotations = False  # basis='auto': candidates keep their rotations to replay the winner's
+    _fractions = None  # basis='auto': the per-layer slice fractions of the schedule it chose
 
     slicing: float = field(
         default=0.25, metadata={"help": "Fraction of the residual-stream width D to delete (SP), in [0, 1)."}
@@ -473,6 +475,16 @@ class SliceGPT(PruningMethod):
             "(Gemma-3-270M: 25-50% vs 0.1-0.3% per slot, ppl 8.3e7 vs 117)."
         },
     )
+    protect_early: str = field(
+        default="auto",
+        metadata={
+            "help": "'auto' (basis='auto', when the global basis passes): besides one width for every layer, score "
+            "the schedules that keep the residual writes of the first L/6 or L/3 layers at full width and slice the "
+            "later layers narrower, at no more parameters than one width everywhere; the lowest held-out loss wins "
+            "(Gemma-3-270M at 10%: wiki ppl 117 -> 39 at the same size). 'none': one width for every layer "
+            "(SliceGPT). Dynamic Slicing's schedule comes from its redundancies instead."
+        },
+    )
     damping: float = field(
         default=0.01, metadata={"help": "Covariance damping as a fraction of its mean diagonal (SliceGPT: 0.01)."}
     )
@@ -498,6 +510,7 @@ class SliceGPT(PruningMethod):
             ("head", self.head, HEADS),
             ("embedding_basis", self.embedding_basis, EMBEDDING_BASES),
             ("token_weighting", self.token_weighting, TOKEN_WEIGHTINGS),
+            ("protect_early", self.protect_early, PROTECT_EARLY),
         ):
             check_choice(name, value, valid)
         self.damping = check_fraction("damping", self.damping, lo=0.0, hi=float("inf"))
@@ -569,7 +582,7 @@ class SliceGPT(PruningMethod):
         elif self.needs_redundancy or global_possible or joint:
             stats = self._dense_statistics(model, runner, need_slots=global_possible, need_head=joint)
         self._stats = stats
-        fractions = self.slice_fractions(stats.get("redundancy"), n_layers)
+        fractions = self._fractions or self.slice_fractions(stats.get("redundancy"), n_layers)
         dims = self.residual_dims(fractions, hidden)
         sizes = predicted_sizes(model, dims)
         self._basis = self.basis
@@ -687,12 +700,13 @@ class SliceGPT(PruningMethod):
         rows: list[dict] = []
         scored: list = []  # (nll, row, plan, candidate) of the candidates not larger than dense
 
-        def score(m: nn.Module, p: PrunePlan, row: dict, t: float) -> float:
-            with masked_slicing(m, p):
+        def score(m: nn.Module, p: PrunePlan, row: dict, t: float, dims: list[int] | None = None,
+                  parameters: int | None = None) -> float:
+            with masked_slicing(m, dims or p):
                 nll, _ = calibration_loss(m, held, self.device)
             row.update(held_out_ppl=math.exp(min(nll, 700.0)) if math.isfinite(nll) else None,
                        held_out_nll=nll if math.isfinite(nll) else None,
-                       parameters=p.provenance["predicted_parameters"][p.residual_widths["basis"]],
+                       parameters=parameters or p.provenance["predicted_parameters"][p.residual_widths["basis"]],
                        seconds=time.perf_counter() - t)
             rows.append(row)
             return nll
@@ -718,9 +732,19 @@ class SliceGPT(PruningMethod):
             nll = score(model, p, row, t)
             if math.isfinite(nll) and row["parameters"] <= self.max_size * n_dense:
                 scored.append((nll, row, p, cand))
+            fractions = None
+            if self.protect_early == "auto" and not self.needs_redundancy and math.isfinite(nll):
+                for k, fr, dims, size in self._protected_schedules(model, p):
+                    t = time.perf_counter()
+                    r = {"basis": "global", "head": head, "schedule": f"first {k} layers whole, then width {dims[-2]}",
+                         "layer_slicing": fr}
+                    nll_k = score(model, p, r, t, dims=dims, parameters=size)
+                    if math.isfinite(nll_k) and nll_k < nll - math.log1p(self.auto_tolerance):
+                        row, nll, fractions = r, nll_k, fr
             if self._global_passes(nll, dense_nll):
                 t = time.perf_counter()
                 final = replace(self, basis="global", head=head, max_ppl_ratio=0.0)
+                final._fractions = fractions
                 p_all = final.plan(model, batches, stage)  # in the frame `p` left: the composition is the basis
                 row.update(chosen=True, rebuilt_on_all_batches=True, rebuild_seconds=time.perf_counter() - t)
                 check = self._judge(dense_nll, nll, n_held, held_out)
@@ -781,6 +805,28 @@ class SliceGPT(PruningMethod):
             for Q, slots in cand._rotations:  # the winner's run, replayed: same matrices, same order
                 rotate(model, Q, slots, device=self.device)
         return self._auto_plan(model, p, choice(row, self._ESCALATED), check, n_dense, start)
+
+    def _protected_schedules(self, model: nn.Module, p: PrunePlan) -> list[tuple[int, list[float], list[int], int]]:
+        """(k, per-layer fractions, slot widths, predicted parameters) of the schedules that keep the first k layers
+        (k = L/6 and L/3, at least 1, fewer than L) at full width and slice the later ones to the widest multiple of
+        `round_to` whose model is not larger than the uniform plan `p`'s. The embedding and head keep the target
+        width, so the vocabulary matrices cost the same."""
+        n_layers = len(p.residual_widths["layer_slicing"])
+        hidden = model.config.hidden_size
+        budget = p.provenance["predicted_parameters"]["global"]
+        out = []
+        for k in sorted({max(1, round(n_layers / 6)), max(1, round(n_layers / 3))}):
+            if k >= n_layers:
+                continue
+            step = max(1, self.round_to)
+            for width in range(hidden - step, 0, -step):
+                fr = [0.0] * k + [1.0 - width / hidden] * (n_layers - k)
+                dims = self.residual_dims(fr, hidden)
+                size = predicted_sizes(model, dims)["global"]
+                if size <= budget:
+                    out.append((k, fr, dims, size))
+                    break
+        return out
 
     def _global_passes(self, nll: float, dense_nll: float) -> bool:
         """basis='auto' keeps the global basis when its held-out loss is finite and within max_ppl_ratio x dense."""
@@ -943,6 +989,11 @@ class DynamicSlicing(SliceGPT):
     )
     max_slicing: float = field(
         default=0.9, metadata={"help": "Cap on any layer's slice fraction (the mean is kept at `slicing`)."}
+    )
+    protect_early: str = field(
+        default="none",
+        metadata={"help": "Dynamic Slicing's schedule comes from its layer redundancies; basis='auto' scores no "
+                  "other schedule ('auto' is accepted and ignored here)."},
     )
 
     def __post_init__(self) -> None:
