@@ -250,3 +250,28 @@ def test_masked_slicing_computes_what_the_sliced_model_computes(model_type, tied
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
     assert all(layer.attn_shortcut is None or isinstance(layer.attn_shortcut, nn.Linear)
                for layer in model.model.layers)
+
+
+@pytest.mark.parametrize("weighting", ["norm", "none"])
+@pytest.mark.parametrize("model_type", ["gemma3_text", "llama"])
+def test_an_attention_sink_token_survives_slicing_of_directions_without_signal(model_type, weighting):
+    """An attention-sink token (first in every sequence, its embedding 100x the others' norm, in a direction of its
+    own inside the signal subspace) must neither choose the basis nor lose its direction: slicing every direction
+    without signal leaves the logits unchanged under both token weightings, with the default protect_early schedule
+    scoring and the held-out check on."""
+    model = _model(model_type)
+    _no_signal_beyond(model, RANK)
+    sink = 3
+    with torch.no_grad():
+        e = model.model.embed_tokens.weight
+        e[sink] = 0
+        e[sink, RANK - 1] = 100 * e[4:, :RANK].norm(dim=-1).mean()
+    ids, mask, batches = _data(model.config.vocab_size)
+    ids[:, 0] = sink
+    batches = [{"input_ids": ids[i : i + 2], "attention_mask": mask[i : i + 2]} for i in range(0, ids.shape[0], 2)]
+    ref = _logits(model, ids, mask)
+    method = get("slicegpt", slicing=0.5, round_to=8, token_weighting=weighting, max_size=100.0, progress=False)
+    plan = method.plan(model, batches)  # tiny models: the point here is exactness, not size
+    assert min(plan.residual_widths["residual_dims"]) >= RANK
+    apply_slicing(model, plan)
+    assert _max_diff(_logits(model, ids, mask), ref) <= 1e-4 * max(1.0, ref.abs().max().item())
