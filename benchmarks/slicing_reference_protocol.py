@@ -240,8 +240,10 @@ def write(rows: list[dict], runs: list[dict], protocol: dict, stem: Path) -> Non
         lines += ["", "basis='auto' evidence (held-out calibration perplexity per candidate):", ""]
         for r in choices:
             cands = ", ".join(
-                f"{c['basis']}/{c['head']}: " + (f"{c['held_out_ppl']:.2f} ({c['parameters'] / 1e6:.2f}M)"
-                                                  if c.get("held_out_ppl") is not None else "refused (larger)")
+                f"{c['basis']}/{c['head']}" + (f" [{c['schedule']}]" if c.get("schedule") else "") + ": "
+                + (f"{c['held_out_ppl']:.2f} ({c['parameters'] / 1e6:.2f}M)"
+                   if c.get("held_out_ppl") is not None else "refused (larger)")
+                + (" (chosen)" if c.get("chosen") else "")
                 for c in r["basis_choice"]["candidates"])
             lines.append(f"- {r['model']} {r['method']} {r['slicing']}: dense {r['basis_choice']['dense_held_out_ppl']:.2f}; "
                          f"{cands}")
