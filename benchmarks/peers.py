@@ -490,6 +490,11 @@ def _mc_se(r: dict, key: str = "acc_norm") -> float | None:
     return sum(v[key] * (1 - v[key]) / v["n"] for v in mc.values()) ** 0.5 / len(mc)
 
 
+def _mc_pooled(r: dict, key: str = "acc_norm") -> float | None:
+    mc = r.get("mc")
+    return sum(v[key] * v["n"] for v in mc.values()) / sum(v["n"] for v in mc.values()) if mc else None
+
+
 def _verdict(ref: dict, ours: dict) -> str:
     """Who wins, and by how much, on perplexity and (where both were scored) the mean MC acc_norm."""
     parts = []
@@ -647,13 +652,16 @@ def markdown(res: dict) -> str:
                   "under --work (the perplexity column 'ppl check' is measured again on that model; it must equal the "
                   "row's).", "",
                   "| row | " + " | ".join(f"{t} (n={mc_rows[0]['mc'][t]['n']})" for t in tasks) +
-                  " | mean acc_norm +/- SE | ppl / ppl check | MC s |",
-                  "|---|" + "---|" * (len(tasks) + 3)]
+                  " | mean acc_norm +/- SE | pooled acc_norm | ppl / ppl check | MC s |",
+                  "|---|" + "---|" * (len(tasks) + 4)]
         for r in mc_rows:
             chk = r.get("mc_ppl_check")
             lines.append(f"| {r['label']} | " + " | ".join(
                 f"{r['mc'][t]['acc']:.3f} / {r['mc'][t]['acc_norm']:.3f}" for t in tasks) +
-                f" | {_mc_mean(r):.3f} +/- {_mc_se(r):.3f} | {_fmt(_ppl(r))} / {_fmt(chk)} | {r['mc_seconds']:.0f} |")
+                f" | {_mc_mean(r):.3f} +/- {_mc_se(r):.3f} | {_mc_pooled(r):.3f} | {_fmt(_ppl(r))} / {_fmt(chk)} | "
+                f"{r['mc_seconds']:.0f} |")
+        lines += ["", "Mean: the unweighted mean over the three tasks (used in the comparisons; SE its binomial standard "
+                  "error). Pooled: correct answers over all examples (cause_and_effect's 51 weigh less)."]
     depth = [r for r in rows.values() if r["group"] == "depth" and "error" not in r]
     if depth:
         lines += ["", "## Depth", "", "| row | removed | ppl | selection s | recovery s | recovery tokens |",
