@@ -66,9 +66,9 @@ def test_two_four_run_with_adaptive_masks():
                for s in range(2)]
     kw = dict(target=0.5, shots=1, mode="2:4", criterion="kobd", weight_update=True, update_rule="columns",
               verbose=False)
-    ad = LLMSurgeon(**kw).prune_step(base, batches, 0)
-    fx = LLMSurgeon(mask_24="fixed", **kw).prune_step(base, batches, 0)
-    assert LLMSurgeon(**kw).adaptive_24 and not LLMSurgeon(mask_24="fixed", **kw).adaptive_24
+    ad = LLMSurgeon(mask_24="adaptive", **kw).prune_step(base, batches, 0)
+    fx = LLMSurgeon(**kw).prune_step(base, batches, 0)  # fixed: the default
+    assert LLMSurgeon(mask_24="adaptive", **kw).adaptive_24 and not LLMSurgeon(**kw).adaptive_24
     differ = False
     for name, W in ad.updates.items():
         if name.endswith(".weight"):
