@@ -496,7 +496,7 @@ def test_slicing_through_the_callback_rotates_and_slices_then_trains_and_reloads
 
     blocks = _blocks()
     model = tiny_model("llama", num_hidden_layers=3).train()
-    cb = PruneCallback(get("slicegpt", slicing=0.25, progress=False), calibration=blocks[:8],
+    cb = PruneCallback(get("slicegpt", slicing=0.25, protect_early="none", progress=False), calibration=blocks[:8],
                        schedule=PruneSchedule(epochs=[0]))
     trainer = Trainer(model=model, args=_args(tmp_path, num_train_epochs=1), train_dataset=blocks_dataset(blocks),
                       callbacks=[cb])
