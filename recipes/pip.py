@@ -57,7 +57,7 @@ def main(argv: list[str] | None = None) -> dict:
     data, targs, tok = run.data, run.targs, run.tok
 
     extra = {"tokenizer": tok} if name == "pip" else {}
-    method = get(name, seed=targs.seed, progress=False, gradient_checkpointing=targs.gradient_checkpointing,
+    method = get(name, seed=targs.seed, progress=False, gradient_checkpointing=targs.gradient_checkpointing or None,
                  **dataclasses.asdict(margs), **extra)
     report = run.report
     report["method"] = method.config_dict()
