@@ -346,7 +346,7 @@ def run_depth_recover(spec: dict, args, model, tok, out: dict):
     return r["model"].eval()
 
 
-def method_for(spec: dict, args):
+def method_for(spec: dict, args, tok=None):
     from hf_prune.methods import get
 
     if spec["method"] == "llm_surgeon":
@@ -358,6 +358,8 @@ def method_for(spec: dict, args):
         if spec["method"] == "iterabre":
             return get("iterabre", n_remove=args.n_remove, seed=args.seed)
         return get(spec["method"], n_remove=args.n_remove, seed=args.seed, progress=False)
+    if spec["method"] == "pip":  # its default character perturbation re-tokenizes perturbed text
+        return get("pip", target=args.width_target, seed=args.seed, progress=False, tokenizer=tok)
     return get(spec["method"], target=args.width_target, seed=args.seed, progress=False)
 
 
@@ -405,7 +407,7 @@ def run_row(row: str, args) -> dict:
             if spec["method"] == "iterabre":
                 b = batches(ids[: args.iterabre_samples], args.batch_size)
                 out["calibration_tokens"] = int(ids[: args.iterabre_samples].numel())
-            method = method_for(spec, args)
+            method = method_for(spec, args, tok)
             t0 = time.perf_counter()
             result = hf_prune.prune(model, method, b)
             out["prune_seconds"] = time.perf_counter() - t0
