@@ -235,10 +235,15 @@ def reader_gram(modules: Iterable[nn.Module]) -> torch.Tensor | None:
     return total
 
 
-def embedding_gram(model: nn.Module, width: int) -> torch.Tensor:
-    """E^T E of the first `width` embedding columns (float64): the tied head's sensitivity to each direction."""
-    e = model.model.embed_tokens.weight.detach()[:, :width]
-    return (e.T.float() @ e.float()).to(device="cpu", dtype=torch.float64)
+def embedding_gram(model: nn.Module, width: int, rows: int = 16384) -> torch.Tensor:
+    """E^T E of the first `width` embedding columns (float64): the tied head's sensitivity to each direction. Summed
+    over blocks of `rows` vocabulary rows, so no copy of the (sliced) embedding is made (262k x 640 at Gemma-3)."""
+    e = model.model.embed_tokens.weight.detach()
+    total = torch.zeros(width, width, dtype=torch.float64, device=e.device)
+    for start in range(0, e.shape[0], rows):
+        block = e[start : start + rows, :width].to(torch.float64)
+        total += block.T @ block
+    return total.cpu()
 
 
 def head_gram(model: nn.Module, width0: int) -> torch.Tensor:
