@@ -27,8 +27,7 @@ if TYPE_CHECKING:
     import torch
     from torch import nn
 
-__all__ = ["available_memory", "eval_mode", "model_device", "own_memory", "progress", "progress_disabled",
-           "release_freed_memory"]
+__all__ = ["available_memory", "eval_mode", "model_device", "progress", "progress_disabled", "release_freed_memory"]
 
 _FALSE = ("", "0", "false", "no", "off")
 
@@ -127,29 +126,6 @@ def eval_mode(model: "nn.Module") -> Iterator["nn.Module"]:
             yield model
     finally:
         model.train(was_training)
-
-
-def own_memory(model) -> int:
-    """Copy every parameter and buffer of `model` into memory the process owns; returns the bytes copied.
-
-    `from_pretrained` on the CPU leaves the weights as views of the memory-mapped safetensors file. Every method that
-    writes into weights (a rotation, a weight update) then makes copy-on-write pages while the file's pages stay
-    resident too, and pages of weights that surgery later replaces stay mapped as long as any tensor (the embedding)
-    still views the file: the resident set holds the weights twice (Gemma-3-270M sliced: 3.23 GB at its peak). One
-    copy right after loading, while little of the file has been read, releases the mapping once the last view is gone.
-    Tied parameters stay tied (each Parameter object is copied once)."""
-    import torch
-
-    copied = 0
-    seen: set[int] = set()
-    with torch.no_grad():
-        for t in list(model.parameters()) + list(model.buffers()):
-            if id(t) in seen or t.device.type != "cpu":
-                continue
-            seen.add(id(t))
-            t.data = t.data.clone()
-            copied += t.numel() * t.element_size()
-    return copied
 
 
 def release_freed_memory() -> bool:

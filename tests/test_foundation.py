@@ -402,22 +402,3 @@ def test_method_classes_import_from_the_methods_package():
         assert type(methods.get(reg_name, **REQUIRED_OPTIONS.get(reg_name, {}))) is cls
     with pytest.raises(AttributeError, match="NoSuchMethod"):
         methods.NoSuchMethod
-
-
-def test_own_memory_copies_weights_out_of_the_checkpoint_mapping_and_keeps_ties(tmp_path):
-    """After `own_memory`, no parameter shares storage with what from_pretrained returned (the memory-mapped
-    safetensors file), values are equal and a tied head is still the embedding."""
-    import torch
-    from tiny import tiny_model
-    from transformers import AutoModelForCausalLM
-
-    from hf_prune.runtime import own_memory
-
-    tiny_model("llama", tie_word_embeddings=True).save_pretrained(tmp_path)
-    model = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32)
-    before = {n: (p.data_ptr(), p.detach().clone()) for n, p in model.named_parameters()}
-    copied = own_memory(model)
-    assert copied >= sum(p.numel() * 4 for p in model.parameters())
-    for n, p in model.named_parameters():
-        assert p.data_ptr() != before[n][0] and torch.equal(p, before[n][1]), n
-    assert model.lm_head.weight is model.model.embed_tokens.weight
