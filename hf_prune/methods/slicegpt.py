@@ -758,22 +758,25 @@ class SliceGPT(PruningMethod):
         # 2. the shortcut bases, each on a copy; the winner's rotations are replayed on `model`. The dense
         # statistics are shared only when the global basis was refused before rotating (same frame).
         shared = cand._stats if (cand._stats and "skipped" in rows[0]) else None
-        for basis in ("layer", "sublayer"):
+
+        def on_copy(basis: str, head: str, stats: dict | None) -> None:
             t = time.perf_counter()
             row = {"basis": basis, "head": head}
             c = replace(self, basis=basis, head=head, max_ppl_ratio=0.0)
-            c._shared_stats, c._record_rotations = shared, True
+            c._shared_stats, c._record_rotations = stats, True
             m = copy.deepcopy(model)
             try:
                 p = c.plan(m, build, stage)
             except SlicedLargerThanDenseError as e:
                 row.update(skipped=str(e), seconds=time.perf_counter() - t)
                 rows.append(row)
-                continue
+                return
             nll = score(m, p, row, t)
-            del m
             if math.isfinite(nll) and row["parameters"] <= self.max_size * n_dense:
                 scored.append((nll, row, p, c))
+
+        for basis in ("layer", "sublayer"):
+            on_copy(basis, head, shared)
         if not scored:
             raise SlicedLargerThanDenseError(
                 f"{self.name} slicing={self.slicing:g}: no basis gives a model of at most {self.max_size:g} x the "
@@ -781,21 +784,7 @@ class SliceGPT(PruningMethod):
             )
         best = min(scored, key=lambda c: c[0])
         if self.head == "auto" and head == "tied" and self.auto_head and best[1]["basis"] != "global":
-            t = time.perf_counter()
-            row = {"basis": best[1]["basis"], "head": "untied"}
-            c = replace(self, basis=best[1]["basis"], head="untied", max_ppl_ratio=0.0)
-            c._record_rotations = True
-            m = copy.deepcopy(model)
-            try:
-                p = c.plan(m, build, stage)
-            except SlicedLargerThanDenseError as e:
-                row.update(skipped=str(e), seconds=time.perf_counter() - t)
-                rows.append(row)
-            else:
-                nll = score(m, p, row, t)
-                if math.isfinite(nll) and row["parameters"] <= self.max_size * n_dense:
-                    scored.append((nll, row, p, c))
-            del m
+            on_copy(best[1]["basis"], "untied", None)
         low = min(c[0] for c in scored)
         near = [c for c in scored if c[0] <= low + math.log1p(self.auto_tolerance)]
         nll, row, p, cand = min(near, key=lambda c: (c[1]["parameters"], c[0]))

@@ -300,6 +300,19 @@ def slicing_dims(model: nn.Module, widths) -> list[int]:
     return [int(d) for d in widths]
 
 
+def _checked_widths(model: nn.Module, widths) -> tuple[list[int], list[int]]:
+    """(asked, current) slot widths; ValueError unless there is one per slot and each lies in 1..current."""
+    dims = slicing_dims(model, widths)
+    n = num_slots(model)
+    if len(dims) != n:
+        raise ValueError(f"{len(dims)} widths given; this model has {n} residual slots (2 * num_layers + 1)")
+    current = slot_widths(model)
+    bad = {s: (d, c) for s, (d, c) in enumerate(zip(dims, current)) if not 1 <= d <= c}
+    if bad:
+        raise ValueError(f"widths must be between 1 and the current width; slot: (asked, current) = {bad}")
+    return dims, current
+
+
 def apply_slicing(model: nn.Module, widths) -> nn.Module:
     """Slice the residual stream of a rotation-invariant model (hf_prune.rotation) to per-slot widths, in place.
 
@@ -310,14 +323,7 @@ def apply_slicing(model: nn.Module, widths) -> nn.Module:
     config records the widths; save_pretrained writes the Sliced* config and code files.
     """
     model = require_invariant(model)
-    dims = slicing_dims(model, widths)
-    n = num_slots(model)
-    if len(dims) != n:
-        raise ValueError(f"{len(dims)} widths given; this model has {n} residual slots (2 * num_layers + 1)")
-    current = slot_widths(model)
-    bad = {s: (d, c) for s, (d, c) in enumerate(zip(dims, current)) if not 1 <= d <= c}
-    if bad:
-        raise ValueError(f"widths must be between 1 and the current width; slot: (asked, current) = {bad}")
+    dims, _ = _checked_widths(model, widths)
     backbone = model.model
     emb = backbone.embed_tokens
     if emb.weight.shape[1] != dims[0]:
@@ -375,16 +381,9 @@ def masked_slicing(model: nn.Module, widths) -> Iterator[nn.Module]:
     over the fixed original width) see the same sums. Used to score slicing candidates and the perplexity check at
     the memory of one model. The model is restored on exit (hooks removed, identity carries back to None)."""
     model = require_invariant(model)
-    dims = slicing_dims(model, widths)
-    n = num_slots(model)
-    if len(dims) != n:
-        raise ValueError(f"{len(dims)} widths given; this model has {n} residual slots (2 * num_layers + 1)")
-    current = slot_widths(model)
-    bad = {s: (d, c) for s, (d, c) in enumerate(zip(dims, current)) if not 1 <= d <= c}
-    if bad:
-        raise ValueError(f"widths must be between 1 and the current width; slot: (asked, current) = {bad}")
+    dims, current = _checked_widths(model, widths)
     ref = model.model.embed_tokens.weight
-    masks: dict[int, torch.Tensor] = {}
+    masks: dict[tuple[int, int], torch.Tensor] = {}
 
     def mask(d: int, width: int) -> torch.Tensor:
         if (d, width) not in masks:
@@ -402,7 +401,7 @@ def masked_slicing(model: nn.Module, widths) -> Iterator[nn.Module]:
     handles = [model.model.embed_tokens.register_forward_hook(keep(dims[0]))]
     carries: list[tuple[nn.Module, str]] = []
     try:
-        for s in range(1, n):
+        for s in range(1, len(dims)):
             for w in slot_writers(model, s):
                 handles.append(w.register_forward_hook(keep(dims[s])))
         if model.config.head_projection:
