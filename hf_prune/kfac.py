@@ -111,8 +111,9 @@ class KFACFactor:
                 f"has_bias={self.has_bias}, n_tokens={self.n_tokens}, scale={self.scale:.4g})")
 
 
-def damped(M: torch.Tensor, damping: float) -> torch.Tensor:
-    """M + damping * mean(diag M) * I (a new tensor). A zero matrix is damped with 1 * damping."""
+def damp_(M: torch.Tensor, damping: float) -> torch.Tensor:
+    """M += damping * mean(diag M) * I, in place (no second copy); returns M. A zero matrix is damped with
+    1 * damping."""
     if damping < 0:
         raise ValueError(f"damping={damping} must be >= 0")
     scale = M.diagonal().mean()
@@ -120,7 +121,13 @@ def damped(M: torch.Tensor, damping: float) -> torch.Tensor:
         raise ValueError("the curvature factor holds non-finite values; check the calibration data and the model")
     if scale <= 0:
         scale = torch.ones_like(scale)
-    return M + damping * scale * torch.eye(M.shape[0], dtype=M.dtype, device=M.device)
+    M.diagonal().add_(damping * scale)
+    return M
+
+
+def damped(M: torch.Tensor, damping: float) -> torch.Tensor:
+    """M + damping * mean(diag M) * I (a new tensor). A zero matrix is damped with 1 * damping."""
+    return damp_(M.clone(), damping)
 
 
 def damped_inverse(M: torch.Tensor, damping: float) -> torch.Tensor:

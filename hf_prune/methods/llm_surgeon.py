@@ -55,7 +55,7 @@ import torch
 from torch import nn
 
 from ..arch import get_adapter, unwrap_model
-from ..kfac import FactorStore, decoder_linears, factor_bytes, iter_lm_kfac
+from ..kfac import FactorStore, damp_, decoder_linears, factor_bytes, iter_lm_kfac
 from ..plan import PrunePlan
 from ..runtime import progress, release_freed_memory
 from ..surgery import attach_weight_update
@@ -257,17 +257,6 @@ def _largest_prefix(count, target: int, hi: int) -> int:
 # ------------------------------------------------------------------------------------------------------------------
 
 
-def _damp_(M: torch.Tensor, damping: float) -> torch.Tensor:
-    """`hf_prune.kfac.damped` in place: M + damping * mean(diag M) * I (the same values, no second copy)."""
-    if damping < 0:
-        raise ValueError(f"damping={damping} must be >= 0")
-    scale = M.diagonal().mean()
-    if not torch.isfinite(scale):
-        raise ValueError("the curvature factor holds non-finite values; check the calibration data and the model")
-    if scale <= 0:
-        scale = torch.ones_like(scale)
-    M.diagonal().add_(damping * scale)
-    return M
 
 
 def _chol(M: torch.Tensor) -> torch.Tensor:
@@ -882,7 +871,7 @@ class LLMSurgeon(PruningMethod):
         def curvature(f):
             """Damped (G, A) of one linear in the compute dtype; the stored factors stay float32."""
             G, A = f.dense(dtype, dev)
-            return _damp_(G, lam_g), _damp_(A, lam_a)
+            return damp_(G, lam_g), damp_(A, lam_a)
 
         def inverses(G, A):
             return torch.cholesky_inverse(_chol(G)), torch.cholesky_inverse(_chol(A))
