@@ -56,6 +56,19 @@ def _rows() -> dict[str, dict]:
     rows["kobd_cols_2:4"] = {"group": "sparse 2:4", "label": "K-OBD + column update 2:4", "by": "hf-prune",
                              "method": "llm_surgeon", "config": {"mode": "2:4", "criterion": "kobd",
                                                                  "weight_update": True, "update_rule": "columns"}}
+    # ... and with the mask chosen inside the sweep (SparseGPT's rule), in the default shots and in one shot
+    rows["kobd_adaptive_2:4"] = {"group": "sparse 2:4", "label": "K-OBD + column update, adaptive mask 2:4",
+                                 "by": "hf-prune", "method": "llm_surgeon",
+                                 "config": {"mode": "2:4", "criterion": "kobd", "weight_update": True,
+                                            "update_rule": "columns", "mask_24": "adaptive"}}
+    rows["kobd_adaptive_1shot_2:4"] = {"group": "sparse 2:4", "label": "K-OBD + column update, adaptive mask, 1 shot 2:4",
+                                       "by": "hf-prune", "method": "llm_surgeon",
+                                       "config": {"mode": "2:4", "criterion": "kobd", "weight_update": True,
+                                                  "update_rule": "columns", "mask_24": "adaptive", "shots": 1}}
+    # ... and calibrated layer by layer on the pruned layers' outputs, as SparseGPT is (llm_surgeon sequential=True)
+    rows["kobd_seq_2:4"] = {"group": "sparse 2:4", "label": "LLM Surgeon sequential 2:4 (column update, adaptive mask)",
+                            "by": "hf-prune", "method": "llm_surgeon",
+                            "config": {"mode": "2:4", "criterion": "kobd", "sequential": True, "shots": 1}}
     for algo in ("taylor", "magnitude"):
         rows[f"tp_{algo}"] = {"group": "width 20%", "label": f"Torch-Pruning ({algo} importance)", "by": "peer",
                               "peer": "torch-pruning", "algo": algo}
@@ -350,7 +363,7 @@ def method_for(spec: dict, args, tok=None):
     from hf_prune.methods import get
 
     if spec["method"] == "llm_surgeon":
-        cfg = dict(spec["config"], target=args.sparsity, shots=args.surgeon_shots, seed=args.seed)
+        cfg = {"shots": args.surgeon_shots, **spec["config"], "target": args.sparsity, "seed": args.seed}
         if cfg["criterion"] == "surgeon":
             cfg["chunk_size"] = args.surgeon_chunk
         return get("llm_surgeon", **cfg)

@@ -463,3 +463,18 @@ def test_a_slicing_plan_records_the_width_it_was_made_for(tmp_path):
     with unchanged(model, tmp_path), pytest.raises(PlanError) as err:
         plan.check_architecture(model)
     assert "residual widths full" in str(err.value) and "48" in str(err.value)
+
+
+@pytest.mark.parametrize("where", [(0, 0), (37, 5), (99, 6)])
+def test_all_finite_finds_a_bad_value_in_any_block(monkeypatch, where):
+    """all_finite checks a big tensor in row blocks (FINITE_CHUNK elements); a NaN or inf in any block, of a
+    contiguous tensor or of a transposed view, is found."""
+    import hf_prune.checks as checks
+
+    monkeypatch.setattr(checks, "FINITE_CHUNK", 64)  # blocks of 9 rows of 7
+    x = torch.randn(100, 7)
+    assert checks.all_finite(x) and checks.all_finite(x.t())
+    for bad in (float("nan"), float("inf"), float("-inf")):
+        y = x.clone()
+        y[where] = bad
+        assert not checks.all_finite(y) and not checks.all_finite(y.t())
