@@ -58,7 +58,6 @@ its own calibration batches), and refuses (SlicedLargerThanDenseError) a plan pr
 
 from __future__ import annotations
 
-import copy
 import math
 import time
 import warnings
@@ -81,6 +80,7 @@ from ..checks import (
 )
 from ..modeling.modeling_hf_prune_sliced import carry
 from ..plan import PrunePlan, architecture_of
+from ..runtime import parked
 from ..rotation import (
     is_rotation_invariant,
     make_rotation_invariant,
@@ -764,7 +764,7 @@ class SliceGPT(PruningMethod):
             row = {"basis": basis, "head": head}
             c = replace(self, basis=basis, head=head, max_ppl_ratio=0.0)
             c._shared_stats, c._record_rotations = stats, True
-            m = copy.deepcopy(model)
+            m = fresh()  # `model` is parked on disk meanwhile: one model in memory, not two
             try:
                 p = c.plan(m, build, stage)
             except SlicedLargerThanDenseError as e:
@@ -775,16 +775,17 @@ class SliceGPT(PruningMethod):
             if math.isfinite(nll) and row["parameters"] <= self.max_size * n_dense:
                 scored.append((nll, row, p, c))
 
-        for basis in ("layer", "sublayer"):
-            on_copy(basis, head, shared)
-        if not scored:
-            raise SlicedLargerThanDenseError(
-                f"{self.name} slicing={self.slicing:g}: no basis gives a model of at most {self.max_size:g} x the "
-                f"dense {_fmt(n_dense)} parameters: " + "; ".join(r.get("skipped", str(r)) for r in rows)
-            )
-        best = min(scored, key=lambda c: c[0])
-        if self.head == "auto" and head == "tied" and self.auto_head and best[1]["basis"] != "global":
-            on_copy(best[1]["basis"], "untied", None)
+        with parked(model) as fresh:
+            for basis in ("layer", "sublayer"):
+                on_copy(basis, head, shared)
+            if not scored:
+                raise SlicedLargerThanDenseError(
+                    f"{self.name} slicing={self.slicing:g}: no basis gives a model of at most {self.max_size:g} x "
+                    f"the dense {_fmt(n_dense)} parameters: " + "; ".join(r.get("skipped", str(r)) for r in rows)
+                )
+            best = min(scored, key=lambda c: c[0])
+            if self.head == "auto" and head == "tied" and self.auto_head and best[1]["basis"] != "global":
+                on_copy(best[1]["basis"], "untied", None)
         low = min(c[0] for c in scored)
         near = [c for c in scored if c[0] <= low + math.log1p(self.auto_tolerance)]
         nll, row, p, cand = min(near, key=lambda c: (c[1]["parameters"], c[0]))
