@@ -28,7 +28,7 @@ from torch import nn
 from .arch import unwrap_model
 from .methods import Batch, PruningMethod
 from .plan import PrunePlan
-from .runtime import release_freed_memory
+from .runtime import release_freed_memory, unpin_checkpoint_maps
 from .surgery import apply
 from .surgery.peft import refuse_peft
 
@@ -100,6 +100,7 @@ def run_stage(
     resolved = None if plan.residual_widths else plan.resolve(model)
     t1 = time.perf_counter()
     apply(model, plan)
+    unpin_checkpoint_maps(model)  # a checkpoint map held by a few surviving tensors (norm scales) is released
     release_freed_memory()  # the weights the surgery replaced are garbage: give the heap back before what comes next
     after = _num_parameters(model)
     logger.info("%s stage %d/%d: %d -> %d parameters (%.1f s scoring)", method.name, stage + 1, method.stages,

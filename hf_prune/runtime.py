@@ -28,7 +28,7 @@ if TYPE_CHECKING:
     from torch import nn
 
 __all__ = ["available_memory", "eval_mode", "model_device", "parked", "progress", "progress_disabled",
-           "release_freed_memory"]
+           "release_freed_memory", "unpin_checkpoint_maps"]
 
 _FALSE = ("", "0", "false", "no", "off")
 
@@ -198,3 +198,67 @@ def parked(model: "nn.Module") -> Iterator[Any]:
             load(model)
     finally:
         shutil.rmtree(folder, ignore_errors=True)
+
+
+def _file_maps(suffix: str) -> list[tuple[int, int, str]]:
+    """(start, end, path) of this process's memory maps of files whose name ends with `suffix` (Linux)."""
+    out = []
+    try:
+        with open("/proc/self/maps") as f:
+            for line in f:
+                parts = line.split(maxsplit=5)
+                if len(parts) == 6 and parts[5].rstrip("\n").endswith(suffix):
+                    start, end = (int(x, 16) for x in parts[0].split("-"))
+                    out.append((start, end, parts[5].rstrip("\n")))
+    except OSError:
+        return []
+    return out
+
+
+def unpin_checkpoint_maps(model: "nn.Module") -> int:
+    """Copy the tensors that still view a memory-mapped safetensors file into their own memory when most of the file
+    is no longer used, so the map (and every page of it read so far) is released. Returns the bytes of the maps
+    released.
+
+    A model loaded from safetensors views a map of the file, and the map stays, with the pages read so far resident,
+    while any tensor views it. After surgery has replaced most weights (a rotation replaces them all but the norm
+    scales), the few tensors left pin up to the whole file: on Gemma-3-270M 1 GB stayed resident through the
+    evaluation of the pruned model. A map is released only when the tensors viewing it hold at most half of it (the
+    copies then cost less than what is freed). Linux only (reads /proc/self/maps); elsewhere a no-op."""
+    import gc
+
+    maps = _file_maps(".safetensors")
+    if not maps:
+        return 0
+    by_file: dict[str, list[tuple[int, int]]] = {}
+    for start, end, path in maps:
+        by_file.setdefault(path, []).append((start, end))
+    views: dict[str, list[tuple[Any, str, Any]]] = {}
+    seen: set[int] = set()
+    for module in model.modules():
+        for kind in ("_parameters", "_buffers"):
+            for name, t in getattr(module, kind).items():
+                if t is None or id(t) in seen or t.device.type != "cpu" or t.numel() == 0:
+                    continue
+                seen.add(id(t))
+                ptr = t.data_ptr()
+                for path, ranges in by_file.items():
+                    if any(a <= ptr < b for a, b in ranges):
+                        views.setdefault(path, []).append((module, kind, name))
+                        break
+    released = 0
+    for path, held in views.items():
+        size = sum(b - a for a, b in by_file[path])
+        live = sum(getattr(m, kind)[name].nbytes for m, kind, name in held)
+        if live > size // 2:
+            continue
+        for m, kind, name in held:
+            t = getattr(m, kind)[name]
+            if kind == "_parameters":
+                t.data = t.data.clone()
+            else:
+                getattr(m, kind)[name] = t.clone()
+        released += size
+    if released:
+        gc.collect()
+    return released

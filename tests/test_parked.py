@@ -39,3 +39,34 @@ def test_parked_restores_the_model_when_the_block_raises():
         with parked(model):
             raise ValueError("candidate failed")
     assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
+
+
+def test_unpin_checkpoint_maps_releases_a_map_that_only_a_few_tensors_still_view(tmp_path):
+    """After most weights were replaced (as a rotation does), the norm scales alone keep the safetensors map of the
+    checkpoint; unpin copies them and the map goes. While most of the file is in use, nothing is copied."""
+    import sys
+
+    from transformers import AutoModelForCausalLM
+
+    from hf_prune.runtime import _file_maps, unpin_checkpoint_maps
+
+    if not sys.platform.startswith("linux"):
+        pytest.skip("reads /proc/self/maps")
+    tiny_model("llama", hidden_size=256, intermediate_size=512).save_pretrained(tmp_path)
+    model = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
+    path = str(tmp_path / "model.safetensors")
+    if not any(p == path for _, _, p in _file_maps(".safetensors")):
+        pytest.skip("this transformers/safetensors reads the checkpoint without a memory map")
+    ids = torch.randint(0, model.config.vocab_size, (1, 10))
+    with torch.no_grad():
+        ref = model(ids).logits
+    assert unpin_checkpoint_maps(model) == 0  # everything still in use: nothing copied
+    assert any(p == path for _, _, p in _file_maps(".safetensors"))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" not in name:
+                p.data = p.data.clone()
+    assert unpin_checkpoint_maps(model) > 0
+    assert not any(p == path for _, _, p in _file_maps(".safetensors"))
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, ref, rtol=0, atol=0)

@@ -1102,7 +1102,7 @@ class LLMSurgeon(PruningMethod):
                         h.remove()
                 for name, lin in lins:
                     W = augmented_weight(lin, dtype)
-                    A = damp_(sums[share[name]].to(dtype).div_(max(runner.num_tokens, 1)), lam_a)
+                    A = damp_(sums[share[name]].to(dtype, copy=True).div_(max(runner.num_tokens, 1)), lam_a)
                     Ainv = torch.cholesky_inverse(_chol(A.to(W.device)))
                     del A
                     groups = torch.ones(W.shape[0], lin.in_features // 4, dtype=torch.bool, device=W.device)
