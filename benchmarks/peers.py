@@ -484,6 +484,7 @@ COMPARISONS = (
     ("2:4", "llmc_sparsegpt_2:4", "kobd_2:4"),
     ("2:4", "llmc_sparsegpt_2:4", "kobd_cols_2:4"),
     ("2:4", "llmc_sparsegpt_2:4", "surgeon_2:4"),
+    ("2:4", "llmc_sparsegpt_2:4", "kobd_seq_2:4"),
     ("2:4", "llmc_sparsegpt_2:4", "magnitude_2:4"),
     ("2:4", "llmc_wanda_2:4", "kobd_2:4"),
     ("2:4", "llmc_wanda_2:4", "magnitude_2:4"),
