@@ -188,7 +188,15 @@ def parked(model: "nn.Module") -> Iterator[Any]:
         return m
 
     try:
-        save_file({name: p.detach().contiguous().cpu() for name, p in params.items()}, str(path))
+        storages: set[int] = set()
+        tensors = {}
+        for name, p in params.items():  # safetensors refuses tensors that share memory: copy the later ones
+            t = p.detach().contiguous().cpu()
+            key = t.untyped_storage().data_ptr()
+            tensors[name] = t.clone() if key in storages else t
+            storages.add(key)
+        save_file(tensors, str(path))
+        del tensors
         for p in params.values():
             p.data = torch.empty(0, device=p.device, dtype=p.dtype)
         release_freed_memory()
