@@ -13,8 +13,9 @@ Rows: method (slicegpt, dynamic_slicing) x slicing x settings, where settings is
 "faithful" (basis sublayer, untied head, unweighted covariance, embedding-only basis for the embedding, no calibration
 perplexity check: SliceGPT's own choices) or a basis override ("global", "layer", "sublayer"). Each row loads a fresh
 model, times `hf_prune.prune(model, method, batches)` (plan + surgery), counts the parameters and measures the
-perplexity. The JSON (a list of rows: model, method, slicing, basis, settings, ppl, params, seconds, ...) and the
-Markdown table are rewritten after every row, with machine, versions, load average and the command.
+perplexity. The JSON (a list of rows: model, method, slicing, basis, settings, ppl, params, seconds, ..., the
+reference's first; each row's `run` indexes `<out>.runs.json`, which holds every run's machine, versions, load
+average and command, and the protocol) and the Markdown table are rewritten after every row.
 
     nice python benchmarks/slicing_reference_protocol.py                                   # the full grid
     nice python benchmarks/slicing_reference_protocol.py --slicings 0.25 --methods slicegpt \\
@@ -182,10 +183,32 @@ def _mc_text(r: dict) -> str:
     return ", ".join(f"{t.split('_')[0]} {v['acc']:.3f}/{v['acc_norm']:.3f} (n={v['n']})" for t, v in mc.items())
 
 
+def read_result(json_path: Path) -> dict:
+    """{"runs", "protocol", "rows"} of a result file: `<stem>.json` is the list of rows (the reference's first; each
+    row's `run` indexes the runs) and `<stem>.runs.json` holds the runs and the protocol. Files written before that
+    (one dict with runs, protocol and rows, or an older one with a single "environment") are read too."""
+    if not json_path.exists():
+        return {"runs": [], "protocol": None, "rows": []}
+    data = json.loads(json_path.read_text(encoding="utf-8"))
+    if isinstance(data, list):
+        side = json_path.with_suffix(".runs.json")
+        meta = json.loads(side.read_text(encoding="utf-8")) if side.exists() else {}
+        data = {"runs": meta.get("runs", []), "protocol": meta.get("protocol"), "rows": data}
+    if "environment" in data:  # a file from before runs were recorded per row: one run, every row from it
+        data["runs"] = [data.pop("environment")]
+        for r in data["rows"]:
+            r.setdefault("run", 0)
+    data["rows"] = [r for r in data.get("rows", []) if r.get("settings") != "reference"]
+    return {"runs": list(data.get("runs", [])), "protocol": data.get("protocol"), "rows": list(data["rows"])}
+
+
 def write(rows: list[dict], runs: list[dict], protocol: dict, stem: Path) -> None:
+    """`<stem>.json`: the list of rows, the reference's first; `<stem>.runs.json`: runs and protocol; `<stem>.md`."""
     stem.parent.mkdir(parents=True, exist_ok=True)
-    data = {"runs": runs, "protocol": protocol, "reference": REFERENCE, "rows": rows}
-    stem.with_suffix(".json").write_text(json.dumps(data, indent=2, allow_nan=False) + "\n", encoding="utf-8")
+    stem.with_suffix(".json").write_text(json.dumps([REFERENCE, *rows], indent=2, allow_nan=False) + "\n",
+                                         encoding="utf-8")
+    stem.with_suffix(".runs.json").write_text(json.dumps({"runs": runs, "protocol": protocol}, indent=2,
+                                                         allow_nan=False) + "\n", encoding="utf-8")
     lines = [
         "# Slicing on the reference SliceGPT protocol",
         "",
@@ -293,16 +316,10 @@ def setting_options(method: str, setting: str) -> dict:
 
 def merge_files(stem: Path, files: list[str]) -> None:
     """--merge-from: fold other runs' result files into `stem`'s, keeping each row's run."""
-    path = stem.with_suffix(".json")
-    data = json.loads(path.read_text(encoding="utf-8")) if path.exists() else {"runs": [], "rows": []}
-    if "environment" in data:  # a file from before runs were recorded per row: one run, every row from it
-        data["runs"] = [data.pop("environment")]
-        for r in data["rows"]:
-            r.setdefault("run", 0)
-    runs, rows = list(data.get("runs", [])), list(data.get("rows", []))
-    protocol = data.get("protocol")
+    data = read_result(stem.with_suffix(".json"))
+    runs, rows, protocol = data["runs"], data["rows"], data["protocol"]
     for f in files:
-        part = json.loads(Path(f).read_text(encoding="utf-8"))
+        part = read_result(Path(f))
         offset = len(runs)
         runs += part["runs"]
         new = [dict(r, run=r.get("run", 0) + offset) for r in part["rows"]]
@@ -344,14 +361,8 @@ def main(argv=None) -> None:
     stream = torch.tensor(tok(wiki, add_special_tokens=False)["input_ids"][: args.eval_tokens], dtype=torch.long)
     protocol = {"calibration": {k: v for k, v in calib.items() if k != "tokens"}, "calibration_batch": args.calib_batch,
                 "eval_tokens": int(stream.numel()), "window": args.window, "faithful": FAITHFUL}
-    old = {}
-    if args.append and stem.with_suffix(".json").exists():
-        old = json.loads(stem.with_suffix(".json").read_text(encoding="utf-8"))
-        if "environment" in old:  # a file from before runs were recorded per row: one run, every row from it
-            old["runs"] = [old.pop("environment")]
-            for r in old["rows"]:
-                r.setdefault("run", 0)
-    runs = list(old.get("runs", [])) + [env]
+    old = read_result(stem.with_suffix(".json")) if args.append else {"runs": [], "rows": []}
+    runs = list(old["runs"]) + [env]
     run = len(runs) - 1
     env["model"], env["bos"], env["calibration_tokens_in_corpus"] = name, use_bos, calib["tokens"]
     env["budget"] = {k: getattr(args, k) for k in ("calib_samples", "calib_len", "calib_batch", "eval_tokens", "window",
