@@ -362,7 +362,7 @@ def cmd_prune(args, argv: Sequence[str]) -> int:
     from . import assets, data
     from .export import ExportMetadata, ModelStats, check_output_dir, redact, save
     from .pipeline import prune
-    from .runtime import release_freed_memory
+    from .runtime import bound_heap_retention, release_freed_memory
 
     # everything that can be checked without the model is checked first: no work is done for a run that must fail
     _check_model_path(args.model)
@@ -374,6 +374,7 @@ def cmd_prune(args, argv: Sequence[str]) -> int:
     options = _flag_options(args)
     _method_options(args.method, options)  # option names and types, before loading anything
     model_path = args.model if args.model is not None else assets.smollm2_path()
+    bound_heap_retention()  # freed plan temporaries go back to the system instead of staying in the heap
     logger.info("loading %s (%s)", model_path, args.dtype)
     model, tokenizer = _load(model_path, args.dtype, args.device)
     method = _method_options(args.method, options, seed=args.seed, tokenizer=tokenizer)

@@ -27,7 +27,7 @@ if TYPE_CHECKING:
     import torch
     from torch import nn
 
-__all__ = ["available_memory", "eval_mode", "model_device", "parked", "progress", "progress_disabled",
+__all__ = ["available_memory", "bound_heap_retention", "eval_mode", "model_device", "parked", "progress", "progress_disabled",
            "release_freed_memory", "unpin_checkpoint_maps"]
 
 _FALSE = ("", "0", "false", "no", "off")
@@ -270,3 +270,28 @@ def unpin_checkpoint_maps(model: "nn.Module") -> int:
     if released:
         gc.collect()
     return released
+
+
+def bound_heap_retention(threshold: int = 128 * 1024) -> bool:
+    """Make glibc serve every allocation above `threshold` bytes from its own memory map and return freed heap above
+    `threshold` to the system (mallopt M_MMAP_THRESHOLD and M_TRIM_THRESHOLD); True when it ran.
+
+    By default glibc raises its mmap threshold, up to 32 MiB, each time a large block is freed; the weights and
+    temporaries of a pruning plan (a few MiB each) then come from the heap, and after the plan about 1 GB of freed heap
+    stayed with the process on Gemma-3-270M (Dynamic Slicing: 2.98 GB peak; 2.87 GB with the thresholds fixed at
+    128 KiB). Process-wide: `hf-prune prune` calls it at start; a library never changes it for its caller. A no-op
+    off glibc (macOS, Windows, musl)."""
+    import ctypes
+    import ctypes.util
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+    return bool(mallopt(M_MMAP_THRESHOLD, threshold)) and bool(mallopt(M_TRIM_THRESHOLD, threshold))
