@@ -129,6 +129,23 @@ def eval_mode(model: "nn.Module") -> Iterator["nn.Module"]:
         model.train(was_training)
 
 
+def _glibc(name: str, argtypes: list) -> Any:
+    """The C library function `name` with its argument types, or None off Linux or where the C library lacks it
+    (musl has no malloc_trim)."""
+    import ctypes
+    import ctypes.util
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        fn = getattr(ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6"), name)
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = argtypes
+    return fn
+
+
 def release_freed_memory() -> bool:
     """Return freed heap memory to the operating system (glibc's `malloc_trim(0)`); True when it ran.
 
@@ -138,19 +155,12 @@ def release_freed_memory() -> bool:
     after tokenizing the calibration corpus and after each evaluation) lowers the baseline of the next one. A no-op
     off glibc (macOS, Windows, musl)."""
     import ctypes
-    import ctypes.util
     import gc
-    import sys
 
     gc.collect()
-    if not sys.platform.startswith("linux"):
+    trim = _glibc("malloc_trim", [ctypes.c_size_t])
+    if trim is None:
         return False
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        trim = libc.malloc_trim
-    except (OSError, AttributeError):
-        return False
-    trim.argtypes = [ctypes.c_size_t]
     trim(0)
     return True
 
@@ -282,16 +292,9 @@ def bound_heap_retention(threshold: int = 128 * 1024) -> bool:
     128 KiB). Process-wide: `hf-prune prune` calls it at start; a library never changes it for its caller. A no-op
     off glibc (macOS, Windows, musl)."""
     import ctypes
-    import ctypes.util
-    import sys
 
-    if not sys.platform.startswith("linux"):
+    mallopt = _glibc("mallopt", [ctypes.c_int, ctypes.c_int])
+    if mallopt is None:
         return False
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):
-        return False
-    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
     M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
     return bool(mallopt(M_MMAP_THRESHOLD, threshold)) and bool(mallopt(M_TRIM_THRESHOLD, threshold))

@@ -1069,12 +1069,13 @@ class LLMSurgeon(PruningMethod):
                 sums: dict[str, torch.Tensor] = {}
                 seen: list[tuple[torch.Tensor, str]] = []  # the inputs met in this forward, held (no address reuse)
                 share: dict[str, str] = {}
+                has_bias = {name: lin.bias is not None for name, lin in lins}
                 real: list[torch.Tensor | None] = [None]
 
                 def add(name: str, lin: nn.Linear):
                     def hook(_module, args):
-                        first = next((n for t, n in seen if t is args[0] and (lin.bias is None) ==
-                                      (dict(lins)[n].bias is None)), None)
+                        first = next((n for t, n in seen if t is args[0] and has_bias[n] == (lin.bias is not None)),
+                                     None)
                         if first is None:
                             seen.append((args[0], name))
                             first = name
