@@ -282,19 +282,35 @@ def unpin_checkpoint_maps(model: "nn.Module") -> int:
     return released
 
 
-def bound_heap_retention(threshold: int = 128 * 1024) -> bool:
-    """Make glibc serve every allocation above `threshold` bytes from its own memory map and return freed heap above
-    `threshold` to the system (mallopt M_MMAP_THRESHOLD and M_TRIM_THRESHOLD); True when it ran.
+#: glibc's own environment settings of the two thresholds; a value set there wins over bound_heap_retention's.
+_MALLOC_ENV = {"mmap": ("MALLOC_MMAP_THRESHOLD_", "glibc.malloc.mmap_threshold"),
+               "trim": ("MALLOC_TRIM_THRESHOLD_", "glibc.malloc.trim_threshold")}
+
+
+def _set_in_environment(which: str) -> bool:
+    var, tunable = _MALLOC_ENV[which]
+    return var in os.environ or tunable in os.environ.get("GLIBC_TUNABLES", "")
+
+
+def bound_heap_retention(mmap_threshold: int = 128 * 1024, trim_threshold: int = 128 * 1024) -> bool:
+    """Make glibc serve every allocation above `mmap_threshold` bytes from its own memory map and return freed heap
+    above `trim_threshold` to the system (mallopt M_MMAP_THRESHOLD and M_TRIM_THRESHOLD); True when it set either.
 
     By default glibc raises its mmap threshold, up to 32 MiB, each time a large block is freed; the weights and
     temporaries of a pruning plan (a few MiB each) then come from the heap, and after the plan about 1 GB of freed heap
     stayed with the process on Gemma-3-270M (Dynamic Slicing: 2.98 GB peak; 2.87 GB with the thresholds fixed at
-    128 KiB). Process-wide: `hf-prune prune` calls it at start; a library never changes it for its caller. A no-op
-    off glibc (macOS, Windows, musl)."""
+    128 KiB). Process-wide: `hf-prune prune` calls it at start; a library never changes it for its caller. A threshold
+    set in the environment (MALLOC_MMAP_THRESHOLD_, MALLOC_TRIM_THRESHOLD_ or GLIBC_TUNABLES) is left as set. A
+    no-op off glibc (macOS, Windows, musl)."""
     import ctypes
 
     mallopt = _glibc("mallopt", [ctypes.c_int, ctypes.c_int])
     if mallopt is None:
         return False
     M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
-    return bool(mallopt(M_MMAP_THRESHOLD, threshold)) and bool(mallopt(M_TRIM_THRESHOLD, threshold))
+    ran = False
+    if not _set_in_environment("mmap"):
+        ran = bool(mallopt(M_MMAP_THRESHOLD, mmap_threshold)) or ran
+    if not _set_in_environment("trim"):
+        ran = bool(mallopt(M_TRIM_THRESHOLD, trim_threshold)) or ran
+    return ran

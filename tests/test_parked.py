@@ -86,3 +86,11 @@ def test_bound_heap_retention_sets_glibc_thresholds_or_says_it_did_not():
         assert ran is False
     x = torch.ones(1 << 22)  # allocations still work after the change
     assert float(x.sum()) == float(1 << 22)
+
+
+def test_bound_heap_retention_leaves_thresholds_set_in_the_environment(monkeypatch):
+    from hf_prune.runtime import bound_heap_retention
+
+    monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", str(1 << 20))
+    monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.trim_threshold=1048576")
+    assert bound_heap_retention() is False  # both set by the user: neither is changed

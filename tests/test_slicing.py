@@ -104,6 +104,31 @@ def test_rotation_invariant_form_and_random_rotations_keep_logits(model_type, ti
     assert _max_diff(_logits(model, ids, mask), ref) <= 1e-4
 
 
+def test_bf16_weights_rotate_in_float32_to_the_same_bf16_values_as_in_float64(monkeypatch):
+    """bf16 weights are rotated in float32 (half the float64 cost at 8B width); stored back in bf16 they must be the
+    float64 result's bf16 values, up to a rounding tie."""
+    import hf_prune.rotation as rotation
+
+    assert rotation._work_dtype(torch.bfloat16) == torch.float32 and rotation._work_dtype(torch.float32) == torch.float64
+    ref = make_rotation_invariant(_model("llama")).to(torch.bfloat16)
+    fast = copy.deepcopy(ref)
+    Q = random_orthogonal(ref.config.hidden_size, seed=3)
+    rotate(fast, Q)
+    monkeypatch.setattr(rotation, "_work_dtype", lambda dtype: torch.float64)
+    rotate(ref, Q)
+    compared = 0
+    for (name, a), (_, b) in zip(fast.named_parameters(), ref.named_parameters()):
+        assert a.dtype == torch.bfloat16, name
+        a, b = a.float(), b.float()
+        off = (a != b)
+        compared += a.numel()
+        # a rounding tie moves a value by one bf16 step (2^-8 relative), and rarely; a value near zero, where the step
+        # is tiny, by float32's error of the products (~1e-7 of the matrix's scale)
+        assert ((a - b).abs() <= b.abs() * 2**-7 + b.abs().max() * 2**-20)[off].all(), name
+        assert off.float().mean() <= 0.01, (name, off.float().mean().item())
+    assert compared > 0
+
+
 def test_untying_a_tied_head_keeps_logits():
     model = _model("llama", tied=True)
     ids, mask = _inputs(model.config.vocab_size)
