@@ -12,7 +12,15 @@ runs, one after the other:
 - llm_pruner:    one LLM-Pruner step (Taylor gradient pass over every layer, selection; chunked loss);
 - taylor_full_logits: the same gradient pass with `chunk_tokens=None` (all logits at once: the path before the fix);
 - perplexity_full_logits / perplexity: `hf_prune.evaluate.perplexity` over 1,024 tokens (2 windows of 512 in one
-  batch) with `chunk_tokens=None` (the model's own forward, full logits: before) and the default chunks (after).
+  batch) with `chunk_tokens=None` (the model's own forward, full logits: before) and the default chunks (after);
+- pip, magnitude:  the first of their 4 steps with defaults (PIP: clean and perturbed gradient passes; magnitude:
+  weight norms only), every layer scored;
+- llm_surgeon:   its first of 5 shots with defaults (structured, K-FAC curvature passes, inverses, costs, update);
+- llm_surgeon_seq_24: `sequential=True` 2:4 (mode="2:4", shots=1, target=0.5): per layer, input second moment,
+  inverse and the column sweep with the adaptive mask;
+- dynamic_slicing, slicegpt: their plan with defaults (PCA bases, rotation of the model in place: run last).
+  Their algebra (rotations, inverses, sweeps) is not counted in FLOPs: no utilisation for them, and their
+  extrapolation is at 8B width only, from a line through two depths (or seconds per layer x 32 from one depth).
 
 A second worker per depth scores the saved checkpoint through `hf_prune.calibration.streamed_model` (decoder layers
 and embeddings read from the checkpoint one at a time): streamed_shortgpt, streamed_angular_block,
@@ -30,6 +38,7 @@ the resident set before the task (the weights and what earlier tasks left).
 Writes benchmarks/results/scale_cpu.{json,md} after every depth.
 
     nice python benchmarks/scale_cpu.py                 # 2, 4, 8 layers, every task (long on 2 shared cores)
+    nice python benchmarks/scale_cpu.py --merge --layers 4 --tasks forward pip  # add rows to the existing results
     python benchmarks/scale_cpu.py --layers 2 --tasks perplexity perplexity_full_logits
     nice python benchmarks/scale_cpu.py --shortgpt-ratio  # ShortGPT vs plain forwards on SmolLM2, 32 x 1024 tokens
 """
@@ -48,7 +57,10 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
 TASKS = ("forward", "shortgpt", "angular_block", "iterabre", "perplexity_full_logits", "perplexity", "llm_pruner",
-         "taylor_full_logits")
+         "taylor_full_logits", "pip", "magnitude", "slicegpt", "dynamic_slicing", "llm_surgeon", "llm_surgeon_seq_24")
+#: Tasks whose cost is mostly their own algebra (PCA and rotations, K-FAC inverses and updates, weight norms), which
+#: is not counted: no GFLOP, no utilisation (as in scale_gpu.py).
+ALGEBRA_TASKS = ("magnitude", "slicegpt", "dynamic_slicing", "llm_surgeon", "llm_surgeon_seq_24")
 STREAMED_TASKS = ("streamed_shortgpt", "streamed_angular_block", "streamed_iterabre")
 SHAPES = dict(hidden_size=4096, num_attention_heads=32, num_key_value_heads=8, intermediate_size=14336,
               vocab_size=128256, max_position_embeddings=8192, rope_theta=500000.0, tie_word_embeddings=False)
@@ -155,17 +167,22 @@ def layer_flops(tokens: int, seq_len: int, width: str = "8b") -> float:
     return 2.0 * LINEAR_PARAMS[width] * tokens + 2.0 * seq_len * hidden * tokens
 
 
-def task_flops(task: str, layers: int, tokens: int, seq_len: int) -> float:
-    """FLOPs of one task's calibration pass at 8B width (the LM head: 2 x hidden x vocab per token)."""
+def task_flops(task: str, layers: int, tokens: int, seq_len: int) -> float | None:
+    """FLOPs of one task's calibration pass at 8B width (the LM head: 2 x hidden x vocab per token); None for
+    ALGEBRA_TASKS."""
     per_layer = layer_flops(tokens, seq_len)
     head = 2.0 * SHAPES["hidden_size"] * SHAPES["vocab_size"] * tokens
     name = task.removeprefix("streamed_")
+    if name in ALGEBRA_TASKS:
+        return None
     if name in ("forward", "shortgpt", "angular_block"):
         return layers * per_layer
     if name == "iterabre":
         return (layers + layers * (layers - 1) / 2) * per_layer
     if name in ("llm_pruner", "taylor_full_logits"):
         return 3 * (layers * per_layer + head)
+    if name == "pip":  # the original and the perturbed view
+        return 6 * (layers * per_layer + head)
     if name.startswith("perplexity"):
         return layers * layer_flops(PPL_TOKENS, PPL_WINDOW) + 2.0 * SHAPES["hidden_size"] * SHAPES["vocab_size"] * \
             PPL_TOKENS
@@ -177,8 +194,10 @@ def layer_passes(task: str, layers: int) -> float:
     name = task.removeprefix("streamed_")
     if name == "iterabre":
         return layers + layers * (layers - 1) / 2
-    if name in ("llm_pruner", "taylor_full_logits"):
+    if name in ("llm_pruner", "taylor_full_logits", "llm_surgeon"):
         return 3 * layers
+    if name == "pip":
+        return 6 * layers
     return layers
 
 
@@ -198,11 +217,17 @@ def matmul_throughput(dtype_name: str, m: int = 1024, k: int = 4096, n: int = 14
 
 
 def _measure_task(layers: int, task: str, fn) -> dict:
-    """Run `fn` once: seconds, peak RSS (VmHWM reset first), FLOPs."""
+    """Run `fn` once: seconds, peak RSS (VmHWM reset first), FLOPs; a task that raises gives a row with its error."""
     before = _status("VmRSS")
     exact = _reset_peak()
     t = time.perf_counter()
-    out = fn()
+    try:
+        out = fn()
+    except Exception as e:  # noqa: BLE001 - the row records the exact error; the other tasks still run
+        row = {"layers": layers, "task": task, "error": f"{type(e).__name__}: {e}"[:1000],
+               "seconds": round(time.perf_counter() - t, 2)}
+        print(json.dumps(row), file=sys.stderr, flush=True)
+        return row
     seconds = time.perf_counter() - t
     peak = _status("VmHWM") if exact else max(_status("VmHWM"), before)
     flops = task_flops(task, layers, CALIB_ROWS * CALIB_LEN, CALIB_LEN)
@@ -210,7 +235,8 @@ def _measure_task(layers: int, task: str, fn) -> dict:
            "layer_passes": layer_passes(task, layers),
            "seconds_per_layer_pass": round(seconds / layer_passes(task, layers), 3),
            "rss_before_gb": round(before / 1e9, 3), "peak_rss_gb": round(peak / 1e9, 3),
-           "added_gb": round((peak - before) / 1e9, 3), "peak_exact": exact, "gflop": round(flops / 1e9, 1)}
+           "added_gb": round((peak - before) / 1e9, 3), "peak_exact": exact,
+           "gflop": None if flops is None else round(flops / 1e9, 1)}
     if isinstance(out, dict) and "perplexity" in out:
         row["nll"] = out["nll"]
         row["tokens"] = out["tokens"]
@@ -251,7 +277,8 @@ def streamed_worker(layers: int, checkpoint: str, tasks: list[str]) -> dict:
         "streamed_angular_block": lambda: get("angular_block", n_remove=1, progress=False).plan(model, calib),
         "streamed_iterabre": lambda: get("iterabre", n_remove=1).plan(model, calib),
     }
-    rows = [_measure_task(layers, task, runs[task]) for task in tasks]
+    rows = [dict(_measure_task(layers, task, runs[task]), matmul_bf16_gflops=round(throughput["bfloat16"] / 1e9, 1))
+            for task in tasks]
     return {"layers": layers, "streamed_build_seconds": round(build_s, 1), "checkpoint_write_seconds":
             round(write_s, 1), "matmul_flops": {k: round(v / 1e9, 1) for k, v in throughput.items()}, "rows": rows}
 
@@ -297,8 +324,17 @@ def worker(layers: int, tasks: list[str]) -> dict:
         return lambda: perplexity(model, tok, eval_text, window=PPL_WINDOW, batch_size=2, max_tokens=PPL_TOKENS,
                                   bos=False, chunk_tokens=chunk)
 
+    every_layer = dict(skip_first_layers=0, skip_last_layers=0, progress=False)  # 2-4 layers: none kept aside
     runs = {
         "forward": forward,
+        # one stage of each method with its defaults (pip, magnitude: step 1 of 4; llm_surgeon: shot 1 of 5)
+        "pip": lambda: get("pip", tokenizer=tok, **every_layer).plan(model, calib),
+        "magnitude": lambda: get("magnitude", **every_layer).plan(model, calib),
+        "slicegpt": lambda: get("slicegpt", progress=False).plan(model, calib),
+        "dynamic_slicing": lambda: get("dynamic_slicing", progress=False).plan(model, calib),
+        "llm_surgeon": lambda: get("llm_surgeon", verbose=False).plan(model, calib),
+        "llm_surgeon_seq_24": lambda: get("llm_surgeon", mode="2:4", shots=1, target=0.5, sequential=True,
+                                          verbose=False).plan(model, calib),
         "shortgpt": lambda: get("shortgpt", n_remove=1, progress=False).plan(model, calib),
         "angular_block": lambda: get("angular_block", n_remove=1, progress=False).plan(model, calib),
         "iterabre": lambda: get("iterabre", n_remove=1).plan(model, calib),
@@ -307,7 +343,8 @@ def worker(layers: int, tasks: list[str]) -> dict:
         "perplexity_full_logits": ppl(None),
         "perplexity": ppl(DEFAULT_CHUNK_TOKENS),
     }
-    rows = [_measure_task(layers, task, runs[task]) for task in tasks]
+    rows = [dict(_measure_task(layers, task, runs[task]), matmul_bf16_gflops=round(throughput["bfloat16"] / 1e9, 1))
+            for task in tasks]
     return {"layers": layers, "build_seconds": round(build_s, 1), "weights_gb": round(weights / 1e9, 3),
             "threads": torch.get_num_threads(), "matmul_flops": {k: round(v / 1e9, 1) for k, v in throughput.items()},
             "rows": rows}
@@ -397,17 +434,32 @@ def _machine() -> dict:
     return {"platform": platform.platform(), "cpu": cpu, "cores": os.cpu_count(), "memory_gb": round(mem / 1e9, 1)}
 
 
-def _utilisation(row: dict, depth: dict) -> float:
-    return row["gflop"] / row["seconds"] / depth["matmul_flops"]["bfloat16"] if row["seconds"] > 0 else 0.0
+def _utilisation(row: dict, depth: dict) -> float | None:
+    """Counted FLOPs / seconds / the bf16 GEMM throughput measured by the worker that ran the row."""
+    if row.get("gflop") is None or row["seconds"] <= 0:
+        return None
+    return row["gflop"] / row["seconds"] / row.get("matmul_bf16_gflops", depth["matmul_flops"]["bfloat16"])
+
+
+def _num(x: float | None, fmt: str) -> str:
+    return "-" if x is None else format(x, fmt)
 
 
 def extrapolate(depths: list[dict]) -> list[dict]:
     """Seconds and memory at 32 layers (8B) and 80 layers at 70B width, from each task's deepest depth: seconds
     scale with layer passes (x3.92 per pass at 70B width), streamed memory stays flat (one layer: x3.92 at 70B),
-    in-memory weights grow with depth."""
+    in-memory weights grow with depth. ALGEBRA_TASKS, at 8B width only (their inverses and eigendecompositions grow
+    with width cubed, which the 70B factor for passes does not describe): measured at two depths or more, a line
+    through the two deepest (fixed cost + cost per layer, for seconds and peak); at one depth, seconds per layer x 32
+    (an upper bound) and the peak plus the added layers' weights."""
     by: dict[str, dict] = {}  # each task at the deepest depth it was measured at
+    below: dict[str, dict] = {}  # and at the depth before that
     for d in sorted(depths, key=lambda d: d["layers"]):
         for r in d["rows"]:
+            if "error" in r:
+                continue
+            if r["task"] in by:
+                below[r["task"]] = by[r["task"]]
             by[r["task"]] = r
     ratio70 = LINEAR_PARAMS["70b"] / LINEAR_PARAMS["8b"]
     layer_gb = LINEAR_PARAMS["8b"] * 2 / 1e9
@@ -415,8 +467,25 @@ def extrapolate(depths: list[dict]) -> list[dict]:
     for task, r in by.items():
         if task.startswith("perplexity") or task == "taylor_full_logits":
             continue  # the LM head's fixed cost dominates at these depths: seconds do not scale with layers
+        if task in ALGEBRA_TASKS:
+            if task not in below:  # one depth: its fixed costs counted per layer, an upper bound in seconds
+                seconds = r["seconds_per_layer"] * 32
+                out.append({"task": task, "layers": 32, "width": "8b", "seconds": round(seconds, 0),
+                            "hours": round(seconds / 3600, 2),
+                            "peak_rss_gb": round(r["peak_rss_gb"] + (32 - r["layers"]) * layer_gb, 1),
+                            "fit": f"{r['layers']} layers only: s / layer x 32 (an upper bound); peak + the added "
+                                   "layers' weights"})
+                continue
+            a, span = below[task], r["layers"] - below[task]["layers"]
+            per_s, per_gb = (r["seconds"] - a["seconds"]) / span, (r["peak_rss_gb"] - a["peak_rss_gb"]) / span
+            seconds = r["seconds"] + per_s * (32 - r["layers"])
+            out.append({"task": task, "layers": 32, "width": "8b", "seconds": round(seconds, 0),
+                        "hours": round(seconds / 3600, 2),
+                        "peak_rss_gb": round(r["peak_rss_gb"] + per_gb * (32 - r["layers"]), 1),
+                        "fit": f"{r['layers']} and {a['layers']} layers: {per_s:.1f} s and {per_gb:.2f} GB per layer"})
+            continue
         per_pass = r["seconds_per_layer_pass"]
-        grow = 2.0 if task == "llm_pruner" else 1.0  # weights, plus the gradients of every scored layer
+        grow = 2.0 if task in ("llm_pruner", "pip") else 1.0  # weights, plus the gradients of every scored layer
         for target, width, scale in ((32, "8b", 1.0), (80, "70b", ratio70)):
             seconds = per_pass * layer_passes(task, target) * scale
             if task.startswith("streamed_"):
@@ -438,10 +507,9 @@ def _markdown(result: dict) -> str:
         f"Machine: {m['cpu']}, {m['cores']} cores, {m['memory_gb']} GB; {m['platform']}  ",
         f"Versions: Python {v['python']}, torch {v['torch']}, transformers {v['transformers']}, hf-prune "
         f"{v['hf_prune_commit']}  ",
-        f"Load average before / after: {result['load_before']} / {result['load_after']}. **The CPU is shared by "
-        "several engineers' jobs** (load 8-10 on 2 cores during these runs): seconds and utilisation are indicative "
-        "and pessimistic; memory figures are per process and not affected. One thread per worker. (The earlier "
-        "run with 4 x 256 tokens, 2 threads and the full-logits rows is in git history, commit c91107d.)",
+        f"Load average before / after: {result['load_before']} / {result['load_after']} (2 cores, shared with other "
+        "jobs: seconds and utilisation are indicative; memory figures are per process and not affected). One thread "
+        "per worker." + (f" {result['history']}" if result.get("history") else ""),
         "",
         "Random bf16 weights with Llama-3.1-8B's shapes (hidden 4096, 32/8 heads, intermediate 14336, vocabulary "
         f"128,256). Calibration: {CALIB_ROWS} x {CALIB_LEN} tokens in one batch. Perplexity: {PPL_TOKENS} tokens in "
@@ -457,26 +525,32 @@ def _markdown(result: dict) -> str:
     ]
     for depth in result["depths"]:
         for r in depth["rows"]:
+            if "error" in r:
+                lines.append(f"| {r['layers']} | {r['task']} | error after {r['seconds']:.1f} s: "
+                             f"{r['error'][:300].replace('|', '/')} | | | | | | | | |")
+                continue
             lines.append(f"| {r['layers']} | {r['task']} | {r['seconds']:.1f} | {r['seconds_per_layer']:.1f} | "
                          f"{r.get('layer_passes', r['layers']):g} | {r.get('seconds_per_layer_pass', 0):.2f} | "
-                         f"{r.get('gflop', 0):.0f} | {_utilisation(r, depth):.2f} | {r['rss_before_gb']:.2f} | "
+                         f"{_num(r.get('gflop'), '.0f')} | {_num(_utilisation(r, depth), '.2f')} | {r['rss_before_gb']:.2f} | "
                          f"{r['peak_rss_gb']:.2f} | {r['added_gb']:.2f} |")
     lines += ["", "Matmul throughput (1 thread, GFLOP/s): " + "; ".join(
         f"{d['layers']} layers: bf16 {d['matmul_flops']['bfloat16']}, fp32 {d['matmul_flops']['float32']}"
         for d in result["depths"] if "matmul_flops" in d) + ".",
         "", "Weights: " + ", ".join(f"{d['layers']} layers {d['weights_gb']:.2f} GB (built in "
                                     f"{d['build_seconds']:.0f} s)" for d in result["depths"] if "weights_gb" in d)
-        + " (in memory); streamed depths: checkpoint written shard by shard in " + ", ".join(
+        + " (in memory)" + ("; streamed depths: checkpoint written shard by shard in " + ", ".join(
             f"{d['layers']} layers {d['checkpoint_write_seconds']:.0f} s" for d in result["depths"]
-            if "checkpoint_write_seconds" in d) + "."]
-    streamed = [(d["layers"], r) for d in result["depths"] for r in d["rows"] if r["task"].startswith("streamed_")]
+            if "checkpoint_write_seconds" in d) if any("checkpoint_write_seconds" in d for d in result["depths"])
+            else "") + "."]
+    streamed = [(d["layers"], r) for d in result["depths"] for r in d["rows"]
+                if r["task"].startswith("streamed_") and "error" not in r]
     if streamed:
         lines += ["", "Streamed scoring, whole-process peak by depth (flat = weights streamed): " + "; ".join(
             f"{t}: " + ", ".join(f"{L} layers {r['peak_rss_gb']:.2f} GB" for L, r in streamed if r["task"] == t)
             for t in STREAMED_TASKS if any(r["task"] == t for _, r in streamed)) + "."]
     notes = []
     for depth in result["depths"]:
-        by = {r["task"]: r for r in depth["rows"]}
+        by = {r["task"]: r for r in depth["rows"] if "error" not in r}
         if "perplexity" in by and "perplexity_full_logits" in by:
             a, b = by["perplexity_full_logits"], by["perplexity"]
             notes.append(f"- {depth['layers']} layers, perplexity: added memory {a['added_gb']:.2f} GB with full "
@@ -501,11 +575,12 @@ def _markdown(result: dict) -> str:
                   "70B width: per-layer cost x3.92): seconds scale with layer passes (IteRABRe: L + L(L-1)/2 per "
                   "stage), in-memory peaks grow by the added layers' bf16 weights (LLM-Pruner: and their gradients), streamed "
                   "peaks by one layer only. Perplexity is left out (its LM head's fixed cost dominates at 2-4 layers). "
-                  "The measured GEMM throughput moved between 19 and 34 GFLOP/s with the other jobs' load, so "
-                  "utilisation above 1 means the task ran while the load was lighter than when the GEMM was timed.",
-                  "", "| task | layers | width | seconds | hours | peak RSS (GB) |", "|---|---:|---|---:|---:|---:|"]
+                  "The GEMM throughput is measured once per worker, so utilisation above 1 means the task ran while "
+                  "the other jobs' load was lighter than when the GEMM was timed.",
+                  "", "| task | layers | width | seconds | hours | peak RSS (GB) | from |",
+                  "|---|---:|---|---:|---:|---:|---|"]
         lines += [f"| {e['task']} | {e['layers']} | {e['width']} | {e['seconds']:.0f} | {e['hours']:.2f} | "
-                  f"{e['peak_rss_gb']:.1f} |" for e in ext]
+                  f"{e['peak_rss_gb']:.1f} | {e.get('fit', 'layer passes')} |" for e in ext]
     sg = result.get("shortgpt_smollm2")
     if sg:
         lines += ["", f"ShortGPT vs plain forwards on {sg['model']}, {sg['rows']} x {sg['seq_len']} Austen tokens in "
@@ -545,6 +620,8 @@ def main(argv: list[str] | None = None) -> None:
                     help="--shortgpt-ratio: alternate forward and scoring this many times (the ratio uses the sums)")
     ap.add_argument("--tmp", default=None, help="folder for the temporary checkpoints (default: the system's)")
     ap.add_argument("--out", type=Path, default=RESULTS)
+    ap.add_argument("--merge", action="store_true",
+                    help="keep the rows already in --out of (depth, task) pairs this run does not measure")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--streamed", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--checkpoint", default=None, help=argparse.SUPPRESS)
@@ -588,6 +665,10 @@ def main(argv: list[str] | None = None) -> None:
     load_before = [round(x, 2) for x in os.getloadavg()]
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(1 << 20), "HF_PRUNE_NO_PROGRESS": "1", "OMP_NUM_THREADS": "1"}
     by_depth: dict[int, dict] = {}
+    commands = []
+    if args.merge and "depths" in old:
+        by_depth = {d["layers"]: d for d in old["depths"]}
+        commands = old.get("commands") or [old["command"]]
     # streamed depths first (about 2 GB whatever the depth), then the in-memory ones (weights + task memory)
     jobs = [("streamed", L) for L in sorted(args.streamed_layers) if args.streamed_tasks]
     jobs += [("memory", L) for L in sorted(args.layers)]
@@ -603,19 +684,22 @@ def main(argv: list[str] | None = None) -> None:
                                      "--streamed-tasks", *tasks, "--calib-rows", str(CALIB_ROWS)], env)
         rows = found.pop("rows")
         depth.update(found)
-        depth["rows"] = rows + depth["rows"] if kind == "memory" else depth["rows"] + rows
+        measured = {r["task"] for r in rows}
+        kept = [r for r in depth["rows"] if r["task"] not in measured]
+        depth["rows"] = rows + kept if kind == "memory" else kept + rows
         depths = [by_depth[k] for k in sorted(by_depth)]
+        command = "nice python " + " ".join(["benchmarks/scale_cpu.py", *(argv if argv is not None else sys.argv[1:])])
         result = {
-            "command": "nice python " + " ".join(["benchmarks/scale_cpu.py",
-                                                  *(argv if argv is not None else sys.argv[1:])]),
+            "command": "; ".join([*commands, command]), "commands": [*commands, command],
             "machine": _machine(), "versions": versions(), "load_before": load_before,
             "load_after": [round(x, 2) for x in os.getloadavg()],
             "note": "CPU shared with other engineers' jobs: seconds are indicative; memory is per process.",
             "calibration": {"rows": CALIB_ROWS, "seq_len": CALIB_LEN}, "depths": depths,
             "extrapolation": extrapolate(depths),
         }
-        if "shortgpt_smollm2" in old:
-            result["shortgpt_smollm2"] = old["shortgpt_smollm2"]
+        for key in ("shortgpt_smollm2", "shortgpt_smollm2_earlier", "history"):
+            if key in old:
+                result[key] = old[key]
         args.out.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(result, indent=2) + "\n")
         (args.out / "scale_cpu.md").write_text(_markdown(result))
