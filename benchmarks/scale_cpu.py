@@ -512,7 +512,8 @@ def _markdown(result: dict) -> str:
         "per worker." + (f" {result['history']}" if result.get("history") else ""),
         "",
         "Random bf16 weights with Llama-3.1-8B's shapes (hidden 4096, 32/8 heads, intermediate 14336, vocabulary "
-        f"128,256). Calibration: {CALIB_ROWS} x {CALIB_LEN} tokens in one batch. Perplexity: {PPL_TOKENS} tokens in "
+        f"128,256). Calibration: {result.get('calibration', {}).get('rows', CALIB_ROWS)} x {CALIB_LEN} tokens in one "
+        f"batch. Perplexity: {PPL_TOKENS} tokens in "
         f"windows of {PPL_WINDOW}, one batch of 2. Peak = the process's peak resident set during the task "
         "(VmHWM reset before it); added = peak minus the resident set before the task. streamed_* rows: a separate "
         "process scoring the saved checkpoint through `hf_prune.calibration.streamed_model` (one layer's weights "
@@ -531,7 +532,8 @@ def _markdown(result: dict) -> str:
                 continue
             lines.append(f"| {r['layers']} | {r['task']} | {r['seconds']:.1f} | {r['seconds_per_layer']:.1f} | "
                          f"{r.get('layer_passes', r['layers']):g} | {r.get('seconds_per_layer_pass', 0):.2f} | "
-                         f"{_num(r.get('gflop'), '.0f')} | {_num(_utilisation(r, depth), '.2f')} | {r['rss_before_gb']:.2f} | "
+                         f"{_num(r.get('gflop'), '.0f')} | {_num(_utilisation(r, depth), '.2f')} | "
+                         f"{r['rss_before_gb']:.2f} | "
                          f"{r['peak_rss_gb']:.2f} | {r['added_gb']:.2f} |")
     lines += ["", "Matmul throughput (1 thread, GFLOP/s): " + "; ".join(
         f"{d['layers']} layers: bf16 {d['matmul_flops']['bfloat16']}, fp32 {d['matmul_flops']['float32']}"

@@ -109,7 +109,8 @@ def test_bf16_weights_rotate_in_float32_to_the_same_bf16_values_as_in_float64(mo
     float64 result's bf16 values, up to a rounding tie."""
     import hf_prune.rotation as rotation
 
-    assert rotation._work_dtype(torch.bfloat16) == torch.float32 and rotation._work_dtype(torch.float32) == torch.float64
+    assert rotation._work_dtype(torch.bfloat16) == torch.float32
+    assert rotation._work_dtype(torch.float32) == torch.float64
     ref = make_rotation_invariant(_model("llama")).to(torch.bfloat16)
     fast = copy.deepcopy(ref)
     Q = random_orthogonal(ref.config.hidden_size, seed=3)
