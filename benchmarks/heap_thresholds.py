@@ -20,6 +20,7 @@ import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -47,15 +48,18 @@ def run_once(prune_args: list[str], env_add: dict[str, str], no_bound: bool) -> 
         if key not in env_add:
             env.pop(key, None)
     head = [sys.executable, "-c", _NO_BOUND] if no_bound else [sys.executable, "-m", "hf_prune.cli"]
-    t0 = time.perf_counter()
-    proc = subprocess.Popen([*head, "prune", *prune_args], cwd=REPO, env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True)
-    _, status, usage = os.wait4(proc.pid, 0)
-    wall = time.perf_counter() - t0
-    err = proc.stderr.read() if proc.stderr else ""
-    code = os.waitstatus_to_exitcode(status)
-    if code != 0:
-        raise SystemExit(f"{' '.join(head[-1:])} prune {' '.join(prune_args)} failed ({code}):\n{err[-2000:]}")
+    with tempfile.TemporaryFile("w+") as log:  # a file, not a pipe: a child never blocks on a full pipe
+        t0 = time.perf_counter()
+        proc = subprocess.Popen([*head, "prune", *prune_args], cwd=REPO, env=env, stdout=subprocess.DEVNULL,
+                                stderr=log)
+        _, status, usage = os.wait4(proc.pid, 0)
+        wall = time.perf_counter() - t0
+        proc.returncode = os.waitstatus_to_exitcode(status)  # reaped here: Popen must not wait for it again
+        if proc.returncode != 0:
+            log.seek(0)
+            cli = "hf-prune (its heap thresholds off)" if no_bound else "hf-prune"
+            raise SystemExit(f"{cli} prune {' '.join(prune_args)} failed ({proc.returncode}):\n"
+                             f"{log.read()[-2000:]}")
     return {"wall_s": round(wall, 2), "user_s": round(usage.ru_utime, 2), "sys_s": round(usage.ru_stime, 2),
             "peak_rss_gb": round(usage.ru_maxrss * 1024 / 1e9, 3)}
 

@@ -194,7 +194,7 @@ def layer_passes(task: str, layers: int) -> float:
     name = task.removeprefix("streamed_")
     if name == "iterabre":
         return layers + layers * (layers - 1) / 2
-    if name in ("llm_pruner", "taylor_full_logits", "llm_surgeon"):
+    if name in ("llm_pruner", "taylor_full_logits"):
         return 3 * layers
     if name == "pip":
         return 6 * layers
@@ -468,21 +468,17 @@ def extrapolate(depths: list[dict]) -> list[dict]:
         if task.startswith("perplexity") or task == "taylor_full_logits":
             continue  # the LM head's fixed cost dominates at these depths: seconds do not scale with layers
         if task in ALGEBRA_TASKS:
-            if task not in below:  # one depth: its fixed costs counted per layer, an upper bound in seconds
-                seconds = r["seconds_per_layer"] * 32
-                out.append({"task": task, "layers": 32, "width": "8b", "seconds": round(seconds, 0),
-                            "hours": round(seconds / 3600, 2),
-                            "peak_rss_gb": round(r["peak_rss_gb"] + (32 - r["layers"]) * layer_gb, 1),
-                            "fit": f"{r['layers']} layers only: s / layer x 32 (an upper bound); peak + the added "
-                                   "layers' weights"})
-                continue
-            a, span = below[task], r["layers"] - below[task]["layers"]
-            per_s, per_gb = (r["seconds"] - a["seconds"]) / span, (r["peak_rss_gb"] - a["peak_rss_gb"]) / span
+            if task in below:  # a line through the two deepest depths: fixed cost + cost per layer
+                a, span = below[task], r["layers"] - below[task]["layers"]
+                per_s, per_gb = (r["seconds"] - a["seconds"]) / span, (r["peak_rss_gb"] - a["peak_rss_gb"]) / span
+                fit = f"{r['layers']} and {a['layers']} layers: {per_s:.1f} s and {per_gb:.2f} GB per layer"
+            else:  # one depth: its fixed costs counted per layer, an upper bound in seconds
+                per_s, per_gb = r["seconds_per_layer"], layer_gb
+                fit = f"{r['layers']} layers only: s / layer x 32 (an upper bound); peak + the added layers' weights"
             seconds = r["seconds"] + per_s * (32 - r["layers"])
             out.append({"task": task, "layers": 32, "width": "8b", "seconds": round(seconds, 0),
                         "hours": round(seconds / 3600, 2),
-                        "peak_rss_gb": round(r["peak_rss_gb"] + per_gb * (32 - r["layers"]), 1),
-                        "fit": f"{r['layers']} and {a['layers']} layers: {per_s:.1f} s and {per_gb:.2f} GB per layer"})
+                        "peak_rss_gb": round(r["peak_rss_gb"] + per_gb * (32 - r["layers"]), 1), "fit": fit})
             continue
         per_pass = r["seconds_per_layer_pass"]
         grow = 2.0 if task in ("llm_pruner", "pip") else 1.0  # weights, plus the gradients of every scored layer

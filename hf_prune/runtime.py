@@ -27,8 +27,8 @@ if TYPE_CHECKING:
     import torch
     from torch import nn
 
-__all__ = ["available_memory", "bound_heap_retention", "eval_mode", "model_device", "parked", "progress", "progress_disabled",
-           "release_freed_memory", "unpin_checkpoint_maps"]
+__all__ = ["available_memory", "bound_heap_retention", "eval_mode", "model_device", "parked", "progress",
+           "progress_disabled", "release_freed_memory", "unpin_checkpoint_maps"]
 
 _FALSE = ("", "0", "false", "no", "off")
 
